@@ -1,0 +1,6 @@
+"""minivae: a Variational Autoencoder written by hand in NumPy, with Numba and CUDA kernels."""
+from . import gradcheck
+from .model import VAE, ModelSpec
+
+__version__ = "0.1.0"
+__all__ = ["VAE", "ModelSpec", "gradcheck", "__version__"]

@@ -1,0 +1,155 @@
+"""Optimizers over the flat parameter vector: SGD with momentum, Adagrad, Adam (docs/math.md §8).
+
+Each update rule is one in-place function over flat vectors (the NumPy reference); a backend may
+supply a fused kernel with the same signature (``backend.update_kernels[name]``), which the
+optimizer then calls instead. The rules and defaults follow torch.optim, so a run can be compared
+step for step:
+
+    SGD      g <- grad + wd p;  buf <- g (t = 1) or momentum buf + g;  p <- p - lr buf
+    Adagrad  g <- grad + wd p;  s <- s + g^2;  p <- p - lr g / (sqrt(s) + eps)
+    Adam     g <- grad + wd p;  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;
+             p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+Weight decay ``wd`` is the gradient of the Gaussian prior (wd/2)|p|^2 on the weights.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+OPTIMIZERS = ("sgd", "adagrad", "adam")
+
+
+def sgd_update(params, grad, buf, t, lr, momentum, weight_decay):
+    """One SGD step in place (torch.optim.SGD, dampening 0, no Nesterov); ``t`` is 1-based."""
+    g = grad + weight_decay * params if weight_decay else grad
+    if momentum:
+        if t == 1:
+            buf[...] = g
+        else:
+            buf *= momentum
+            buf += g
+        g = buf
+    params -= lr * g
+
+
+def adagrad_update(params, grad, sum_sq, lr, eps, weight_decay):
+    """One Adagrad step in place (torch.optim.Adagrad, lr_decay 0, initial accumulator 0)."""
+    g = grad + weight_decay * params if weight_decay else grad
+    sum_sq += g * g
+    params -= lr * g / (np.sqrt(sum_sq) + eps)
+
+
+def adam_update(params, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
+    """One Adam step in place (torch.optim.Adam, amsgrad off); ``t`` is 1-based."""
+    g = grad + weight_decay * params if weight_decay else grad
+    m *= beta1
+    m += (1 - beta1) * g
+    v *= beta2
+    v += (1 - beta2) * (g * g)
+    bc1 = 1 - beta1 ** t
+    bc2 = 1 - beta2 ** t
+    params -= (lr / bc1) * m / (np.sqrt(v) / math.sqrt(bc2) + eps)
+
+
+REFERENCE_UPDATES = {"sgd": sgd_update, "adagrad": adagrad_update, "adam": adam_update}
+
+
+class Optimizer:
+    """Holds the state vectors and the step count; ``step(params, grad)`` updates params in place."""
+    name = ""
+    state_names: tuple = ()
+
+    def __init__(self, size, dtype="float32", lr=1e-3, weight_decay=0.0, update=None):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"learning rate must be a finite positive number, got {lr!r}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight decay must be a finite number >= 0, got {weight_decay!r}")
+        self.size = int(size)
+        self.dtype = np.dtype(dtype)
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.t = 0
+        self.state = {k: np.zeros(self.size, dtype=self.dtype) for k in self.state_names}
+        self.update = update or REFERENCE_UPDATES[self.name]
+
+    def hyper(self) -> dict:
+        return {"lr": self.lr, "weight_decay": self.weight_decay}
+
+    def state_dict(self) -> dict:
+        """Arrays (``opt.<name>``) and scalars, ready for a checkpoint."""
+        d = {f"opt.{k}": v for k, v in self.state.items()}
+        d["opt.t"] = np.array(self.t, dtype=np.int64)
+        return d
+
+    def load_state_dict(self, d: dict):
+        for k in self.state_names:
+            a = np.asarray(d[f"opt.{k}"])
+            if a.shape != (self.size,):
+                raise ValueError(f"optimizer state {k!r} has shape {a.shape}, expected ({self.size},)")
+            self.state[k][...] = a
+        self.t = int(d["opt.t"])
+
+
+class SGD(Optimizer):
+    name = "sgd"
+    state_names = ("buf",)
+
+    def __init__(self, size, dtype="float32", lr=1e-2, momentum=0.9, weight_decay=0.0, update=None):
+        super().__init__(size, dtype, lr, weight_decay, update)
+        if not (math.isfinite(momentum) and 0 <= momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+
+    def hyper(self):
+        return dict(super().hyper(), momentum=self.momentum)
+
+    def step(self, params, grad):
+        self.t += 1
+        self.update(params, grad, self.state["buf"], self.t, self.lr, self.momentum, self.weight_decay)
+
+
+class Adagrad(Optimizer):
+    name = "adagrad"
+    state_names = ("sum_sq",)
+
+    def __init__(self, size, dtype="float32", lr=1e-2, eps=1e-10, weight_decay=0.0, update=None):
+        super().__init__(size, dtype, lr, weight_decay, update)
+        self.eps = float(eps)
+
+    def hyper(self):
+        return dict(super().hyper(), eps=self.eps)
+
+    def step(self, params, grad):
+        self.t += 1
+        self.update(params, grad, self.state["sum_sq"], self.lr, self.eps, self.weight_decay)
+
+
+class Adam(Optimizer):
+    name = "adam"
+    state_names = ("m", "v")
+
+    def __init__(self, size, dtype="float32", lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, update=None):
+        super().__init__(size, dtype, lr, weight_decay, update)
+        self.beta1, self.beta2 = (float(b) for b in betas)
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
+        self.eps = float(eps)
+
+    def hyper(self):
+        return dict(super().hyper(), betas=[self.beta1, self.beta2], eps=self.eps)
+
+    def step(self, params, grad):
+        self.t += 1
+        self.update(params, grad, self.state["m"], self.state["v"], self.t, self.lr,
+                    self.beta1, self.beta2, self.eps, self.weight_decay)
+
+
+def make_optimizer(name, size, dtype="float32", backend=None, **hyper):
+    """An optimizer by name, using ``backend.update_kernels[name]`` when the backend has one."""
+    classes = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}
+    if name not in classes:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    update = getattr(backend, "update_kernels", {}).get(name) if backend is not None else None
+    return classes[name](size, dtype=dtype, update=update, **hyper)
