@@ -101,3 +101,300 @@ def format_report(checks, title=None) -> str:
     lines = ([title] if title else []) + [line, "-" * len(line)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Each piece alone: a paired forward/backward function against centred differences of its forward
+# ----------------------------------------------------------------------------------------------
+
+PIECE_TOL = 1e-7     # a single function is checked tighter than the whole model
+KINK_MARGIN = 1e-4   # relu / leaky_relu: pre-activations closer than this to 0 make differences lie
+
+_KINKED = ("relu", "leaky_relu")
+
+
+def _vjp_check(name, forward, x, dout, analytic, h, tol):
+    """TensorCheck of ``analytic`` against centred differences of sum(forward() * dout) w.r.t. ``x``."""
+    numeric = numerical_grad(lambda: np.sum(np.asarray(forward()) * dout), x, h)
+    return TensorCheck(name, tuple(np.shape(x)), rel_error(analytic, numeric), tol)
+
+
+def _away_from_zero(rng, shape, lo=0.1, hi=2.0):
+    """Random values with |v| in [lo, hi]: inputs of relu / leaky_relu that a step h cannot push across 0."""
+    return rng.uniform(lo, hi, size=shape) * rng.choice([-1.0, 1.0], size=shape)
+
+
+def check_linear(rng, n=4, fan_in=5, fan_out=3, h=DEFAULT_H, tol=PIECE_TOL):
+    """linear_forward / linear_backward (docs/math.md §2.1): dx, dW, db."""
+    from .layers import linear_backward, linear_forward
+    x = rng.standard_normal((n, fan_in))
+    W = rng.standard_normal((fan_in, fan_out))
+    b = rng.standard_normal(fan_out)
+    da = rng.standard_normal((n, fan_out))
+    _, cache = linear_forward(x, W, b)
+    dx, dW, db = linear_backward(da, cache)
+    f = lambda: linear_forward(x, W, b)[0]  # noqa: E731
+    return [_vjp_check("linear dx", f, x, da, dx, h, tol),
+            _vjp_check("linear dW", f, W, da, dW, h, tol),
+            _vjp_check("linear db", f, b, da, db, h, tol)]
+
+
+def check_activation(kind, rng, n=4, width=5, h=DEFAULT_H, tol=PIECE_TOL):
+    """activation_forward / activation_backward (§2.2). Kinked activations are probed away from 0."""
+    from .layers import activation_backward, activation_forward
+    shape = (n, width)
+    a = _away_from_zero(rng, shape) if kind in _KINKED else 2.0 * rng.standard_normal(shape)
+    dh = rng.standard_normal(shape)
+    _, cache = activation_forward(a, kind)
+    da = activation_backward(dh, cache)
+    return [_vjp_check(f"{kind} da", lambda: activation_forward(a, kind)[0], a, dh, da, h, tol)]
+
+
+def check_reparam(rng, L=3, n=4, z_dim=2, h=DEFAULT_H, tol=PIECE_TOL):
+    """reparam_forward / reparam_backward (§3.1): dmu, dlogvar with eps fixed."""
+    from .distributions import reparam_backward, reparam_forward
+    mu = rng.standard_normal((n, z_dim))
+    logvar = rng.standard_normal((n, z_dim))
+    eps = rng.standard_normal((L, n, z_dim))
+    dz = rng.standard_normal((L, n, z_dim))
+    _, cache = reparam_forward(mu, logvar, eps)
+    dmu, dlogvar = reparam_backward(dz, cache)
+    f = lambda: reparam_forward(mu, logvar, eps)[0]  # noqa: E731
+    return [_vjp_check("reparam dmu", f, mu, dz, dmu, h, tol),
+            _vjp_check("reparam dlogvar", f, logvar, dz, dlogvar, h, tol)]
+
+
+def check_kl(rng, n=4, z_dim=2, h=DEFAULT_H, tol=PIECE_TOL):
+    """kl_forward / kl_backward (§3.2): dmu, dlogvar."""
+    from .distributions import kl_backward, kl_forward
+    mu = rng.standard_normal((n, z_dim))
+    logvar = rng.standard_normal((n, z_dim))
+    dkl = rng.standard_normal((n, z_dim))
+    dmu, dlogvar = kl_backward(dkl, mu, logvar)
+    f = lambda: kl_forward(mu, logvar)  # noqa: E731
+    return [_vjp_check("kl dmu", f, mu, dkl, dmu, h, tol),
+            _vjp_check("kl dlogvar", f, logvar, dkl, dlogvar, h, tol)]
+
+
+# logits where the continuous Bernoulli changes formula or is hardest: 0, the Taylor switch at
+# |l| = 1e-2 (both sides), small and large |l|
+CB_SPECIAL_LOGITS = (0.0, 1e-3, -1e-3, 1e-2 - 2e-6, 1e-2 + 2e-6, -1e-2 + 2e-6, -1e-2 - 2e-6,
+                     0.5, -1.0, 20.0, -20.0)
+
+
+def make_inputs(likelihood, n, x_dim, rng, dtype=np.float64):
+    """Data suited to a likelihood: binary pixels for "bernoulli", grey levels in (0, 1) for
+    "continuous_bernoulli", real values for "gaussian". Shape (n, x_dim)."""
+    if likelihood == "bernoulli":
+        x = (rng.random((n, x_dim)) < 0.5).astype(np.float64)
+    elif likelihood == "continuous_bernoulli":
+        x = rng.uniform(0.02, 0.98, size=(n, x_dim))
+    else:
+        x = rng.standard_normal((n, x_dim))
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def check_loglik(likelihood, rng, L=2, n=3, x_dim=4, var_floor=1e-4, h=DEFAULT_H, tol=PIECE_TOL):
+    """loglik_forward / loglik_backward (§4) w.r.t. the decoder head, with a random upstream dll.
+
+    The continuous Bernoulli's head holds the special logits of CB_SPECIAL_LOGITS among random ones.
+    """
+    from .distributions import head_width, loglik_backward, loglik_forward
+    x = make_inputs(likelihood, n, x_dim, rng)
+    K = head_width(likelihood, x_dim)
+    head = 2.0 * rng.standard_normal((L, n, K))
+    if likelihood == "continuous_bernoulli":
+        flat = head.reshape(-1)
+        m = min(flat.size, len(CB_SPECIAL_LOGITS))
+        flat[:m] = CB_SPECIAL_LOGITS[:m]
+    dll = rng.standard_normal((L, n))
+    dhead = loglik_backward(likelihood, x, head, dll, var_floor)
+    f = lambda: loglik_forward(likelihood, x, head, var_floor)  # noqa: E731
+    return [_vjp_check(f"{likelihood} dhead", f, head, dll, dhead, h, tol)]
+
+
+def check_elbo_loss(rng, L=2, n=3, z_dim=2, beta=0.7, h=DEFAULT_H, tol=PIECE_TOL):
+    """elbo_loss (§5.1): dll and dkl."""
+    from .objectives import elbo_loss
+    ll = rng.standard_normal((L, n))
+    kl = rng.uniform(0.0, 2.0, size=(n, z_dim))
+    _, dll, dkl = elbo_loss(ll, kl, beta)
+    f = lambda: elbo_loss(ll, kl, beta)[0]  # noqa: E731
+    return [_vjp_check("elbo_loss dll", f, ll, 1.0, dll, h, tol),
+            _vjp_check("elbo_loss dkl", f, kl, 1.0, dkl, h, tol)]
+
+
+def check_iwae_loss(rng, k=4, n=3, h=DEFAULT_H, tol=PIECE_TOL):
+    """iwae_loss (§5.2): dlogw = -softmax(logw) / n."""
+    from .objectives import iwae_loss
+    logw = 3.0 * rng.standard_normal((k, n))
+    _, dlogw = iwae_loss(logw)
+    return [_vjp_check("iwae_loss dlogw", lambda: iwae_loss(logw)[0], logw, 1.0, dlogw, h, tol)]
+
+
+def check_pieces(rng, tol=PIECE_TOL):
+    """Every paired function alone, in float64: the checks ``run_suite`` prints under "pieces"."""
+    from .distributions import LIKELIHOODS
+    from .layers import ACTIVATIONS
+    checks = check_linear(rng, tol=tol)
+    for kind in ACTIVATIONS:
+        checks += check_activation(kind, rng, tol=tol)
+    checks += check_reparam(rng, tol=tol) + check_kl(rng, tol=tol)
+    for lik in LIKELIHOODS:
+        checks += check_loglik(lik, rng, tol=tol)
+    checks += check_elbo_loss(rng, tol=tol) + check_iwae_loss(rng, tol=tol)
+    return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# Where finite differences cannot be trusted: kinks of relu / leaky_relu and of free bits
+# ----------------------------------------------------------------------------------------------
+
+def preactivations(model, x, eps):
+    """Every hidden pre-activation ``a = h W + b`` of one pass (encoder on x, decoder on z), as a list.
+
+    Computed with the reference math of layers.py from ``model.params``, whatever the backend.
+    """
+    from .distributions import reparam_forward
+    from .layers import activation_forward, linear_forward
+    layout, act = model.layout, model.spec.activation
+    enc = layout.layer_views(model.params, "enc")
+    dec = layout.layer_views(model.params, "dec")
+    x = np.asarray(x, dtype=model.dtype)
+    eps = np.asarray(eps, dtype=model.dtype)
+    eps = eps[None] if eps.ndim == 2 else eps
+    out, h = [], x
+    for W, b in enc[:-1]:
+        a, _ = linear_forward(h, W, b)
+        out.append(a)
+        h, _ = activation_forward(a, act)
+    head, _ = linear_forward(h, *enc[-1])
+    Z = model.spec.z_dim
+    z, _ = reparam_forward(head[:, :Z], head[:, Z:], eps)
+    h = z.reshape(-1, Z)
+    for W, b in dec[:-1]:
+        a, _ = linear_forward(h, W, b)
+        out.append(a)
+        h, _ = activation_forward(a, act)
+    return out
+
+
+def kink_distance(model, x, eps, free_bits=0.0):
+    """How far the point is from a kink of the loss (inf when the loss is smooth there).
+
+    relu / leaky_relu: the smallest |pre-activation|. Free bits: the smallest |KL_j - free_bits|
+    over latent dimensions j (batch-mean KL). Centred differences with step h are trustworthy
+    only when this is well above h times the size of the inputs (KINK_MARGIN = 1e-4 is safe for
+    the small models of the checks).
+    """
+    from .distributions import kl_forward
+    d = np.inf
+    if model.spec.activation in _KINKED:
+        for a in preactivations(model, x, eps):
+            if a.size:
+                d = min(d, float(np.min(np.abs(a))))
+    if free_bits > 0:
+        mu, logvar = model.encode(x)
+        kl_dim = kl_forward(mu, logvar).mean(axis=0)
+        d = min(d, float(np.min(np.abs(kl_dim - free_bits))))
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# The suite printed by `minivae gradcheck`
+# ----------------------------------------------------------------------------------------------
+
+SUITE_X_DIM, SUITE_Z_DIM, SUITE_N, SUITE_HIDDEN = 6, 3, 4, (5, 4)
+
+
+def suite_cases():
+    """(likelihood, objective, activation, hidden, samples, beta, free_bits) of every model case.
+
+    Every likelihood x objective with tanh (smooth) and two hidden layers, L = 3 or k = 4 samples,
+    beta = 0.7; then relu and leaky_relu cases (points drawn away from the
+    kinks), and a softplus case without hidden layers with free bits.
+    """
+    from .distributions import LIKELIHOODS
+    from .objectives import OBJECTIVES
+    cases = [(lik, o, "tanh", SUITE_HIDDEN, 3 if o == "elbo" else 4, 0.7, 0.0)
+             for lik in LIKELIHOODS for o in OBJECTIVES]
+    cases.append(("continuous_bernoulli", "iwae", "relu", SUITE_HIDDEN, 4, 0.7, 0.0))
+    cases.append(("bernoulli", "elbo", "leaky_relu", SUITE_HIDDEN, 2, 1.0, 0.0))
+    cases.append(("gaussian", "elbo", "softplus", (), 2, 1.3, "mid"))
+    return cases
+
+
+def _suite_point(model, likelihood, samples, free_bits, rng, tries=50):
+    """x, eps (and the free-bits floor) for one case, redrawn until the loss is smooth around them."""
+    for _ in range(tries):
+        x = make_inputs(likelihood, SUITE_N, model.spec.x_dim, rng)
+        eps = rng.standard_normal((samples, SUITE_N, model.spec.z_dim))
+        fb = free_bits
+        if fb == "mid":
+            # halfway between the two smallest per-dimension KLs: one dimension is floored, others not
+            from .distributions import kl_forward
+            mu, logvar = model.encode(x)
+            kl_dim = np.sort(kl_forward(mu, logvar).mean(axis=0))
+            fb = float(0.5 * (kl_dim[0] + kl_dim[1]))
+        if kink_distance(model, x, eps, fb) > KINK_MARGIN:
+            return x, eps, fb
+    raise RuntimeError("could not find a point away from the kinks of the loss")
+
+
+def run_model_cases(backend="numpy", seed=0, tol=DEFAULT_TOL):
+    """[(title, short name, [TensorCheck])] for every case of :func:`suite_cases`, in float64."""
+    from .model import VAE
+    rng = np.random.default_rng(seed)
+    results = []
+    for lik, objective, act, hidden, samples, beta, fb in suite_cases():
+        model = VAE(SUITE_X_DIM, SUITE_Z_DIM, hidden=hidden, activation=act, likelihood=lik,
+                    dtype="float64", seed=seed, backend=backend)
+        x, eps, fb = _suite_point(model, lik, samples, fb, rng)
+        kw = dict(beta=beta, objective=objective)
+        if fb:
+            kw["free_bits"] = fb
+        checks = check_model(model, x, eps, tol=tol, **kw)
+        s = "L" if objective == "elbo" else "k"
+        extra = f" free_bits={fb:.3g}" if fb else ""
+        title = (f"{lik} / {objective}: {act}, hidden={hidden}, x_dim={SUITE_X_DIM}, "
+                 f"z_dim={SUITE_Z_DIM}, n={SUITE_N}, {s}={samples}, beta={beta}{extra} "
+                 f"(backend {backend}, float64)")
+        name = f"{lik} {objective} {act}" + (" free_bits" if fb else "")
+        results.append((title, name, checks))
+    return results
+
+
+def format_summary(rows) -> str:
+    """Table of (case, worst rel error, tol, ok) rows."""
+    rows = [(c, f"{e:.2e}", f"{t:.0e}", "pass" if ok else "FAIL") for c, e, t, ok in rows]
+    head = ("case", "worst rel error", "tol", "result")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
+    return "\n".join([line, "-" * len(line)]
+                     + ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows])
+
+
+def run_suite(backend="numpy", seed=0, tol=DEFAULT_TOL, out=print) -> bool:
+    """Gradient-check every likelihood x objective on a small float64 model, and every piece alone.
+
+    Prints, through ``out``, one table per case (tensor, shape, rel error, pass/fail), a table of
+    the pieces (checked below min(tol, PIECE_TOL)) and a summary; returns True iff all pass.
+    The pieces are the NumPy math of layers/distributions/objectives whatever ``backend`` is;
+    the model cases run ``loss_and_grad`` of ``backend``.
+    """
+    summary = []
+    for title, name, checks in run_model_cases(backend, seed, tol):
+        out(format_report(checks, title=title))
+        out("")
+        summary.append((name, max(c.rel_error for c in checks), tol, all(c.ok for c in checks)))
+    piece_tol = min(tol, PIECE_TOL)
+    pieces = check_pieces(np.random.default_rng(seed), tol=piece_tol)
+    out(format_report(pieces, title=f"pieces: each paired function alone (float64, tol {piece_tol:.0e})"))
+    out("")
+    for c in pieces:
+        summary.append((f"piece {c.name}", c.rel_error, piece_tol, c.ok))
+    out("summary")
+    out(format_summary(summary))
+    ok = all(r[3] for r in summary)
+    out(f"gradient check {'passed' if ok else 'FAILED'}: {sum(r[3] for r in summary)}/{len(summary)} cases")
+    return ok
