@@ -140,6 +140,24 @@ def save_samples(path, images, image_shape, ncols=None, dpi=DPI, title="samples 
     return _save(fig, path)
 
 
+def manifold_grid(model, n=15):
+    """The z grid of the manifold and its decoded means.
+
+    Returns z_axis (n,), the increasing values Phi^-1((i + 1/2) / n), and means (n*n, D): tile
+    (r, c), row-major, is E[x|z] at z = (z_axis[c], z_axis[n - 1 - r]), so z2 grows upwards.
+    """
+    from scipy.stats import norm
+
+    if model.z_dim != 2:
+        raise ValueError(f"the latent manifold needs a 2-D latent space, the model has z_dim = {model.z_dim}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    z_axis = norm.ppf((np.arange(n) + 0.5) / n)                         # (n,) increasing
+    z1, z2 = np.meshgrid(z_axis, z_axis[::-1])                          # row 0 = largest z2
+    z = np.stack([z1.ravel(), z2.ravel()], axis=1)                      # (n*n, 2), row-major tiles
+    return z_axis, _decode_mean(model, z)
+
+
 def save_manifold(path, model, image_shape, n=15, dpi=DPI):
     """The learned 2-D manifold (Kingma & Welling 2014, Fig. 4).
 
@@ -147,18 +165,10 @@ def save_manifold(path, model, image_shape, n=15, dpi=DPI):
     inverse Gaussian CDF, z = Phi^-1(u), so the grid covers the prior N(0, I) by equal mass; each
     tile is the decoder's mean E[x|z]. z1 grows to the right, z2 grows upwards.
     """
-    from scipy.stats import norm
-
-    if model.z_dim != 2:
-        raise ValueError(f"the latent manifold needs a 2-D latent space, the model has z_dim = {model.z_dim}")
-    n = int(n)
-    if n < 2:
-        raise ValueError(f"n must be an integer >= 2, got {n!r}")
     h, w = _shape(image_shape)
-    z_axis = norm.ppf((np.arange(n) + 0.5) / n)                         # (n,) increasing
-    z1, z2 = np.meshgrid(z_axis, z_axis[::-1])                          # row 0 = largest z2
-    z = np.stack([z1.ravel(), z2.ravel()], axis=1)                      # (n*n, 2), row-major tiles
-    images = _images(_decode_mean(model, z), (h, w), "decoded means")
+    z_axis, means = manifold_grid(model, n)
+    n = len(z_axis)
+    images = _images(means, (h, w), "decoded means")
     fig = _figure(n * CELL_IN * 0.6 + 1.0, n * CELL_IN * 0.6 + 1.0, dpi)
     ax = fig.add_subplot()
     _show_grid(ax, image_grid(images, n))
@@ -172,24 +182,35 @@ def save_manifold(path, model, image_shape, n=15, dpi=DPI):
     return _save(fig, path)
 
 
+def interpolate(model, xa, xb, steps=10):
+    """Decoded means along the line between the posterior means of xa and xb.
+
+    Returns t (steps,) from 0 to 1 and means (steps, D): E[x|z] at z = (1 - t) mu_a + t mu_b.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
+    x = np.concatenate([np.atleast_2d(xa), np.atleast_2d(xb)])
+    if len(x) != 2:
+        raise ValueError(f"xa and xb must each be one image, got {len(x)} rows together")
+    mu, _ = model.encode(x)                                             # posterior means (2, Z)
+    t = np.linspace(0.0, 1.0, steps)                                    # (steps,)
+    z = (1.0 - t[:, None]) * mu[0] + t[:, None] * mu[1]                 # (steps, Z)
+    return t, _decode_mean(model, z)
+
+
 def save_interpolation(path, model, xa, xb, image_shape, steps=10, dpi=DPI):
     """xa, then the decoded means along z = (1 - t) mu_a + t mu_b for t in [0, 1], then xb."""
-    steps = int(steps)
-    if steps < 2:
-        raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
     h, w = _shape(image_shape)
     ends = np.concatenate([_images(xa, (h, w), "xa"), _images(xb, (h, w), "xb")])
     if len(ends) != 2:
         raise ValueError("xa and xb must each be one image")
-    mu, _ = model.encode(ends.reshape(2, h * w))                        # posterior means (2, Z)
-    t = np.linspace(0.0, 1.0, steps)[:, None]                           # (steps, 1)
-    z = (1.0 - t) * mu[0] + t * mu[1]                                   # (steps, Z)
-    path_images = _images(_decode_mean(model, z), (h, w), "decoded means")
+    t, means = interpolate(model, xa, xb, steps)
+    path_images = _images(means, (h, w), "decoded means")
     row = np.concatenate([ends[:1], path_images, ends[1:]])
     fig = _figure((steps + 2) * CELL_IN + 0.3, CELL_IN + 0.7, dpi)
     ax = fig.add_subplot()
     _show_grid(ax, image_grid(row, steps + 2))
-    labels = ["x_a"] + [f"{v:.2g}" for v in t[:, 0]] + ["x_b"]
+    labels = ["x_a"] + [f"{v:.2g}" for v in t] + ["x_b"]
     ax.set_xticks(_tile_centers(steps + 2, w), labels, fontsize=7)
     ax.set_title("interpolation between posterior means (t from 0 to 1)", fontsize=9)
     return _save(fig, path)
