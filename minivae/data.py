@@ -444,6 +444,8 @@ def download(name, data_dir=None, base_url=None, quiet=False, timeout=30) -> Pat
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{folder}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK):
+        raise DataError(f"{folder}: the folder is not writable")
     mirrors = (base_url,) if base_url else MIRRORS[name]
     mirrors = tuple(m if m.endswith("/") else m + "/" for m in mirrors)
 
