@@ -86,20 +86,28 @@ def bernoulli_grad(x, logits):
     return x - _sigmoid(logits)
 
 
-_CB_TAYLOR = 1e-2  # |l| below this: Taylor series for log C and its derivative (§4.2)
+# |l| below this: Taylor series for log C and its derivative (§4.2). The series' first dropped term is
+# ~l^8/1e5 (log C) and ~2e-4 l^7 (derivative): below machine precision at these switches, while the
+# closed forms lose digits to cancellation (1/l - 1/sinh l) as |l| shrinks, most visibly in float32.
+_CB_TAYLOR = {np.dtype(np.float64): 1e-2, np.dtype(np.float32): 0.3}
+
+
+def _cb_switch(logits):
+    return _CB_TAYLOR.get(np.asarray(logits).dtype, 1e-2)
 
 
 def cb_log_norm(logits):
     """log C(l) of the continuous Bernoulli, C = l / tanh(l/2) (= 2 artanh(1-2λ)/(1-2λ)).   §4.2
 
-    |l| >= 1e-2:  log|l| - log1p(-e^-|l|) + log1p(e^-|l|)
-    |l| <  1e-2:  log 2 + u^2/3 - 7u^4/90 + 62u^6/2835,  u = l/2
+    |l| >= switch:  log|l| - log(1 - e^-|l|) + log1p(e^-|l|)     (1 - e^-|l| as -expm1(-|l|))
+    |l| <  switch:  log 2 + u^2/3 - 7u^4/90 + 62u^6/2835,  u = l/2
+    The switch is 1e-2 in float64 and 0.3 in float32.
     """
     a = np.abs(logits)
-    small = a < _CB_TAYLOR
+    small = a < _cb_switch(logits)
     safe = np.where(small, 1.0, a)
     e = np.exp(-safe)
-    far = np.log(safe) - np.log1p(-e) + np.log1p(e)
+    far = np.log(safe) - np.log(-np.expm1(-safe)) + np.log1p(e)
     u2 = (0.5 * logits) ** 2
     near = math.log(2.0) + u2 * (1.0 / 3.0 + u2 * (-7.0 / 90.0 + u2 * (62.0 / 2835.0)))
     return np.where(small, near, far).astype(logits.dtype, copy=False)
@@ -108,7 +116,7 @@ def cb_log_norm(logits):
 def cb_log_norm_grad(logits):
     """d log C / dl = 1/l - 1/sinh(l);  near 0: l/6 - 7 l^3/360 + 31 l^5/15120.   §4.2"""
     a = np.abs(logits)
-    small = a < _CB_TAYLOR
+    small = a < _cb_switch(logits)
     safe = np.where(small, 1.0, a)
     e = np.exp(-safe)
     # 1/sinh(|l|) = 2 e^-|l| / (1 - e^-2|l|), no overflow for large |l|
@@ -149,20 +157,29 @@ def gaussian_var(s, var_floor):
     return var_floor + np.exp(s)
 
 
+def gaussian_log_var(s, var_floor):
+    """log var = log(var_floor + e^s) = log var_floor + softplus(s - log var_floor): no overflow.  §4.3"""
+    lf = math.log(var_floor)
+    return lf + softplus(s - lf)
+
+
 def gaussian_logprob(x, m, s, var_floor):
     """log N(x; m, var), var = var_floor + exp(s), per pixel.   §4.3"""
-    var = gaussian_var(s, var_floor)
+    log_var = gaussian_log_var(s, var_floor)
     r = x - m
-    return -0.5 * (LOG_2PI + np.log(var) + r * r / var)
+    return -0.5 * (LOG_2PI + log_var + r * r * np.exp(-log_var))
 
 
 def gaussian_grad(x, m, s, var_floor):
-    """dm = (x - m)/var;  ds = 1/2 ((x - m)^2/var - 1) exp(s)/var.   §4.3"""
-    es = np.exp(s)
-    var = var_floor + es
+    """dm = (x - m)/var;  ds = 1/2 ((x - m)^2/var - 1) exp(s)/var.   §4.3
+
+    exp(s)/var = sigmoid(s - log var_floor), finite for any s.
+    """
+    lf = math.log(var_floor)
+    inv_var = np.exp(-(lf + softplus(s - lf)))
     r = x - m
-    dm = r / var
-    ds = 0.5 * (r * r / var - 1.0) * (es / var)
+    dm = r * inv_var
+    ds = 0.5 * (r * r * inv_var - 1.0) * _sigmoid(s - lf)
     return dm, ds
 
 
