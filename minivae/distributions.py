@@ -40,8 +40,10 @@ def kl_forward(mu, logvar):
     """KL(N(mu, exp(logvar)) || N(0, I)) per example and dim: -1/2 (1 + logvar - mu^2 - exp(logvar)).
 
     Returns (n, Z); sum over the last axis for the per-example KL.   §3.2
+    Written as 1/2 (mu^2 + (expm1(logvar) - logvar)): expm1(v) >= v holds after rounding, so the KL
+    is never negative, where 1 + logvar - exp(logvar) cancels to a rounding error of either sign.
     """
-    return -0.5 * (1.0 + logvar - mu * mu - np.exp(logvar))
+    return 0.5 * (mu * mu + (np.expm1(logvar) - logvar))
 
 
 def kl_backward(dkl, mu, logvar):
