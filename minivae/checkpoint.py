@@ -56,7 +56,10 @@ def load(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):          # a plain .npy array, not an archive
+            raise CheckpointError(f"{path}: not a minivae checkpoint (a single array, not an .npz archive)")
+        with z:
             if "meta" not in z.files:
                 raise CheckpointError(f"{path}: not a minivae checkpoint (no 'meta' entry)")
             meta = json.loads(str(z["meta"][()]))

@@ -96,9 +96,13 @@ class VAE:
                  dtype="float32", seed=0, backend="numpy", dec_hidden=None,
                  var_floor=dist.DEFAULT_VAR_FLOOR):
         self.spec = ModelSpec(x_dim, z_dim, hidden, dec_hidden, activation, likelihood, var_floor)
-        if str(dtype) not in DTYPES:
+        try:   # "float32", np.float32 and np.dtype("float32") all name the same dtype
+            name = np.dtype(dtype).name if dtype is not None else None
+        except TypeError:
+            name = None
+        if name not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.dtype = np.dtype(str(dtype))
+        self.dtype = np.dtype(name)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.layout = self.spec.layout
