@@ -1,0 +1,528 @@
+"""numba.cuda kernels of the GPU backend (docs/math.md §9); the host side is in kernels/cuda.py.
+
+Importing this module imports ``numba.cuda``; kernels/cuda.py imports it only after checking that a
+GPU (or the simulator, ``NUMBA_ENABLE_CUDASIM=1``) can be used. Each kernel mirrors a NumPy
+reference in layers.py / distributions.py / objectives.py / optim.py, and the tests in
+tests/cuda_sim check every one of them against that reference.
+
+Shape legend: n examples, D = x_dim, H hidden width, Z = z_dim, L samples, K head width (D or 2D),
+R = L*n decoder rows (row r = l*n + i), P parameters.
+
+Kernels whose shared-memory or register arrays need compile-time sizes are built by factories
+(``gemm_kernel(variant, T, R, dtype)``, ``rowsum_kernels(B, dtype)``, ...) and cached, so a test can
+ask for odd tile sizes. Everything else takes small integer codes as arguments (activation,
+likelihood, epilogue): one compiled kernel per dtype, and a branch that costs nothing next to the
+memory traffic.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda
+from numba.cuda.random import xoroshiro128p_normal_float32, xoroshiro128p_normal_float64
+
+from ..layers import ACTIVATIONS, LEAKY_SLOPE
+from ..distributions import LIKELIHOODS
+
+LOG_2PI = math.log(2.0 * math.pi)
+LOG_2 = math.log(2.0)
+
+# activation codes: 0 = identity (the heads), then layers.ACTIVATIONS in order
+IDENTITY = 0
+ACT_CODE = {name: i + 1 for i, name in enumerate(ACTIVATIONS)}
+RELU, TANH, SOFTPLUS, LEAKY = (ACT_CODE[a] for a in ("relu", "tanh", "softplus", "leaky_relu"))
+LIK_CODE = {name: i for i, name in enumerate(LIKELIHOODS)}
+BERNOULLI, CONT_BERNOULLI, GAUSSIAN = (LIK_CODE[k] for k in ("bernoulli", "continuous_bernoulli", "gaussian"))
+
+# GEMM epilogues: what happens to an accumulated value v = (op(A) @ op(B))[r, c]
+EPI_STORE = 0   # C = v
+EPI_ACT = 1     # C = f(v)                 forward, bias folded into the GEMM by the ones column
+EPI_DMASK = 2   # C = v * f'(a), from H    backward through an activation: dA_prev = (dY W^T) * f'(a_prev)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations (§2.2), written so that the backward needs only the output h = f(a)
+# ----------------------------------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def act_forward(a, act):
+    """h = f(a).   identity, relu, tanh, softplus (stable), leaky_relu(0.01)."""
+    if act == RELU:
+        return a if a > 0 else a * 0
+    if act == TANH:
+        return math.tanh(a)
+    if act == SOFTPLUS:
+        return max(a, 0) + math.log1p(math.exp(-abs(a)))
+    if act == LEAKY:
+        return a if a > 0 else a * LEAKY_SLOPE
+    return a
+
+
+@cuda.jit(device=True)
+def act_grad_from_h(h, act):
+    """f'(a) written in h = f(a):  relu 1[h>0];  tanh 1-h^2;  softplus sigmoid(a) = -expm1(-h);
+    leaky 1 or 0.01 (h > 0 iff a > 0).   §2.2"""
+    if act == RELU:
+        return 1.0 if h > 0 else 0.0
+    if act == TANH:
+        return 1.0 - h * h
+    if act == SOFTPLUS:
+        return -math.expm1(-h)
+    if act == LEAKY:
+        return 1.0 if h > 0 else LEAKY_SLOPE
+    return 1.0
+
+
+@cuda.jit(device=True)
+def sigmoid(a):
+    e = math.exp(-abs(a))
+    return 1.0 / (1.0 + e) if a >= 0 else e / (1.0 + e)
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM:  C[M, N] = op(A)[M, K] @ op(B)[K, N], then an epilogue                        §2.1, §9
+# ----------------------------------------------------------------------------------------------
+# op(X) is X or X^T (trans_a, trans_b). ``ones_a`` appends a column of ones to the *stored* A:
+#   forward   a = [x | 1] @ [W; b]            A = x (N, I), K = I + 1
+#   backward  [dW; db] = [x | 1]^T @ dY       A = x (N, I) transposed, M = I + 1
+# and [W; b] is exactly the contiguous (I + 1, O) block of the flat layout (W then b, §1), so
+# the bias and the bias gradient ride along in the GEMM. Loads are coalesced: the thread x index
+# walks the stored matrix's last (contiguous) axis, whichever way the tile is used.
+
+@cuda.jit(device=True)
+def _load(A, r, c, ones):
+    """A[r, c] of the stored matrix, 1 on the virtual ones column, 0 outside (boundary guard)."""
+    if r < A.shape[0]:
+        if c < A.shape[1]:
+            return A[r, c]
+        if ones and c == A.shape[1]:
+            return 1.0
+    return 0.0
+
+
+@cuda.jit(device=True)
+def _epilogue(C, H, r, c, v, epi, act):
+    if epi == EPI_ACT:
+        v = act_forward(v, act)
+    elif epi == EPI_DMASK:
+        v = v * act_grad_from_h(H[r, c], act)
+    C[r, c] = v
+
+
+def _make_gemm_tiled(T, acc):
+    """Kernel 1: one T x T shared-memory tile per block, one output per thread.
+    Block (T, T): thread x on output columns, y on rows. Grid (ceil(N/T), ceil(M/T))."""
+
+    @cuda.jit
+    def gemm_tiled(A, B, C, M, N, K, trans_a, trans_b, ones_a, epi, act, H):
+        sA = cuda.shared.array((T, T + 1), acc)        # op(A)[m0 + i, k0 + k] at sA[i, k]; +1: no bank conflicts
+        sB = cuda.shared.array((T, T + 1), acc)        # op(B)[k0 + k, n0 + j] at sB[k, j]
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        m0 = cuda.blockIdx.y * T
+        n0 = cuda.blockIdx.x * T
+        s = acc(0)                                     # the accumulator in the kernel's precision
+        for k0 in range(0, K, T):
+            if trans_a:                                    # A stored (K, M): x walks m
+                sA[tx, ty] = _load(A, k0 + ty, m0 + tx, ones_a)
+            else:                                          # A stored (M, K): x walks k
+                sA[ty, tx] = _load(A, m0 + ty, k0 + tx, ones_a)
+            if trans_b:                                    # B stored (N, K): x walks k
+                sB[tx, ty] = _load(B, n0 + ty, k0 + tx, 0)
+            else:                                          # B stored (K, N): x walks n
+                sB[ty, tx] = _load(B, k0 + ty, n0 + tx, 0)
+            cuda.syncthreads()
+            for k in range(T):
+                s += sA[ty, k] * sB[k, tx]
+            cuda.syncthreads()
+        r = m0 + ty
+        c = n0 + tx
+        if r < M and c < N:
+            _epilogue(C, H, r, c, s, epi, act)
+
+    return gemm_tiled
+
+
+def _make_gemm_regtile(T, R, acc):
+    """Kernel 2: 2-D register tiling. A block of T x T threads computes a (T R) x (T R) tile of C;
+    each thread keeps R x R accumulators in registers and reuses each shared-memory load R times.
+    Thread (ty, tx) owns rows m0 + ty + i T and columns n0 + tx + j T (i, j < R): neighbouring
+    threads touch neighbouring columns, so stores stay coalesced and shared reads conflict-free."""
+    BM = T * R
+
+    @cuda.jit
+    def gemm_regtile(A, B, C, M, N, K, trans_a, trans_b, ones_a, epi, act, H):
+        sA = cuda.shared.array((BM, T + 1), acc)       # op(A) tile [m, k]
+        sB = cuda.shared.array((T, BM + 1), acc)       # op(B) tile [k, n]
+        s = cuda.local.array((R, R), acc)
+        a_r = cuda.local.array(R, acc)
+        b_r = cuda.local.array(R, acc)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * BM
+        for i in range(R):
+            for j in range(R):
+                s[i, j] = 0.0
+        for k0 in range(0, K, T):
+            for i in range(R):
+                if trans_a:
+                    sA[tx + i * T, ty] = _load(A, k0 + ty, m0 + tx + i * T, ones_a)
+                else:
+                    sA[ty + i * T, tx] = _load(A, m0 + ty + i * T, k0 + tx, ones_a)
+                if trans_b:
+                    sB[tx, ty + i * T] = _load(B, n0 + ty + i * T, k0 + tx, 0)
+                else:
+                    sB[ty, tx + i * T] = _load(B, k0 + ty, n0 + tx + i * T, 0)
+            cuda.syncthreads()
+            for k in range(T):
+                for i in range(R):
+                    a_r[i] = sA[ty + i * T, k]
+                for j in range(R):
+                    b_r[j] = sB[k, tx + j * T]
+                for i in range(R):
+                    for j in range(R):
+                        s[i, j] += a_r[i] * b_r[j]
+            cuda.syncthreads()
+        for i in range(R):
+            r = m0 + ty + i * T
+            for j in range(R):
+                c = n0 + tx + j * T
+                if r < M and c < N:
+                    _epilogue(C, H, r, c, s[i, j], epi, act)
+
+    return gemm_regtile
+
+
+def accumulator(dtype):
+    """float32 accumulators for float32 models; float64 models keep float64 (gradient checks)."""
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_kernel(variant, T, R, dtype):
+    """The GEMM kernel and the edge of the output tile one block computes (T or T R)."""
+    acc = accumulator(dtype)
+    if variant == 1:
+        return _make_gemm_tiled(T, acc), T
+    if variant == 2:
+        return _make_gemm_regtile(T, R, acc), T * R
+    raise ValueError(f"gemm variant must be 1 (shared-memory tile) or 2 (register tiling), got {variant!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise kernels over (rows, cols), 2-D grid, thread x on columns                  §2
+# ----------------------------------------------------------------------------------------------
+
+@cuda.jit
+def bias_act(A, b, Hout, act):
+    """Hout = f(A + b), row-broadcast bias (Hout may be A).   §2.1-§2.2"""
+    c, r = cuda.grid(2)
+    if r < A.shape[0] and c < A.shape[1]:
+        Hout[r, c] = act_forward(A[r, c] + b[c], act)
+
+
+@cuda.jit
+def act_backward(dH, H, act, dA):
+    """dA = dH * f'(a), f' written in h = f(a) (dA may be dH).   §2.2"""
+    c, r = cuda.grid(2)
+    if r < dH.shape[0] and c < dH.shape[1]:
+        dA[r, c] = dH[r, c] * act_grad_from_h(H[r, c], act)
+
+
+@cuda.jit
+def gather_rows(X, idx, out):
+    """out[i] = X[idx[i]]: a minibatch from the device-resident dataset."""
+    c, i = cuda.grid(2)
+    if i < out.shape[0] and c < out.shape[1]:
+        out[i, c] = X[idx[i], c]
+
+
+@cuda.jit
+def scale_rows(G, w):
+    """G[r, :] *= w[r] (IWAE: dhead = dlogw * dlogp/dhead).   §5.2"""
+    c, r = cuda.grid(2)
+    if r < G.shape[0] and c < G.shape[1]:
+        G[r, c] *= w[r]
+
+
+@functools.lru_cache(maxsize=None)
+def bias_grad_kernel(T, dtype):
+    """db[c] = sum_r dA[r, c]. Block (T, T): x on columns (coalesced), y strides over rows, then a
+    shared-memory sum along y.   §2.1"""
+    acc = accumulator(dtype)
+
+    @cuda.jit
+    def bias_grad(dA, db):
+        sh = cuda.shared.array((T, T), acc)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        c = cuda.blockIdx.x * T + tx
+        s = acc(0)
+        if c < dA.shape[1]:
+            for r in range(ty, dA.shape[0], T):
+                s += dA[r, c]
+        sh[ty, tx] = s
+        cuda.syncthreads()
+        if ty == 0 and c < dA.shape[1]:
+            t = acc(0)
+            for k in range(T):
+                t += sh[k, tx]
+            db[c] = t
+
+    return bias_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Posterior: reparameterization, KL, log p(z) - log q(z|x), eps drawn on the device     §3
+# ----------------------------------------------------------------------------------------------
+
+@cuda.jit
+def reparam_kl(out, eps, z, kl, logr, states, draw, f64):
+    """One thread per decoder row r = l n + i (l < L, i < n), a loop over the Z latent dims:
+
+        eps ~ N(0, 1) from this thread's xoroshiro128p state when ``draw`` (stored into eps)
+        z[r, j]  = mu_ij + exp(logvar_ij / 2) eps_lij                          §3.1
+        kl[i, j] = 1/2 (mu^2 + expm1(logvar) - logvar) >= 0     (rows l = 0)    §3.2
+        logr[r]  = log p(z) - log q(z|x) = -1/2 sum_j (z^2 - eps^2 - logvar)   §3.3 (log 2 pi cancels)
+
+    out: (n, 2Z) = [mu | logvar];  eps: (L, n, Z);  z: (R, Z);  kl: (n, Z);  logr: (R,).
+    """
+    r = cuda.grid(1)
+    L = eps.shape[0]
+    n = eps.shape[1]
+    Z = eps.shape[2]
+    if r >= L * n:
+        return
+    l = r // n
+    i = r - l * n
+    s = 0.0
+    for j in range(Z):
+        mu = out[i, j]
+        lv = out[i, Z + j]
+        if draw:
+            if f64:
+                e = xoroshiro128p_normal_float64(states, r)
+            else:
+                e = xoroshiro128p_normal_float32(states, r)
+            eps[l, i, j] = e
+        else:
+            e = eps[l, i, j]
+        zz = mu + math.exp(0.5 * lv) * e
+        z[r, j] = zz
+        s += -0.5 * (zz * zz - e * e - lv)
+        if l == 0:
+            kl[i, j] = 0.5 * (mu * mu + (math.expm1(lv) - lv))
+    logr[r] = s
+
+
+@cuda.jit
+def iwae_weights(ll, logr, beta, dlw, bound, loss_acc, inv_n):
+    """One thread per example i: log w_l = ll_l + beta logr_l; the bound logsumexp_l(log w) - log k,
+    and dlogw_l = -softmax_l(log w) / n; adds -bound/n to the loss accumulator.   §5.2
+    ll, logr, dlw: (k, n);  bound: (n,)."""
+    i = cuda.grid(1)
+    k = ll.shape[0]
+    if i >= ll.shape[1]:
+        return
+    m = -math.inf
+    for l in range(k):
+        m = max(m, ll[l, i] + beta * logr[l, i])
+    s = 0.0
+    for l in range(k):
+        s += math.exp(ll[l, i] + beta * logr[l, i] - m)
+    b = m + math.log(s) - math.log(k)
+    bound[i] = b
+    for l in range(k):
+        dlw[l, i] = -math.exp(ll[l, i] + beta * logr[l, i] - m) / s * inv_n
+    cuda.atomic.add(loss_acc, 0, -b * inv_n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels built around a block reduction (block size B, any B >= 1)
+# ----------------------------------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def _block_sum(sh, v):
+    """Sum of v over the threads of a 1-D block (any size): pairwise tree in shared memory."""
+    t = cuda.threadIdx.x
+    bd = cuda.blockDim.x
+    sh[t] = v
+    cuda.syncthreads()
+    stride = 1
+    while stride < bd:
+        if t % (2 * stride) == 0 and t + stride < bd:
+            sh[t] += sh[t + stride]
+        stride *= 2
+        cuda.syncthreads()
+    total = sh[0]
+    cuda.syncthreads()                  # sh may be reused right after
+    return total
+
+
+@cuda.jit(device=True)
+def cb_log_norm(l, switch):
+    """log C(l) of the continuous Bernoulli; Taylor series for |l| < switch (distributions.py: 1e-2
+    in float64, 0.3 in float32).   §4.2"""
+    a = abs(l)
+    if a < switch:
+        u2 = 0.25 * l * l
+        return LOG_2 + u2 * (1.0 / 3.0 + u2 * (-7.0 / 90.0 + u2 * (62.0 / 2835.0)))
+    return math.log(a) - math.log(-math.expm1(-a)) + math.log1p(math.exp(-a))
+
+
+@cuda.jit(device=True)
+def cb_log_norm_grad(l, switch):
+    """d log C/dl = 1/l - 1/sinh(l);  near 0: l/6 - 7 l^3/360 + 31 l^5/15120.   §4.2"""
+    a = abs(l)
+    if a < switch:
+        l2 = l * l
+        return l * (1.0 / 6.0 + l2 * (-7.0 / 360.0 + l2 * (31.0 / 15120.0)))
+    e = math.exp(-a)
+    g = 1.0 / a - 2.0 * e / (-math.expm1(-2.0 * a))
+    return g if l > 0 else -g
+
+
+@functools.lru_cache(maxsize=None)
+def rowsum_kernels(B, dtype):
+    """The kernels that reduce inside a block of B threads: the likelihoods and the posterior backward."""
+    acc = accumulator(dtype)
+
+    @cuda.jit
+    def likelihood(X, head, G, ll, lik, log_floor, cb_switch, scale, grad, loss_acc, loss_w):
+        """One block per decoder row r (x row i = r mod n), threads over the D pixels:
+            G[r, :] = scale * d log p(x_i | head_r) / d head_r      (§4.1-§4.3)
+            ll[r]   = log p(x_i | head_r)                           (block sum)
+        and loss_acc[0] += loss_w * ll[r] (the ELBO's -1/(nL) sum ll). G is left alone when not
+        ``grad`` (evaluation). X: (n, D); head, G: (R, K)."""
+        sh = cuda.shared.array(B, acc)
+        r = cuda.blockIdx.x
+        n = X.shape[0]
+        D = X.shape[1]
+        i = r % n
+        s = 0.0
+        for d in range(cuda.threadIdx.x, D, B):
+            x = X[i, d]
+            l = head[r, d]
+            if lik == GAUSSIAN:                     # head = [mean | s], var = var_floor + exp(s)
+                t = head[r, D + d] - log_floor
+                log_var = log_floor + max(t, 0) + math.log1p(math.exp(-abs(t)))   # no overflow
+                inv_var = math.exp(-log_var)
+                res = x - l
+                s += -0.5 * (LOG_2PI + log_var + res * res * inv_var)
+                if grad:                            # exp(s)/var = sigmoid(s - log var_floor)
+                    G[r, d] = scale * (res * inv_var)
+                    G[r, D + d] = scale * 0.5 * (res * res * inv_var - 1.0) * sigmoid(t)
+            else:                                   # Bernoulli: -BCE with logits; CB adds log C(l)
+                sp = max(l, 0) + math.log1p(math.exp(-abs(l)))      # softplus(l)
+                g = x - sigmoid(l)
+                lp = x * l - sp
+                if lik == CONT_BERNOULLI:
+                    lp += cb_log_norm(l, cb_switch)
+                    g += cb_log_norm_grad(l, cb_switch)
+                s += lp
+                if grad:
+                    G[r, d] = scale * g
+        total = _block_sum(sh, s)
+        if cuda.threadIdx.x == 0:
+            ll[r] = total
+            if loss_w != 0:
+                cuda.atomic.add(loss_acc, 0, loss_w * total)
+
+    @cuda.jit
+    def posterior_backward(out, eps, z, dz, kl, dlw, dout, beta, free_bits, iwae, loss_acc):
+        """One block per latent dim j, threads over the n examples. Back through z = mu + std eps
+        and the KL (or, for IWAE, log p(z) - log q(z|x)) into dout = [dmu | dlogvar]:   §3, §5, §6
+
+          ELBO: kl_j = 1/n sum_i KL_ij (block sum); charged max(kl_j, free_bits) into the loss;
+                dKL_ij = beta/n if kl_j > free_bits (or no free bits) else 0
+                dmu = sum_l dz + dKL mu;   dlogvar = std/2 sum_l dz eps + dKL expm1(logvar)/2
+          IWAE: dz += beta dlogw (-z)   (d log p(z)/dz);   dlogvar += beta/2 sum_l dlogw
+        out, dout: (n, 2Z); eps: (L, n, Z); z, dz: (R, Z); kl: (n, Z); dlw: (L, n)."""
+        sh = cuda.shared.array(B, acc)
+        j = cuda.blockIdx.x
+        L = eps.shape[0]
+        n = eps.shape[1]
+        Z = eps.shape[2]
+        dkl = 0.0
+        if not iwae:
+            s = 0.0
+            for i in range(cuda.threadIdx.x, n, B):
+                s += kl[i, j]
+            kl_j = _block_sum(sh, s) / n
+            if free_bits > 0:
+                charged = max(kl_j, free_bits)
+                dkl = beta / n if kl_j > free_bits else 0.0
+            else:
+                charged = kl_j
+                dkl = beta / n
+            if cuda.threadIdx.x == 0:
+                cuda.atomic.add(loss_acc, 0, beta * charged)
+        for i in range(cuda.threadIdx.x, n, B):
+            mu = out[i, j]
+            lv = out[i, Z + j]
+            gmu = 0.0
+            geps = 0.0
+            gq = 0.0
+            for l in range(L):
+                r = l * n + i
+                d = dz[r, j]
+                if iwae:
+                    d -= beta * dlw[l, i] * z[r, j]
+                    gq += dlw[l, i]
+                gmu += d
+                geps += d * eps[l, i, j]
+            dlv = 0.5 * math.exp(0.5 * lv) * geps + dkl * 0.5 * math.expm1(lv)
+            if iwae:
+                dlv += 0.5 * beta * gq
+            dout[i, j] = gmu + dkl * mu
+            dout[i, Z + j] = dlv
+
+    return likelihood, posterior_backward
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer updates over the flat vectors, one thread per parameter (torch.optim semantics) §8
+# ----------------------------------------------------------------------------------------------
+
+@cuda.jit
+def sgd_update(p, g, buf, first, lr, momentum, wd):
+    """g += wd p;  buf = g (first step) or momentum buf + g;  p -= lr buf (lr g without momentum)."""
+    k = cuda.grid(1)
+    if k < p.size:
+        gk = g[k] + wd * p[k]
+        if momentum != 0:
+            if first:
+                b = gk
+            else:
+                b = momentum * buf[k] + gk
+            buf[k] = b
+            gk = b
+        p[k] -= lr * gk
+
+
+@cuda.jit
+def adagrad_update(p, g, sum_sq, lr, eps, wd):
+    """g += wd p;  s += g^2;  p -= lr g / (sqrt(s) + eps)."""
+    k = cuda.grid(1)
+    if k < p.size:
+        gk = g[k] + wd * p[k]
+        s = sum_sq[k] + gk * gk
+        sum_sq[k] = s
+        p[k] -= lr * gk / (math.sqrt(s) + eps)
+
+
+@cuda.jit
+def adam_update(p, g, m, v, step_size, beta1, beta2, inv_sqrt_bc2, eps, wd):
+    """g += wd p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+    p -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps); step_size and inv_sqrt_bc2 come from the host's t."""
+    k = cuda.grid(1)
+    if k < p.size:
+        gk = g[k] + wd * p[k]
+        mk = beta1 * m[k] + (1.0 - beta1) * gk
+        vk = beta2 * v[k] + (1.0 - beta2) * gk * gk
+        m[k] = mk
+        v[k] = vk
+        p[k] -= step_size * mk / (math.sqrt(vk) * inv_sqrt_bc2 + eps)
