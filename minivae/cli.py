@@ -1,0 +1,436 @@
+"""The ``minivae`` command: train, evaluate, sample, plot, gradcheck, download.
+
+    minivae train --dataset digits --epochs 30 --z-dim 2 --hidden 128 --out runs/demo
+    minivae evaluate runs/demo/model.npz --iw-samples 1000 --json
+    minivae sample runs/demo --n 64 --out samples.png
+    minivae plot runs/demo --kind all --out pictures/
+    minivae gradcheck
+    minivae download mnist
+
+Exit status: 0 on success; 2 for a bad argument (argparse, one line); 1 for bad input found later
+(a missing or corrupt file, a bad checkpoint, an existing run folder, a diverged run), printed as
+one line ``minivae: error: ...`` without a traceback (set MINIVAE_DEBUG=1 to see it); 130 on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument types: a bad value is an argparse error (exit 2, one line)
+# ----------------------------------------------------------------------------------------------
+
+def positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def nonneg_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _float(text, what, ok):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(v) or not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return v
+
+
+def positive_float(text):
+    return _float(text, "a finite number > 0", lambda v: v > 0)
+
+
+def nonneg_float(text):
+    return _float(text, "a finite number >= 0", lambda v: v >= 0)
+
+
+def unit_interval(text):
+    return _float(text, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its error on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import BINARIZE, DATASETS
+    from .distributions import LIKELIHOODS
+    from .kernels import BACKENDS
+    from .layers import ACTIVATIONS
+    from .model import DTYPES
+    from .objectives import OBJECTIVES
+    from .optim import OPTIMIZERS
+    from .plots import FILENAMES
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    parser = _Parser(prog="minivae", description="A Variational Autoencoder written by hand in NumPy, "
+                     "with Numba CPU and CUDA kernels.")
+    parser.add_argument("--version", action="version", version=f"minivae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # -- train: every option defaults to SUPPRESS, so the ones given explicitly are known (--resume)
+    S = argparse.SUPPRESS
+    t = sub.add_parser("train", help="train a VAE, writing checkpoints, metrics and pictures to a run folder",
+                       description="Train a VAE. Writes RUNDIR/model.npz (parameters, config and the "
+                       "training state, every epoch), RUNDIR/metrics.jsonl (one line per epoch) and, "
+                       "at the end, the pictures.")
+    g = t.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default=S, help=f"(default: {d.dataset}, bundled, no network)")
+    g.add_argument("--data-dir", metavar="DIR", default=S,
+                   help="folder with the IDX files (default: $MINIVAE_DATA, then ~/.cache/minivae/<dataset>)")
+    g.add_argument("--binarize", choices=BINARIZE, default=S,
+                   help=f"static: one Bernoulli draw per pixel; dynamic: a fresh draw per minibatch "
+                        f"(default: {d.binarize})")
+    g.add_argument("--val-fraction", type=unit_interval, metavar="F", default=S,
+                   help=f"fraction of train held out for validation (default: {d.val_fraction})")
+    g = t.add_argument_group("model")
+    g.add_argument("--z-dim", type=positive_int, metavar="Z", default=S, help=f"latent dimensions (default: {d.z_dim})")
+    g.add_argument("--hidden", type=positive_int, nargs="+", metavar="H", default=S,
+                   help=f"hidden layer widths of the encoder; the decoder mirrors them (default: {d.hidden[0]})")
+    g.add_argument("--activation", choices=ACTIVATIONS, default=S, help=f"(default: {d.activation})")
+    g.add_argument("--likelihood", choices=LIKELIHOODS, default=S, help=f"p(x|z) per pixel (default: {d.likelihood})")
+    g.add_argument("--dtype", choices=DTYPES, default=S, help=f"(default: {d.dtype})")
+    g.add_argument("--backend", choices=BACKENDS, default=S, help=f"(default: {d.backend})")
+    g = t.add_argument_group("objective")
+    g.add_argument("--objective", choices=OBJECTIVES, default=S, help=f"(default: {d.objective})")
+    g.add_argument("--samples", type=positive_int, metavar="L", default=S,
+                   help=f"Monte Carlo samples per example for the ELBO (default: {d.samples})")
+    g.add_argument("--k", type=positive_int, metavar="K", default=S,
+                   help=f"importance samples per example for --objective iwae (default: {d.k})")
+    g.add_argument("--beta", type=nonneg_float, default=S, help=f"weight of the KL term (default: {d.beta:g})")
+    g.add_argument("--warmup", type=nonneg_float, metavar="EPOCHS", default=S,
+                   help="linear KL warm-up: beta rises from 0 over this many epochs (default: 0, none)")
+    g.add_argument("--free-bits", type=nonneg_float, metavar="NATS", default=S,
+                   help="per-dimension floor on the batch-mean KL (default: 0, none)")
+    g = t.add_argument_group("optimization")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help=f"(default: {d.optimizer})")
+    g.add_argument("--lr", type=positive_float, default=S,
+                   help="learning rate (default: 1e-3 for adam, 1e-2 for sgd and adagrad)")
+    g.add_argument("--momentum", type=unit_interval, default=S, help=f"sgd momentum (default: {d.momentum})")
+    g.add_argument("--weight-decay", type=nonneg_float, metavar="WD", default=S,
+                   help="L2 weight decay, the N(0, 1/WD) prior on the weights (default: 0)")
+    g.add_argument("--epochs", type=positive_int, default=S, help=f"(default: {d.epochs})")
+    g.add_argument("--batch-size", type=positive_int, metavar="B", default=S,
+                   help=f"global minibatch size, over all processes (default: {d.batch_size})")
+    g.add_argument("--seed", type=nonneg_int, default=S, help=f"(default: {d.seed})")
+    g = t.add_argument_group("run")
+    g.add_argument("--out", metavar="RUNDIR", default=S, help="run folder (default: runs/<dataset>)")
+    g.add_argument("--resume", metavar="RUNDIR", default=S,
+                   help="continue the run in RUNDIR (bit-identical to an uninterrupted run); "
+                        "--epochs, --data-dir, --backend and the output options may change")
+    g.add_argument("--overwrite", action="store_true", default=S, help="replace a run already in --out")
+    g.add_argument("--eval-batch-size", type=positive_int, metavar="N", default=S,
+                   help=f"rows per evaluation call (default: {d.eval_batch_size})")
+    g.add_argument("--no-plots", dest="plots", action="store_false", default=S,
+                   help="do not draw the pictures at the end")
+    g.add_argument("--quiet", action="store_true", default=S, help="no progress bar and no per-epoch lines")
+    g.add_argument("--distributed", action="store_true", default=S,
+                   help="data-parallel over MPI: mpiexec -n P minivae train --distributed ... (needs mpi4py)")
+    t.set_defaults(func=cmd_train)
+
+    # -- evaluate
+    e = sub.add_parser("evaluate", help="ELBO, importance-weighted log p(x), active units, reconstruction error",
+                       description="Evaluate a checkpoint on a split of a dataset. Every number is per "
+                       "example, in nats (the reconstruction error: squared error summed over pixels).")
+    e.add_argument("checkpoint", metavar="CKPT", help="a model.npz, or a run folder holding one")
+    _data_options(e, DATASETS, BINARIZE)
+    e.add_argument("--split", choices=("test", "val", "train"), default="test", help="(default: test)")
+    e.add_argument("--iw-samples", type=nonneg_int, metavar="K", default=100,
+                   help="importance samples for log p(x); 0 skips it (default: 100; Burda et al. use 5000)")
+    e.add_argument("--batch-size", type=positive_int, metavar="N", default=1000,
+                   help="rows (examples x samples) per backend call, which bounds memory (default: 1000)")
+    e.add_argument("--chunk", type=positive_int, default=100,
+                   help="importance samples per backend call (default: 100)")
+    e.add_argument("--seed", type=nonneg_int, default=0, help="seed of the evaluation noise (default: 0)")
+    e.add_argument("--backend", choices=BACKENDS, default=None, help="(default: the checkpoint's)")
+    e.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    e.set_defaults(func=cmd_evaluate)
+
+    # -- sample
+    s = sub.add_parser("sample", help="draw images from the prior into a PNG grid")
+    s.add_argument("checkpoint", metavar="CKPT", help="a model.npz, or a run folder holding one")
+    s.add_argument("--n", type=positive_int, default=64, help="number of images (default: 64)")
+    s.add_argument("--out", metavar="PNG", required=True, help="the PNG file to write")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="(default: 0)")
+    s.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing its mean")
+    s.set_defaults(func=cmd_sample)
+
+    # -- plot
+    p = sub.add_parser("plot", help="draw one of the pictures (or all) from a checkpoint")
+    p.add_argument("checkpoint", metavar="CKPT", help="a model.npz, or a run folder holding one")
+    p.add_argument("--kind", choices=tuple(FILENAMES) + ("all",), required=True)
+    _data_options(p, DATASETS, BINARIZE)
+    p.add_argument("--out", metavar="PATH", required=True, help="the PNG file (a folder for --kind all)")
+    p.set_defaults(func=cmd_plot)
+
+    # -- gradcheck
+    gc = sub.add_parser("gradcheck", help="check every gradient against central differences (float64)")
+    gc.add_argument("--backend", choices=BACKENDS, default="numpy", help="(default: numpy)")
+    gc.add_argument("--seed", type=nonneg_int, default=0, help="(default: 0)")
+    gc.add_argument("--tol", type=positive_float, default=1e-6, help="largest relative error passed (default: 1e-6)")
+    gc.set_defaults(func=cmd_gradcheck)
+
+    # -- download
+    dl = sub.add_parser("download", help="fetch the MNIST or Fashion-MNIST IDX files, SHA-256 verified")
+    dl.add_argument("name", choices=("mnist", "fashion-mnist"))
+    dl.add_argument("--data-dir", metavar="DIR", default=None,
+                    help="target folder (default: $MINIVAE_DATA/<name>, then ~/.cache/minivae/<name>)")
+    dl.add_argument("--base-url", metavar="URL", default=None, help="a mirror to use instead of the default ones")
+    dl.add_argument("--quiet", action="store_true", help="no progress output")
+    dl.set_defaults(func=cmd_download)
+    return parser
+
+
+def _data_options(p, datasets, binarize):
+    p.add_argument("--dataset", choices=datasets, default=None,
+                   help="(default: the dataset the checkpoint was trained on)")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="folder with the IDX files")
+    p.add_argument("--binarize", choices=binarize, default=None,
+                   help="(default: as in training; 'dynamic' evaluates one fixed binarization)")
+    p.add_argument("--val-fraction", type=unit_interval, metavar="F", default=None,
+                   help="(default: as in training, else 0.1)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
+
+def cmd_train(args):
+    from .train import TrainConfig, resume_config, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    if "hidden" in given:
+        given["hidden"] = tuple(given["hidden"])
+    if "resume" in given:
+        if "out" in given and Path(given["out"]).resolve() != Path(given["resume"]).resolve():
+            raise ValueError("--resume continues the run in its own folder; leave out --out or give the same folder")
+        config = resume_config(given["resume"], given)
+    else:
+        config = TrainConfig(**given)
+    train(config)
+    return 0
+
+
+def _checkpoint_path(text) -> Path:
+    p = Path(text)
+    return p / "model.npz" if p.is_dir() else p
+
+
+def load_checkpoint(text, backend=None):
+    """(model, meta) from a model.npz or a run folder."""
+    from . import checkpoint
+    from .model import VAE
+
+    path = _checkpoint_path(text)
+    model = VAE.load(path, backend=backend)
+    meta, _ = checkpoint.load(path)
+    return model, meta
+
+
+def _train_config(meta) -> dict:
+    state = meta.get("train")
+    return state.get("config", {}) if isinstance(state, dict) else {}
+
+
+def image_shape(model, meta):
+    """The (h, w) of the images: saved by training, else a square x_dim."""
+    shape = meta.get("image_shape")
+    if isinstance(shape, list) and len(shape) == 2 and shape[0] * shape[1] == model.x_dim:
+        return tuple(int(v) for v in shape)
+    side = math.isqrt(model.x_dim)
+    if side * side == model.x_dim:
+        return side, side
+    raise ValueError(f"the checkpoint does not say the image shape and x_dim={model.x_dim} is not a square")
+
+
+def load_split(args, model, meta, split="test"):
+    """The dataset named by the options (default: the checkpoint's), and the rows of ``split``."""
+    from .data import load_dataset
+    from .train import eval_split
+
+    cfg = _train_config(meta)
+    name = args.dataset or meta.get("dataset") or cfg.get("dataset")
+    if name is None:
+        raise ValueError("the checkpoint does not say which dataset it was trained on; pass --dataset")
+    binarize = args.binarize or cfg.get("binarize", "none")
+    val_fraction = args.val_fraction if args.val_fraction is not None else cfg.get("val_fraction", 0.1)
+    data_dir = args.data_dir or (cfg.get("data_dir") if name == cfg.get("dataset") else None)
+    ds = load_dataset(name, data_dir, binarize=binarize, val_fraction=val_fraction,
+                      seed=cfg.get("seed", 0), dtype=model.dtype.name)
+    if ds.x_dim != model.x_dim:
+        raise ValueError(f"{name} has {ds.x_dim} pixels per image, the model expects x_dim={model.x_dim}")
+    x = {"test": ds.x_test, "val": ds.x_val, "train": ds.x_train}[split]
+    if len(x) == 0:
+        raise ValueError(f"the {split} split of {name} is empty (--val-fraction {val_fraction})")
+    return ds, eval_split(x, binarize) if split != "train" else x
+
+
+def cmd_evaluate(args):
+    from .evaluate import evaluate
+
+    model, meta = load_checkpoint(args.checkpoint, backend=args.backend)
+    ds, x = load_split(args, model, meta, args.split)
+    r = evaluate(model, x, iw_samples=args.iw_samples, batch_size=args.batch_size, chunk=args.chunk,
+                 seed=args.seed)
+    r = dict(r, dataset=ds.name, split=args.split)
+    if args.json:
+        keys = ("elbo", "iw_log_likelihood", "iw_samples", "active_units", "recon_error", "n", "dataset",
+                "split", "seed")
+        print(json.dumps({k: r[k] for k in keys}))
+        return 0
+    rows = [("dataset", f"{ds.name} ({args.split}, {r['n']} examples)"),
+            ("ELBO", f"{r['elbo']:.3f} nats/example (one sample, analytic KL)")]
+    if r["iw_log_likelihood"] is not None:
+        rows.append((f"log p(x), K={r['iw_samples']}", f"{r['iw_log_likelihood']:.3f} nats/example"))
+    rows += [("active units", f"{r['active_units']} of {model.z_dim} (Var_x E_q[z_j] > 1e-2)"),
+             ("reconstruction error", f"{r['recon_error']:.4f} (squared error summed over pixels)")]
+    w = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+    return 0
+
+
+def cmd_sample(args):
+    from .plots import save_samples
+
+    model, meta = load_checkpoint(args.checkpoint)
+    images = model.sample(args.n, seed=args.seed, mean=not args.draw)
+    path = save_samples(args.out, images, image_shape(model, meta),
+                        title="draws from p(x|z)" if args.draw else "samples from the prior (mean of p(x|z))")
+    print(path)
+    return 0
+
+
+def _metrics(meta, ckpt_text):
+    state = meta.get("train")
+    if isinstance(state, dict) and state.get("metrics"):
+        return state["metrics"]
+    path = _checkpoint_path(ckpt_text).parent / "metrics.jsonl"
+    if path.is_file():
+        try:
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON lines ({e})") from None
+    return []
+
+
+def cmd_plot(args):
+    from . import plots
+
+    model, meta = load_checkpoint(args.checkpoint)
+    shape = image_shape(model, meta)
+    kind, out = args.kind, Path(args.out)
+    if kind == "curves" or kind == "all":
+        metrics = _metrics(meta, args.checkpoint)
+    if kind == "curves":
+        if not metrics:
+            raise ValueError(f"{args.checkpoint}: no training metrics to draw")
+        paths = [plots.save_curves(out, metrics)]
+    elif kind == "samples":
+        paths = [plots.save_samples(out, model.sample(64, seed=0), shape)]
+    elif kind == "manifold":
+        if model.z_dim != 2:
+            raise ValueError(f"the manifold needs z_dim = 2, the model has z_dim = {model.z_dim}")
+        paths = [plots.save_manifold(out, model, shape)]
+    else:
+        ds, x = load_split(args, model, meta, "test")
+        y = ds.y_test
+        if kind == "all":
+            paths = plots.save_all(out, model, ds, metrics)
+        elif kind == "reconstructions":
+            n = min(8, len(x))
+            paths = [plots.save_reconstructions(out, x[:n], model.reconstruct(x[:n]), shape, n=n)]
+        elif kind == "interpolation":
+            if len(x) < 2:
+                raise ValueError("the interpolation needs two test images")
+            other = np.flatnonzero(y != y[0])
+            paths = [plots.save_interpolation(out, model, x[0], x[int(other[0]) if len(other) else 1], shape)]
+        else:  # latent
+            mu, _ = model.encode(x[:5000])
+            paths = [plots.save_latent_scatter(out, mu, y[:5000])]
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_gradcheck(args):
+    from .gradcheck import run_suite
+
+    return 0 if run_suite(backend=args.backend, seed=args.seed, tol=args.tol) else EXIT_ERROR
+
+
+def cmd_download(args):
+    from .data import download
+
+    print(download(args.name, args.data_dir, base_url=args.base_url, quiet=args.quiet))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+def _one_line(e) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (the ``minivae`` script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:                      # --help (0) or a bad argument (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    from .train import Interrupted
+
+    try:
+        return args.func(args)
+    except Interrupted as e:
+        print(f"minivae: {_one_line(e)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("minivae: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError, RuntimeError) as e:   # DataError, CheckpointError, TrainingError among them
+        if os.environ.get("MINIVAE_DEBUG"):
+            raise
+        print(f"minivae: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,670 @@
+"""The training loop: seeded minibatches, schedules, checkpoints, metrics and progress (docs/math.md §5, §8).
+
+It never touches a gradient itself: a *trainer* turns (minibatch, eps, beta) into one optimizer step,
+and a *communicator* combines the ranks of a data-parallel run.
+
+Communicator protocol (``SerialComm`` here, ``minivae.distributed.MPIComm`` for ``--distributed``):
+    rank, size, is_root
+    allreduce_mean_(arr, weight=None)   in place: the mean over ranks (weighted by ``weight``)
+    allreduce_sum(arr)                  the elementwise sum over ranks, as a new float64 array
+    all_ok(ok, message)                 (True, None) when every rank is ok, else (False, a message)
+    barrier()
+
+Trainer protocol (``HostTrainer`` here; a backend may supply its own through
+``backend.make_trainer(params, optimizer, comm, objective, free_bits)``, e.g. one that keeps the
+parameters and the optimizer state on a GPU):
+    step(xb, eps, beta, weight=None) -> float   one step on this rank's share; returns its loss
+                                                (``weight`` is passed only when ranks hold shares of
+                                                unequal size: then it is this rank's row count)
+    sync_params()                               afterwards ``params``, ``optimizer.state`` and
+                                                ``optimizer.t`` on the host are current (the loop
+                                                calls it before every evaluation and checkpoint)
+
+Minibatches. ``batch_size`` B is the *global* batch. Each epoch draws one permutation of the n
+training rows and walks it in ceil(n / B) steps; the last, partial minibatch is kept (every example
+is seen once per epoch; its gradient is the mean over its own, fewer, rows). Rank r of P takes the
+contiguous share [r b / P, (r + 1) b / P) of each minibatch of b rows, for rows and eps alike, so P
+processes compute the single-process step up to the order of floating-point summation.
+
+Random numbers. One generator, ``default_rng([seed, 1])``, drives training, identically on every
+rank, in this order: per epoch the permutation; per step the dynamic binarization of the global
+minibatch (``--binarize dynamic``), then eps (L, b, Z) for the global minibatch (L = samples, or k
+for IWAE). The model's initial weights come from ``default_rng(seed)`` (minivae.model). Evaluation
+uses its own fixed noise (minivae.evaluate, seed 0), the same at every epoch, so test losses are
+comparable from epoch to epoch and equal to ``minivae evaluate``'s ELBO.
+
+KL warm-up (Bowman et al. 2016, Sønderby et al. 2016), per step:
+    beta_t = beta * min(1, (epoch - 1 + s / steps) / warmup)    epoch 1-based, step s 0-based,
+so beta_t rises linearly from 0 over ``warmup`` epochs (0: no warm-up, beta_t = beta).
+
+Checkpoint. ``RUNDIR/model.npz`` (minivae.checkpoint, atomic, no pickle) holds the parameters and the
+model config (``VAE.load`` reads it) and the training state: the optimizer's arrays (``opt.*``), and in
+``meta["train"]`` the training config, the epochs and steps completed, the generator's
+``bit_generator.state`` (JSON), the metrics so far; after an interrupted epoch also the epoch's
+permutation (``train.perm``) and its partial sums. It is written after every epoch, and on Ctrl-C
+after the last completed step, so ``--resume`` continues bit-identically. A NaN or inf loss stops
+the run without writing: the last good checkpoint stays.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from . import checkpoint
+from . import data as data_mod
+from . import evaluate as ev
+from .model import VAE
+from .optim import make_optimizer
+
+CHECKPOINT = "model.npz"
+METRICS = "metrics.jsonl"
+TRAIN_STREAM = 1             # the training generator is default_rng([seed, TRAIN_STREAM])
+EVAL_BINARIZE_SEED = 0xE1    # --binarize dynamic: the one fixed binarization of val/test
+RESUMABLE = ("epochs", "data_dir", "backend", "quiet", "plots", "eval_batch_size", "distributed")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN or inf loss); the message says what happened and what is kept."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the state after the last completed step is saved; the message says how to resume."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Communicator and trainer
+# ----------------------------------------------------------------------------------------------
+
+class SerialComm:
+    """The communicator of a single process: every collective is the identity."""
+    rank = 0
+    size = 1
+    is_root = True
+
+    def allreduce_mean_(self, arr, weight=None):
+        return arr
+
+    def allreduce_sum(self, arr):
+        return np.array(arr, dtype=np.float64)
+
+    def all_ok(self, ok, message=None):
+        return (True, None) if ok else (False, message)
+
+    def barrier(self):
+        pass
+
+
+def make_comm(distributed=False):
+    """SerialComm, or the MPI communicator for ``--distributed`` (needs mpi4py)."""
+    if not distributed:
+        return SerialComm()
+    from .distributed import MPIComm, mpi_available
+    if not mpi_available():
+        raise RuntimeError("--distributed needs mpi4py and an MPI library: pip install -e '.[mpi]'")
+    return MPIComm()
+
+
+class HostTrainer:
+    """One optimizer step on host arrays: loss_and_grad into a preallocated buffer, the all-reduce of
+    the gradient (the mean over ranks), then the optimizer's in-place update.   §6, §8"""
+
+    def __init__(self, backend, params, optimizer, comm, objective="elbo", free_bits=0.0):
+        self.backend, self.params, self.optimizer, self.comm = backend, params, optimizer, comm
+        self.objective, self.free_bits = objective, free_bits
+        self.grad = np.empty_like(params)                     # (P,) reused every step
+
+    def step(self, xb, eps, beta, weight=None) -> float:
+        if len(xb):
+            loss, _ = self.backend.loss_and_grad(self.params, xb, eps, beta=beta, objective=self.objective,
+                                                 free_bits=self.free_bits, grad=self.grad)
+        else:                                                  # an empty share of a tiny last batch
+            loss, self.grad[...] = 0.0, 0
+        self.comm.allreduce_mean_(self.grad, weight)
+        self.optimizer.step(self.params, self.grad)
+        return float(loss)
+
+    def sync_params(self):
+        pass
+
+
+def make_trainer(model, optimizer, comm, objective, free_bits):
+    """The backend's own trainer when it has one (``backend.make_trainer``), else HostTrainer."""
+    factory = getattr(model.backend, "make_trainer", None)
+    if factory is not None:
+        return factory(model.params, optimizer, comm, objective, free_bits)
+    return HostTrainer(model.backend, model.params, optimizer, comm, objective, free_bits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Every option of ``minivae train`` (the CLI flag is the field name with dashes)."""
+    dataset: str = "digits"
+    data_dir: str | None = None
+    out: str | None = None                  # the run folder (default runs/<dataset>)
+    epochs: int = 10
+    batch_size: int = 128                   # global minibatch, over all ranks
+    z_dim: int = 20
+    hidden: tuple = (400,)
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    optimizer: str = "adam"
+    lr: float | None = None                 # None: the optimizer's default (adam 1e-3, sgd/adagrad 1e-2)
+    momentum: float = 0.9                   # sgd only
+    weight_decay: float = 0.0
+    backend: str = "numpy"
+    seed: int = 0
+    dtype: str = "float32"
+    samples: int = 1                        # L, Monte Carlo samples per example (elbo)
+    objective: str = "elbo"
+    k: int = 5                              # importance samples per example (iwae)
+    beta: float = 1.0
+    warmup: float = 0.0                     # epochs of linear KL warm-up (0: none)
+    free_bits: float = 0.0                  # per-dimension KL floor, nats (elbo)
+    binarize: str = "none"
+    val_fraction: float = 0.1
+    eval_batch_size: int = ev.DEFAULT_BATCH_SIZE
+    resume: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    plots: bool = True
+    distributed: bool = False
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; a ValueError says which one and what was expected."""
+        from .distributions import LIKELIHOODS
+        from .kernels import BACKENDS
+        from .layers import ACTIVATIONS
+        from .model import DTYPES
+        from .objectives import OBJECTIVES
+        from .optim import OPTIMIZERS
+
+        choices = {"dataset": data_mod.DATASETS, "activation": ACTIVATIONS, "likelihood": LIKELIHOODS,
+                   "optimizer": OPTIMIZERS, "backend": BACKENDS, "dtype": DTYPES,
+                   "objective": OBJECTIVES, "binarize": data_mod.BINARIZE}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+        for name in ("epochs", "batch_size", "z_dim", "samples", "k", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        hidden = tuple(self.hidden) if not isinstance(self.hidden, (int, np.integer)) else (self.hidden,)
+        if not hidden or any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in hidden):
+            raise ValueError(f"hidden must be one or more positive integers, got {self.hidden!r}")
+        self.hidden = tuple(int(h) for h in hidden)
+        for name, lo, hi in (("lr", 0.0, None), ("beta", 0.0, None), ("momentum", 0.0, 1.0)):
+            v = getattr(self, name)
+            if name == "lr" and v is None:
+                continue
+            if not _finite(v) or v < lo or (name == "lr" and v == 0) or (hi is not None and v >= hi):
+                what = "a finite number > 0" if name == "lr" else f"a finite number in [{lo:g}, {hi:g})" \
+                    if hi is not None else f"a finite number >= {lo:g}"
+                raise ValueError(f"{name} must be {what}, got {v!r}")
+        for name in ("weight_decay", "warmup", "free_bits"):
+            v = getattr(self, name)
+            if not _finite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not _finite(self.val_fraction) or not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be a number in [0, 1), got {self.val_fraction!r}")
+        if self.objective == "iwae" and self.samples != 1:
+            raise ValueError("--samples is for --objective elbo; --objective iwae takes its samples from --k")
+        if self.objective == "iwae" and self.free_bits > 0:
+            raise ValueError("--free-bits applies to --objective elbo only")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise checkpoint.CheckpointError(f"training config has unknown fields {sorted(unknown)}")
+        c = cls(**d)
+        c.hidden = tuple(c.hidden)
+        return c
+
+    def run_dir(self) -> Path:
+        return Path(self.resume or self.out or f"runs/{self.dataset}")
+
+    def optimizer_hyper(self) -> dict:
+        h = {"weight_decay": self.weight_decay}
+        if self.lr is not None:
+            h["lr"] = self.lr
+        if self.optimizer == "sgd":
+            h["momentum"] = self.momentum
+        return h
+
+    def eps_samples(self) -> int:
+        return self.k if self.objective == "iwae" else self.samples
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def beta_at(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    """The KL weight of step ``step`` (0-based) of epoch ``epoch`` (1-based): a linear warm-up."""
+    if config.warmup <= 0:
+        return float(config.beta)
+    return float(config.beta) * min(1.0, (epoch - 1 + step / steps) / config.warmup)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder and its checkpoint
+# ----------------------------------------------------------------------------------------------
+
+def holds_run(run_dir) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / CHECKPOINT).exists() or (run_dir / METRICS).exists()
+
+
+def read_run(run_dir):
+    """The checkpoint of a run folder: (TrainConfig, meta, arrays). CheckpointError when it is not one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise checkpoint.CheckpointError(f"{run_dir}: no such run folder")
+    path = run_dir / CHECKPOINT
+    meta, arrays = checkpoint.load(path)
+    state = meta.get("train")
+    if not isinstance(state, dict) or "config" not in state or "rng" not in state:
+        raise checkpoint.CheckpointError(f"{path}: a model without training state; it cannot be resumed")
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except TypeError as e:
+        raise checkpoint.CheckpointError(f"{path}: malformed training config ({e})") from None
+    return config, meta, arrays
+
+
+def resume_config(run_dir, overrides: dict) -> TrainConfig:
+    """The saved config of ``run_dir`` with the fields a resume may change (RESUMABLE) taken from
+    ``overrides``; any other field in ``overrides`` must equal the saved value."""
+    saved, _, _ = read_run(run_dir)
+    changes = {}
+    for name, value in overrides.items():
+        if name in ("resume", "out", "overwrite"):
+            continue
+        if name in RESUMABLE:
+            changes[name] = value
+        elif name == "hidden" and tuple(value) == tuple(saved.hidden):
+            continue
+        elif getattr(saved, name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} cannot change on --resume (the run in {run_dir} uses {getattr(saved, name)!r})")
+    return replace(saved, resume=str(run_dir), out=str(run_dir), overwrite=False, **changes)
+
+
+def write_metrics(path, metrics):
+    text = "".join(json.dumps(row) + "\n" for row in metrics)
+    checkpoint.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def eval_split(x, binarize):
+    """The rows evaluated: grey levels, or for ``--binarize dynamic`` one fixed binarization."""
+    if binarize == "dynamic" and len(x):
+        return data_mod.static_binarize(x, np.random.default_rng(EVAL_BINARIZE_SEED))
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C: finish the step, save, stop
+# ----------------------------------------------------------------------------------------------
+
+class _StopFlag:
+    """Within ``with``, the first SIGINT sets ``.set`` (the loop saves and stops after the step it
+    is in); a second one raises KeyboardInterrupt at once. Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def _collective(comm, fn, what):
+    """Run ``fn`` on every rank and agree: if it fails on any rank, every rank raises (the failing
+    rank its own exception, the others a RuntimeError naming that rank), so nothing hangs."""
+    err = None
+    try:
+        result = fn()
+    except (ValueError, OSError, RuntimeError) as e:
+        result, err = None, e
+    ok, message = comm.all_ok(err is None, None if err is None else str(err))
+    if err is not None:
+        raise err
+    if not ok:
+        raise RuntimeError(f"{what} failed on {message}")
+    return result
+
+
+def _on_root(comm, fn, what):
+    return _collective(comm, fn if comm.is_root else (lambda: None), what)
+
+
+class Run:
+    """One training run: the data, the model, the optimizer, the state of the loop."""
+
+    def __init__(self, config: TrainConfig, comm):
+        config.validate()
+        self.comm = comm
+        saved = None
+        if config.resume:                    # every rank reads the state; the saved config rules
+            saved_config, meta, arrays = _collective(comm, lambda: read_run(config.resume), "reading the checkpoint")
+            config = replace(saved_config, resume=str(config.resume), out=str(config.resume), overwrite=False,
+                             **{name: getattr(config, name) for name in RESUMABLE})
+            config.validate()
+            saved = (meta, arrays)
+        self.config = c = config
+        self.run_dir = config.run_dir()
+        self.ckpt_path = self.run_dir / CHECKPOINT
+        self.metrics_path = self.run_dir / METRICS
+        if not c.resume:
+            _on_root(comm, self._prepare_folder, "preparing the run folder")
+
+        self.dataset = _collective(comm, lambda: data_mod.load_dataset(
+            c.dataset, c.data_dir, c.binarize, c.val_fraction, c.seed, c.dtype), "loading the data")
+        ds = self.dataset
+        self.model = VAE(ds.x_dim, c.z_dim, hidden=c.hidden, activation=c.activation,
+                         likelihood=c.likelihood, dtype=c.dtype, seed=c.seed, backend=c.backend)
+        m = self.model
+        self.x_train = m.check_x(ds.x_train)
+        self.x_test = m.check_x(eval_split(ds.x_test, c.binarize))
+        self.x_val = m.check_x(eval_split(ds.x_val, c.binarize)) if len(ds.x_val) else None
+        self.test_eps = ev.eval_eps(len(self.x_test), c.z_dim, m.dtype)
+        self.val_eps = ev.eval_eps(len(self.x_val), c.z_dim, m.dtype) if self.x_val is not None else None
+        self.optimizer = make_optimizer(c.optimizer, m.params.size, m.dtype, backend=m.backend,
+                                        **c.optimizer_hyper())
+        self.rng = np.random.default_rng([c.seed, TRAIN_STREAM])
+        self.epoch, self.metrics = 0, []
+        self.partial = None                  # the interrupted epoch: perm, step, sums
+        if saved is not None:
+            self._restore(*saved)
+        self.trainer = make_trainer(m, self.optimizer, comm, c.objective, c.free_bits)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _prepare_folder(self):
+        """Root only: refuse a folder that holds a run (unless --overwrite), create it otherwise."""
+        if holds_run(self.run_dir):
+            if not self.config.overwrite:
+                raise ValueError(f"{self.run_dir} already holds a run ({CHECKPOINT} or {METRICS}); pass "
+                                 f"--resume {self.run_dir} to continue it or --overwrite to replace it")
+            for name in (CHECKPOINT, METRICS):
+                (self.run_dir / name).unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _restore(self, meta, arrays):
+        state, path, m = meta["train"], self.ckpt_path, self.model
+        p = arrays.get("params")
+        if p is None or p.shape != m.params.shape or p.dtype != m.dtype:
+            raise checkpoint.CheckpointError(f"{path}: parameters do not match the model of the saved config")
+        try:
+            self.optimizer.load_state_dict(arrays)
+            self.rng.bit_generator.state = state["rng"]
+            self.epoch = int(state["epoch"])
+            self.metrics = list(state["metrics"])
+            if "train.perm" in arrays:
+                self.partial = dict(state["partial"], perm=arrays["train.perm"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: {e})") from None
+        m.params[...] = p
+
+    # -- checkpoint ----------------------------------------------------------------------------
+    def save(self, step=0, perm=None, partial=None):
+        """Write the whole state (root only, agreed by every rank). ``perm``/``partial``: mid-epoch."""
+        self.trainer.sync_params()
+        state = {"config": self.config.to_dict(), "epoch": self.epoch, "step": int(step),
+                 "rng": self.rng.bit_generator.state, "metrics": self.metrics,
+                 "optimizer": {"name": self.config.optimizer, "hyper": self.optimizer.hyper()},
+                 "partial": partial}
+        arrays = dict(self.optimizer.state_dict())
+        if perm is not None:
+            arrays["train.perm"] = perm
+        meta = {"train": state, "dataset": self.config.dataset,
+                "image_shape": [int(v) for v in self.dataset.image_shape], "minivae_version": __version__}
+
+        def write():
+            self.model.save(self.ckpt_path, extra_meta=meta, extra_arrays=arrays)
+            write_metrics(self.metrics_path, self.metrics)
+        _on_root(self.comm, write, "writing the checkpoint")
+
+    # -- one epoch -----------------------------------------------------------------------------
+    def _minibatch(self, perm, s):
+        """This rank's rows and eps for step ``s``: its share of the global minibatch (see module doc)."""
+        c, comm, m = self.config, self.comm, self.model
+        idx = perm[s * c.batch_size:(s + 1) * c.batch_size]              # the global minibatch, b rows
+        b = len(idx)
+        lo, hi = comm.rank * b // comm.size, (comm.rank + 1) * b // comm.size
+        if c.binarize == "dynamic":
+            xb = data_mod.dynamic_binarize(self.x_train[idx], self.rng)[lo:hi]
+        else:
+            xb = self.x_train[idx[lo:hi]]
+        eps = self.rng.standard_normal((c.eps_samples(), b, c.z_dim), dtype=m.dtype)  # (L, b, Z)
+        weight = None if b % comm.size == 0 else hi - lo
+        return np.ascontiguousarray(xb), np.ascontiguousarray(eps[:, lo:hi]), weight
+
+    def run_epoch(self, stop, bar_factory):
+        """Train one epoch (or finish an interrupted one); returns its metrics row."""
+        c, comm = self.config, self.comm
+        epoch = self.epoch + 1
+        n = len(self.x_train)
+        steps = math.ceil(n / c.batch_size)
+        if self.partial is not None:          # resume inside this epoch
+            perm, first = self.partial["perm"], int(self.partial["step"])
+            loss_sum = float(self.partial["loss_sum"]) if comm.is_root else 0.0
+            seen = int(self.partial["seen"]) if comm.is_root else 0
+            train_time = float(self.partial["train_time_s"])
+            self.partial = None
+        else:
+            perm, first, loss_sum, seen, train_time = self.rng.permutation(n), 0, 0.0, 0, 0.0
+
+        bar = bar_factory(steps, first, epoch)
+        t0 = time.perf_counter()
+        beta = beta_at(c, epoch, max(first - 1, 0), steps)
+        for s in range(first, steps):
+            beta = beta_at(c, epoch, s, steps)
+            xb, eps, weight = self._minibatch(perm, s)
+            loss = self.trainer.step(xb, eps, beta) if weight is None else \
+                self.trainer.step(xb, eps, beta, weight=weight)
+            loss_sum += loss * len(xb)
+            seen += len(xb)
+            bad, interrupted = comm.allreduce_sum(np.array([not math.isfinite(loss), stop.set], dtype=np.float64))
+            if bad:
+                bar.close()
+                kept = f"the last good checkpoint (epoch {self.epoch}) is kept in {self.ckpt_path}" \
+                    if self.ckpt_path.exists() else "no checkpoint was written"
+                raise TrainingError(f"the loss became {loss if not math.isfinite(loss) else 'non-finite on another rank'} "
+                                    f"at epoch {epoch}, step {s + 1}/{steps} (lr {self.optimizer.lr:g}); "
+                                    f"training stopped and {kept}")
+            bar.update(1)
+            if s % 10 == 0 or s == steps - 1:
+                bar.set_postfix(loss=f"{loss:.2f}", beta=f"{beta:.3g}", refresh=False)
+            if interrupted:
+                train_time += time.perf_counter() - t0
+                bar.close()
+                totals = comm.allreduce_sum(np.array([loss_sum, seen], dtype=np.float64))
+                self.save(step=s + 1, perm=perm, partial={"step": s + 1, "loss_sum": float(totals[0]),
+                                                          "seen": int(totals[1]), "train_time_s": train_time})
+                raise Interrupted(f"interrupted at epoch {epoch}, step {s + 1}/{steps}; saved to {self.ckpt_path} "
+                                  f"(continue with: minivae train --resume {self.run_dir})")
+        train_time += time.perf_counter() - t0
+        bar.close()
+
+        total_loss, total_seen = comm.allreduce_sum(np.array([loss_sum, seen], dtype=np.float64))
+        self.trainer.sync_params()
+        t1 = time.perf_counter()
+        m, ebs = self.model, c.eval_batch_size
+        test_loss = -ev.mean_elbo(m, self.x_test, batch_size=ebs, comm=comm, eps=self.test_eps)
+        val_loss = -ev.mean_elbo(m, self.x_val, batch_size=ebs, comm=comm, eps=self.val_eps) \
+            if self.x_val is not None else None
+        eval_time = time.perf_counter() - t1
+        if not math.isfinite(test_loss):
+            kept = f"the last good checkpoint (epoch {self.epoch}) is kept in {self.ckpt_path}" \
+                if self.ckpt_path.exists() else "no checkpoint was written"
+            raise TrainingError(f"the test loss became {test_loss} after epoch {epoch} "
+                                f"(lr {self.optimizer.lr:g}); training stopped and {kept}")
+        row = {"epoch": epoch, "train_loss": float(total_loss / total_seen), "test_loss": float(test_loss)}
+        if val_loss is not None:
+            row["val_loss"] = float(val_loss)
+        row.update({
+            "train_time_s": train_time, "eval_time_s": eval_time,
+            "train_samples": int(total_seen), "samples_per_s": float(total_seen / train_time) if train_time > 0 else None,
+            "steps": steps, "world_size": comm.size, "beta": beta, "lr": self.optimizer.lr,
+            "objective": c.objective, "backend": c.backend,
+        })
+        return row
+
+    # -- all epochs ----------------------------------------------------------------------------
+    def fit(self):
+        c, comm = self.config, self.comm
+        verbose = comm.is_root and not c.quiet
+        if self.epoch >= c.epochs and self.partial is None:
+            if verbose:
+                print(f"{self.run_dir}: already trained {self.epoch} epochs (--epochs {c.epochs}); nothing to do")
+            return
+        # a diverging run overflows on its way to NaN: the NaN check reports it, in one line
+        with _StopFlag() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            bar_factory = _progress_factory(verbose, c.epochs)
+            while self.epoch < c.epochs:
+                row = self.run_epoch(stop, bar_factory)
+                self.epoch += 1
+                self.metrics.append(row)
+                self.save()
+                if verbose:
+                    _epoch_line(row, c.epochs)
+                if stop.set:
+                    raise Interrupted(f"interrupted after epoch {self.epoch}; saved to {self.ckpt_path} "
+                                      f"(continue with: minivae train --resume {self.run_dir})")
+
+
+def _progress_factory(enabled, epochs):
+    from tqdm.auto import tqdm
+
+    class _Null:
+        def update(self, n=1):
+            pass
+
+        def set_postfix(self, **kw):
+            pass
+
+        def close(self):
+            pass
+
+    def make(steps, first, epoch):
+        if not enabled:
+            return _Null()
+        return tqdm(total=steps, initial=first, desc=f"epoch {epoch}/{epochs}", unit="batch",
+                    leave=False, mininterval=0.5, dynamic_ncols=True)
+    return make
+
+
+def _epoch_line(row, epochs):
+    from tqdm.auto import tqdm
+    parts = [f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}", f"train {row['train_loss']:.3f}",
+             f"test {row['test_loss']:.3f}"]
+    if "val_loss" in row:
+        parts.append(f"val {row['val_loss']:.3f}")
+    parts.append(f"beta {row['beta']:.3g}")
+    parts.append(f"{row['train_time_s']:.2f} s")
+    tqdm.write("  ".join(parts), file=sys.stdout)
+
+
+def summarize(metrics, run_dir, plots=()):
+    """The numbers of the summary table (a dict; ``format_summary`` prints it)."""
+    if not metrics:
+        return {"run_dir": str(run_dir), "epochs": 0, "plots": [str(p) for p in plots]}
+    key = "val_loss" if "val_loss" in metrics[-1] else "test_loss"
+    best = min(metrics, key=lambda r: r[key])
+    time_s = sum(r["train_time_s"] for r in metrics)
+    samples = sum(r["train_samples"] for r in metrics)
+    last = metrics[-1]
+    return {
+        "run_dir": str(run_dir), "epochs": last["epoch"],
+        "final_train_loss": last["train_loss"], "final_test_loss": last["test_loss"],
+        "final_val_loss": last.get("val_loss"),
+        "best_epoch": best["epoch"], "best_by": key, "best_loss": best[key],
+        "train_time_s": time_s, "samples_per_s": samples / time_s if time_s > 0 else None,
+        "world_size": last["world_size"], "plots": [str(p) for p in plots],
+    }
+
+
+def format_summary(s) -> str:
+    rows = [("run folder", s["run_dir"])]
+    if s["epochs"]:
+        rows += [
+            ("epochs", str(s["epochs"])),
+            ("final train loss", f"{s['final_train_loss']:.3f} nats/example"),
+            ("final test -ELBO", f"{s['final_test_loss']:.3f} nats/example"),
+        ]
+        if s["final_val_loss"] is not None:
+            rows.append(("final val -ELBO", f"{s['final_val_loss']:.3f} nats/example"))
+        rows += [
+            (f"best epoch (by {s['best_by'].replace('_loss', '')})", f"{s['best_epoch']} ({s['best_loss']:.3f})"),
+            ("training time", f"{s['train_time_s']:.2f} s on {s['world_size']} process(es)"),
+            ("throughput", f"{s['samples_per_s']:,.0f} examples/s" if s["samples_per_s"] else "-"),
+        ]
+    if s["plots"]:
+        rows.append(("pictures", ", ".join(Path(p).name for p in s["plots"])))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def train(config: TrainConfig, comm=None) -> dict:
+    """Train (or resume) a run; returns the summary dict (see :func:`summarize`).
+
+    With ``config.resume`` the run continues from its checkpoint under its saved config, except for
+    the fields of RESUMABLE, which come from ``config``: build it with :func:`resume_config` to
+    start from the saved values. Raises ValueError/DataError/CheckpointError for bad input,
+    TrainingError when the loss becomes NaN or inf, and Interrupted after saving on Ctrl-C.
+    """
+    comm = comm if comm is not None else make_comm(config.distributed)
+    run = Run(config, comm)
+    run.fit()
+    plots = []
+    if run.config.plots and run.metrics:
+        def draw():
+            from . import plots as plots_mod
+            return plots_mod.save_all(run.run_dir, run.model, run.dataset, run.metrics)
+        try:
+            plots = _on_root(comm, draw, "drawing the pictures") or []
+        except (ValueError, OSError, RuntimeError) as e:
+            if comm.is_root:
+                print(f"minivae: warning: the pictures could not be drawn ({e})", file=sys.stderr)
+    summary = summarize(run.metrics, run.run_dir, plots)
+    if comm.is_root:
+        print(format_summary(summary))
+    return summary
