@@ -477,6 +477,21 @@ class Run:
         weight = None if b % comm.size == 0 else hi - lo
         return np.ascontiguousarray(xb), np.ascontiguousarray(eps[:, lo:hi]), weight
 
+    def _check(self, loss, stop, epoch, s, steps, bar):
+        """Agree over ranks, after every step: did any rank see a NaN/inf loss (stop, keep the last
+        checkpoint), or a Ctrl-C (returns True: save and stop)? One small all-reduce."""
+        bad_here = loss is not None and not math.isfinite(loss)
+        bad, interrupted = self.comm.allreduce_sum(
+            np.array([bad_here, stop is not None and stop.set], dtype=np.float64))
+        if bad:
+            bar.close()
+            kept = f"the last good checkpoint (epoch {self.epoch}) is kept in {self.ckpt_path}" \
+                if self.ckpt_path.exists() else "no checkpoint was written"
+            what = f"the loss became {loss}" if bad_here else "the loss became NaN or inf on another rank"
+            raise TrainingError(f"{what} at epoch {epoch}, step {s + 1}/{steps} (lr {self.optimizer.lr:g}); "
+                                f"training stopped and {kept}")
+        return bool(interrupted)
+
     def run_epoch(self, stop, bar_factory):
         """Train one epoch (or finish an interrupted one); returns its metrics row."""
         c, comm = self.config, self.comm
@@ -492,6 +507,11 @@ class Run:
         else:
             perm, first, loss_sum, seen, train_time = self.rng.permutation(n), 0, 0.0, 0, 0.0
 
+        # A trainer returns each step's loss (HostTrainer), or a mean over its last few steps and
+        # None in between (a device-resident trainer; flush_loss() gives the rest at the end). A
+        # reported mean counts for the rows of the steps it covers.
+        flush = getattr(self.trainer, "flush_loss", None)
+        unreported = 0                                   # rows of steps whose loss is not in yet
         bar = bar_factory(steps, first, epoch)
         t0 = time.perf_counter()
         beta = beta_at(c, epoch, max(first - 1, 0), steps)
@@ -500,22 +520,25 @@ class Run:
             xb, eps, weight = self._minibatch(perm, s)
             loss = self.trainer.step(xb, eps, beta) if weight is None else \
                 self.trainer.step(xb, eps, beta, weight=weight)
-            loss_sum += loss * len(xb)
             seen += len(xb)
-            bad, interrupted = comm.allreduce_sum(np.array([not math.isfinite(loss), stop.set], dtype=np.float64))
-            if bad:
-                bar.close()
-                kept = f"the last good checkpoint (epoch {self.epoch}) is kept in {self.ckpt_path}" \
-                    if self.ckpt_path.exists() else "no checkpoint was written"
-                raise TrainingError(f"the loss became {loss if not math.isfinite(loss) else 'non-finite on another rank'} "
-                                    f"at epoch {epoch}, step {s + 1}/{steps} (lr {self.optimizer.lr:g}); "
-                                    f"training stopped and {kept}")
+            unreported += len(xb)
+            if s == steps - 1 and flush is not None:
+                last = flush()
+                loss = loss if last is None else last if loss is None else loss
+            if loss is not None:
+                loss_sum += loss * unreported
+                unreported = 0
+            interrupted = self._check(loss, stop, epoch, s, steps, bar)
             bar.update(1)
-            if s % 10 == 0 or s == steps - 1:
+            if loss is not None:
                 bar.set_postfix(loss=f"{loss:.2f}", beta=f"{beta:.3g}", refresh=False)
             if interrupted:
                 train_time += time.perf_counter() - t0
                 bar.close()
+                if flush is not None and unreported:
+                    last = flush()
+                    self._check(last, None, epoch, s, steps, bar)
+                    loss_sum += (last or 0.0) * unreported
                 totals = comm.allreduce_sum(np.array([loss_sum, seen], dtype=np.float64))
                 self.save(step=s + 1, perm=perm, partial={"step": s + 1, "loss_sum": float(totals[0]),
                                                           "seen": int(totals[1]), "train_time_s": train_time})

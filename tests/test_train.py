@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from minivae import VAE, checkpoint
 from minivae import evaluate as ev
@@ -313,7 +314,8 @@ def test_real_mnist_beats_a_floor(tmp_path, mnist_dir):
     libraries and platforms, and no broken model reaches it."""
     cfg = TrainConfig(dataset="mnist", data_dir=str(mnist_dir), epochs=2, batch_size=32, z_dim=20,
                       hidden=(200,), val_fraction=0.0, quiet=True, plots=False, out=str(tmp_path / "run"))
-    train(cfg)
+    with threadpool_limits(1):              # one BLAS thread: no oversubscription under pytest -n 2
+        train(cfg)
     rows = read_metrics(cfg.out)
     assert rows[-1]["train_samples"] == 8000
     assert rows[-1]["test_loss"] < 185.0
