@@ -464,20 +464,23 @@ class CudaTrainer:
         return self._states
 
     # -- steps -------------------------------------------------------------------------------------
-    def step(self, xb, eps=None, beta=1.0):
+    def step(self, xb, eps=None, beta=1.0, weight=None):
         """One step on a host minibatch xb (n, D); eps (L, n, Z) from the host, or None to draw it on
-        the device. Returns the mean loss of the last ``loss_every`` steps, or None."""
+        the device. Returns the mean loss of the last ``loss_every`` steps, or None. ``weight``: this
+        rank's row count when data-parallel ranks hold unequal shares (passed to the all-reduce)."""
         be = self.backend
         xb = np.ascontiguousarray(xb, dtype=be.dtype)
         n = xb.shape[0]
+        if n == 0:                                       # an empty share of a tiny last batch
+            return self._step(None, beta, None, weight)
         L = self.samples if eps is None else eps.shape[0]
         ws = be._workspace(n, L)
         ws.x.copy_to_device(xb)
         if eps is not None:
             ws.eps.copy_to_device(np.ascontiguousarray(eps, dtype=be.dtype))
-        return self._step(ws, beta, None if eps is not None else self._rng(L * n))
+        return self._step(ws, beta, None if eps is not None else self._rng(L * n), weight)
 
-    def step_indices(self, idx, beta=1.0):
+    def step_indices(self, idx, beta=1.0, weight=None):
         """One step on rows ``idx`` of the attached dataset, eps drawn on the device."""
         if self.X is None:
             raise RuntimeError("step_indices needs the dataset on the device: call attach_data(x_train) first")
@@ -491,24 +494,29 @@ class CudaTrainer:
         d_idx.copy_to_device(idx)                        # the only upload: n row numbers
         start = be.launches
         be._launch2(be.ck.gather_rows, n, ws.x.shape[1], self.X, d_idx, ws.x)
-        loss = self._step(ws, beta, self._rng(self.samples * n))
+        loss = self._step(ws, beta, self._rng(self.samples * n), weight)
         self.launches_per_step = be.launches - start      # the gather included
         return loss
 
-    def _step(self, ws, beta, states):
+    def _step(self, ws, beta, states, weight=None):
         be = self.backend
         start = be.launches
-        saved, be._loss = be._loss, self.loss_acc        # accumulate this trainer's losses
-        try:
-            be._forward_backward(self.P, self.Gr, ws, float(beta), self.objective, self.free_bits, states)
-        finally:
-            be._loss = saved
-        if self.comm is not None and getattr(self.comm, "size", 1) > 1:
+        distributed = self.comm is not None and getattr(self.comm, "size", 1) > 1
+        if self._g_host is None and (distributed or ws is None):
+            self._g_host = np.zeros(self.dg.shape, dtype=self.dg.dtype)
+        if ws is None:
+            self._g_host[...] = 0                        # no rows: a zero gradient, no loss
+            self.dg.copy_to_device(self._g_host)
+        else:
+            saved, be._loss = be._loss, self.loss_acc    # accumulate this trainer's losses
+            try:
+                be._forward_backward(self.P, self.Gr, ws, float(beta), self.objective, self.free_bits, states)
+            finally:
+                be._loss = saved
+        if distributed:
             # data parallel over MPI: the gradient makes a host round trip for the all-reduce
-            if self._g_host is None:
-                self._g_host = np.empty(self.dg.shape, dtype=self.dg.dtype)
             self.dg.copy_to_host(self._g_host)
-            self.comm.allreduce_mean_(self._g_host)
+            self.comm.allreduce_mean_(self._g_host, weight)
             self.dg.copy_to_device(self._g_host)
         self._update()
         self.steps += 1

@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 from numba import cuda
+from numba.core import config as _numba_config
 from numba.cuda.random import xoroshiro128p_normal_float32, xoroshiro128p_normal_float64
 
 from ..layers import ACTIVATIONS, LEAKY_SLOPE
@@ -279,6 +280,23 @@ def bias_grad_kernel(T, dtype):
 # Posterior: reparameterization, KL, log p(z) - log q(z|x), eps drawn on the device     §3
 # ----------------------------------------------------------------------------------------------
 
+if _numba_config.ENABLE_CUDASIM:
+    # Under the simulator a kernel sees FakeCUDAArray wrappers, which numba.cuda.random's host-jitted
+    # generators cannot type (every call would take an error path that is slow and not thread-safe):
+    # hand them the NumPy array inside. On a GPU this branch does not exist.
+    def _normal(states, r, f64):
+        raw = states.__dict__.get("_item", states)     # FakeWithinKernelCUDAArray -> FakeCUDAArray
+        raw = raw.__dict__.get("_ary", raw)             # -> numpy
+        return xoroshiro128p_normal_float64(raw, r) if f64 else xoroshiro128p_normal_float32(raw, r)
+else:
+    @cuda.jit(device=True)
+    def _normal(states, r, f64):
+        """One N(0, 1) draw from thread r's xoroshiro128p state."""
+        if f64:
+            return xoroshiro128p_normal_float64(states, r)
+        return xoroshiro128p_normal_float32(states, r)
+
+
 @cuda.jit
 def reparam_kl(out, eps, z, kl, logr, states, draw, f64):
     """One thread per decoder row r = l n + i (l < L, i < n), a loop over the Z latent dims:
@@ -303,10 +321,7 @@ def reparam_kl(out, eps, z, kl, logr, states, draw, f64):
         mu = out[i, j]
         lv = out[i, Z + j]
         if draw:
-            if f64:
-                e = xoroshiro128p_normal_float64(states, r)
-            else:
-                e = xoroshiro128p_normal_float32(states, r)
+            e = _normal(states, r, f64)
             eps[l, i, j] = e
         else:
             e = eps[l, i, j]
