@@ -37,6 +37,21 @@ KL warm-up (Bowman et al. 2016, Sønderby et al. 2016), per step:
     beta_t = beta * min(1, (epoch - 1 + s / steps) / warmup)    epoch 1-based, step s 0-based,
 so beta_t rises linearly from 0 over ``warmup`` epochs (0: no warm-up, beta_t = beta).
 
+Metrics. ``RUNDIR/metrics.jsonl`` holds one JSON object per epoch:
+    epoch          1-based
+    train_loss     mean over the epoch's examples of the minibatch loss that was optimized, nats per
+                   example: the negative ELBO (with L samples), or the negative IWAE bound; with
+                   beta_t != 1 or free bits, that objective rather than -ELBO. A reported mean of a
+                   device trainer counts for the rows of the steps it covers.
+    test_loss      -ELBO per example on the test split, one sample of fixed noise, beta = 1
+    val_loss       the same on the validation split (absent when it is empty)
+    train_time_s   seconds of training steps only (no evaluation, no checkpoint)
+    eval_time_s    seconds of the evaluation
+    train_samples  examples seen in the epoch, over all ranks; samples_per_s = train_samples / train_time_s
+    steps, world_size, beta (beta_t at the epoch's last step), lr, objective, backend
+With ``--binarize dynamic`` the validation and test splits are evaluated on one fixed binarization
+(``EVAL_BINARIZE_SEED``), the same for every epoch and for ``minivae evaluate``.
+
 Checkpoint. ``RUNDIR/model.npz`` (minivae.checkpoint, atomic, no pickle) holds the parameters and the
 model config (``VAE.load`` reads it) and the training state: the optimizer's arrays (``opt.*``), and in
 ``meta["train"]`` the training config, the epochs and steps completed, the generator's

@@ -320,3 +320,47 @@ def test_real_mnist_beats_a_floor(tmp_path, mnist_dir):
     assert rows[-1]["train_samples"] == 8000
     assert rows[-1]["test_loss"] < 185.0
     assert rows[-1]["test_loss"] < rows[0]["test_loss"]
+
+
+def test_a_backend_trainer_that_reports_losses_now_and_then(tmp_path, monkeypatch):
+    """The protocol of a device-resident trainer (kernels/cuda.py): step() returns the mean loss of
+    its last few steps or None, flush_loss() the rest, sync_params() before evaluation and saving."""
+    from minivae.kernels.numpy_ import NumpyBackend
+
+    class Reporting:
+        every = 3
+
+        def __init__(self, params, optimizer, comm, objective, free_bits):
+            self.inner = HostTrainer(self.backend, params, optimizer, comm, objective, free_bits)
+            self.pending, self.syncs = [], 0
+
+        def step(self, xb, eps, beta, weight=None):
+            self.pending.append(self.inner.step(xb, eps, beta, weight))
+            return self.flush_loss() if len(self.pending) == self.every else None
+
+        def flush_loss(self):
+            if not self.pending:
+                return None
+            mean, self.pending = float(np.mean(self.pending)), []
+            return mean
+
+        def sync_params(self):
+            self.syncs += 1
+
+    made = []
+
+    def make_trainer(self, params, optimizer, comm, objective, free_bits):
+        Reporting.backend = self
+        made.append(Reporting(params, optimizer, comm, objective, free_bits))
+        return made[-1]
+
+    train(small(tmp_path, "host", epochs=2))
+    monkeypatch.setattr(NumpyBackend, "make_trainer", make_trainer, raising=False)
+    train(small(tmp_path, "device", epochs=2))
+    assert len(made) == 1 and made[0].syncs >= 2
+    host, device = read_metrics(tmp_path / "host"), read_metrics(tmp_path / "device")
+    # 13 steps a epoch: reports after steps 3, 6, 9, 12 and the flush of step 13 (the partial batch)
+    for a, b in zip(host, device):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-12)
+        assert b["test_loss"] == a["test_loss"]
+    assert np.array_equal(_state(tmp_path / "host")[1]["params"], _state(tmp_path / "device")[1]["params"])
