@@ -296,7 +296,7 @@ def load_split(args, model, meta, split="test"):
     x = {"test": ds.x_test, "val": ds.x_val, "train": ds.x_train}[split]
     if len(x) == 0:
         raise ValueError(f"the {split} split of {name} is empty (--val-fraction {val_fraction})")
-    return ds, eval_split(x, binarize) if split != "train" else x
+    return ds, eval_split(x, binarize, split)
 
 
 def cmd_evaluate(args):

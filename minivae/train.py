@@ -50,7 +50,7 @@ Metrics. ``RUNDIR/metrics.jsonl`` holds one JSON object per epoch:
     train_samples  examples seen in the epoch, over all ranks; samples_per_s = train_samples / train_time_s
     steps, world_size, beta (beta_t at the epoch's last step), lr, objective, backend
 With ``--binarize dynamic`` the validation and test splits are evaluated on one fixed binarization
-(``EVAL_BINARIZE_SEED``), the same for every epoch and for ``minivae evaluate``.
+each (``eval_split``), the same for every epoch and for ``minivae evaluate``.
 
 Checkpoint. ``RUNDIR/model.npz`` (minivae.checkpoint, atomic, no pickle) holds the parameters and the
 model config (``VAE.load`` reads it) and the training state: the optimizer's arrays (``opt.*``), and in
@@ -68,7 +68,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -332,10 +332,15 @@ def write_metrics(path, metrics):
     checkpoint.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def eval_split(x, binarize):
-    """The rows evaluated: grey levels, or for ``--binarize dynamic`` one fixed binarization."""
+SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
+
+
+def eval_split(x, binarize, split="test"):
+    """The rows evaluated: as loaded, or for ``--binarize dynamic`` one fixed binarization of the
+    split (the stream default_rng([EVAL_BINARIZE_SEED, SPLIT_STREAMS[split]]))."""
     if binarize == "dynamic" and len(x):
-        return data_mod.static_binarize(x, np.random.default_rng(EVAL_BINARIZE_SEED))
+        rng = np.random.default_rng([EVAL_BINARIZE_SEED, SPLIT_STREAMS[split]])
+        return data_mod.static_binarize(x, rng)
     return x
 
 
@@ -418,8 +423,8 @@ class Run:
                          likelihood=c.likelihood, dtype=c.dtype, seed=c.seed, backend=c.backend)
         m = self.model
         self.x_train = m.check_x(ds.x_train)
-        self.x_test = m.check_x(eval_split(ds.x_test, c.binarize))
-        self.x_val = m.check_x(eval_split(ds.x_val, c.binarize)) if len(ds.x_val) else None
+        self.x_test = m.check_x(eval_split(ds.x_test, c.binarize, "test"))
+        self.x_val = m.check_x(eval_split(ds.x_val, c.binarize, "val")) if len(ds.x_val) else None
         self.test_eps = ev.eval_eps(len(self.x_test), c.z_dim, m.dtype)
         self.val_eps = ev.eval_eps(len(self.x_val), c.z_dim, m.dtype) if self.x_val is not None else None
         self.optimizer = make_optimizer(c.optimizer, m.params.size, m.dtype, backend=m.backend,

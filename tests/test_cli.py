@@ -275,3 +275,13 @@ def test_console_script_and_module(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     r = subprocess.run([sys.executable, "-m", "minivae", "evaluate", str(junk)], capture_output=True, text=True)
     assert r.returncode == 1 and one_line_error(r.stderr)
+
+
+def test_dynamic_binarization_evaluates_like_training(tmp_path, capsys):
+    """Training evaluates one fixed binarization of test; ``minivae evaluate`` uses the same one."""
+    run = tmp_path / "run"
+    assert cli(capsys, *DIGITS_RUN, "--binarize", "dynamic", "--out", run)[0] == 0
+    code, out, err = cli(capsys, "evaluate", run, "--iw-samples", 0, "--json")
+    assert code == 0, err
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert -json.loads(out)["elbo"] == pytest.approx(last["test_loss"], rel=1e-9)
