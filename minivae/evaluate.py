@@ -17,8 +17,9 @@ batch size, on the chunk size of the importance sampling, or on how rows are spl
 
 ``batch_size`` bounds the rows of one backend call (examples x samples), and so the memory: the ELBO
 takes ``batch_size`` examples at a time; importance sampling with K up to thousands takes
-max(1, batch_size // chunk) examples with at most ``chunk`` samples each, whatever K is. A chunk of k_c samples gives b_c = LSE_l(log w_l) - log k_c (the backend's
-IWAE bound); the chunks combine exactly, and stably, as
+max(1, batch_size // chunk) examples with at most ``chunk`` samples each, whatever K is. A chunk of
+k_c samples gives b_c = LSE_l(log w_l) - log k_c (the backend's IWAE bound); the chunks combine
+exactly, and stably, as
 
     log p^_K = LSE_c(b_c + log k_c) - log K.
 
@@ -80,8 +81,9 @@ def mean_elbo(model, x, seed=0, batch_size=DEFAULT_BATCH_SIZE, comm=None, eps=No
     if eps is None:
         eps = eval_eps(n, model.spec.z_dim, model.dtype, seed)
     rows = shard(n, comm)
-    local = elbo_per_example(model, x[rows], eps[rows], batch_size).sum() if len(x[rows]) else 0.0
-    total, count = _reduce_sum(comm, [local, len(x[rows])])
+    xs = x[rows]
+    local = elbo_per_example(model, xs, eps[rows], batch_size).sum() if len(xs) else 0.0
+    total, count = _reduce_sum(comm, [local, len(xs)])
     return float(total / count)
 
 

@@ -285,3 +285,13 @@ def test_dynamic_binarization_evaluates_like_training(tmp_path, capsys):
     assert code == 0, err
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert -json.loads(out)["elbo"] == pytest.approx(last["test_loss"], rel=1e-9)
+
+
+def test_a_bare_model_file_needs_the_dataset_named(tmp_path, capsys):
+    """A checkpoint written by VAE.save carries no training config: evaluate asks for --dataset."""
+    VAE(64, 2, hidden=(8,)).save(tmp_path / "m.npz")
+    code, _, err = cli(capsys, "evaluate", tmp_path / "m.npz")
+    assert code == 1 and one_line_error(err) and "--dataset" in err
+    code, out, err = cli(capsys, "evaluate", tmp_path / "m.npz", "--dataset", "digits", "--iw-samples", 3, "--json")
+    assert code == 0 and json.loads(out)["n"] == 360
+    assert cli(capsys, "sample", tmp_path / "m.npz", "--n", 4, "--out", tmp_path / "s.png")[0] == 0
