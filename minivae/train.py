@@ -222,15 +222,11 @@ class TrainConfig:
         if not hidden or any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in hidden):
             raise ValueError(f"hidden must be one or more positive integers, got {self.hidden!r}")
         self.hidden = tuple(int(h) for h in hidden)
-        for name, lo, hi in (("lr", 0.0, None), ("beta", 0.0, None), ("momentum", 0.0, 1.0)):
-            v = getattr(self, name)
-            if name == "lr" and v is None:
-                continue
-            if not _finite(v) or v < lo or (name == "lr" and v == 0) or (hi is not None and v >= hi):
-                what = "a finite number > 0" if name == "lr" else f"a finite number in [{lo:g}, {hi:g})" \
-                    if hi is not None else f"a finite number >= {lo:g}"
-                raise ValueError(f"{name} must be {what}, got {v!r}")
-        for name in ("weight_decay", "warmup", "free_bits"):
+        if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (_finite(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must be a finite number in [0, 1), got {self.momentum!r}")
+        for name in ("beta", "weight_decay", "warmup", "free_bits"):
             v = getattr(self, name)
             if not _finite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
