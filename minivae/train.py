@@ -538,9 +538,8 @@ class Run:
                 self.trainer.step(xb, eps, beta, weight=weight)
             seen += len(xb)
             unreported += len(xb)
-            if s == steps - 1 and flush is not None:
-                last = flush()
-                loss = loss if last is None else last if loss is None else loss
+            if loss is None and s == steps - 1 and flush is not None:
+                loss = flush()                           # the steps since the last report
             if loss is not None:
                 loss_sum += loss * unreported
                 unreported = 0
