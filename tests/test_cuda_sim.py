@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,3 +90,112 @@ def test_the_message_names_the_driver_or_device_cause(driver, cause, monkeypatch
     monkeypatch.setattr(cuda, "is_available", lambda: False)
     monkeypatch.setattr(driver_module, "driver", driver)
     _expect_unavailable(cause)
+
+
+# -- every launch type-checks and compiles for a GPU, without one -----------------------------------
+
+class _HostArray(np.ndarray):
+    """A host array standing in for a numba device array (the two methods the backend calls)."""
+
+    def copy_to_host(self, ary=None):
+        if ary is None:
+            return np.array(self)
+        ary[...] = self
+        return ary
+
+    def copy_to_device(self, ary):
+        self[...] = ary
+
+
+class _HostCuda:
+    """The part of numba.cuda the host code uses, allocating host arrays."""
+
+    @staticmethod
+    def to_device(a):
+        return np.array(a).view(_HostArray)
+
+    @staticmethod
+    def device_array(shape, dtype=np.float64):
+        return np.zeros(shape, dtype).view(_HostArray)
+
+
+def _host_states(n, seed=0):
+    from numba.cuda.random import xoroshiro128p_dtype
+    return np.zeros(n, xoroshiro128p_dtype).view(_HostArray)
+
+
+class _Device:
+    compute_capability = (8, 0)
+
+
+def test_every_launch_compiles_for_the_gpu(monkeypatch):
+    """The simulator runs kernels as Python, so it cannot see a typing error of numba's CUDA compiler.
+    Here the host code runs against host-array stand-ins (every code path: both dtypes, both GEMMs,
+    fused and not, ELBO with free bits and IWAE, the bounds, encode/decode, the trainer with each
+    optimizer and both eps sources), each launch's argument types are recorded, and every distinct
+    (kernel, types) goes through numba's CUDA pipeline, typing and lowering to NVVM IR, for compute
+    capability 8.0 (only PTX generation needs the CUDA toolkit). The launch shapes are checked too."""
+    from numba.core import config
+    if config.ENABLE_CUDASIM:
+        pytest.skip("the simulator replaces the CUDA compiler")
+    import numba
+    from numba.core import types
+    try:
+        from numba.cuda import dispatcher as cuda_dispatcher
+        from numba.cuda.compiler import compile_cuda
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"numba.cuda's compiler cannot be imported here ({type(e).__name__})")
+    if not hasattr(cuda_dispatcher, "get_current_device"):
+        pytest.skip("this numba.cuda picks the device's compute capability elsewhere")
+    monkeypatch.setattr(cuda_dispatcher, "get_current_device", lambda: _Device)
+
+    from minivae.kernels.cuda import CudaBackend, CudaConfig
+    from minivae.model import ModelSpec
+    from minivae.optim import make_optimizer
+
+    launches = {}
+
+    def record(be):
+        def launch(kernel, grid, block, *args):
+            be.launches += 1
+            assert 1 <= np.prod(block) <= 1024
+            assert grid[0] < 2 ** 31 and all(g < 65536 for g in grid[1:]), grid
+            launches.setdefault((kernel, tuple(numba.typeof(a) for a in args)), kernel)
+        return launch
+
+    rng = np.random.default_rng(0)
+    n, D, Z = 5, 9, 3
+    for dtype in (np.float32, np.float64):
+        for cfg in (CudaConfig(gemm=2, tile=16, reg=4), CudaConfig(gemm=1, tile=8, fuse=False)):
+            spec = ModelSpec(D, Z, hidden=(6, 4), likelihood="gaussian")
+            be = CudaBackend.__new__(CudaBackend)
+            be._setup(spec, dtype, cfg, _HostCuda, _host_states)
+            be._launch = record(be)
+            params = spec.layout.init(rng, dtype)
+            x = rng.random((n, D)).astype(dtype)
+            eps = rng.standard_normal((2, n, Z)).astype(dtype)
+            be.loss_and_grad(params, x, eps, free_bits=0.1)
+            be.loss_and_grad(params, x, eps, objective="iwae", beta=0.5)
+            be.bound(params, x, eps, "elbo")
+            be.bound(params, x, eps, "iwae")
+            be.encode(params, x)
+            be.decode(params, eps[0])
+            for name in ("adam", "sgd", "adagrad"):
+                trainer = be.make_trainer(params.copy(), make_optimizer(name, params.size, dtype.__name__),
+                                          samples=2)
+                trainer.step(x, eps, 1.0)
+                trainer.step(x, None, 1.0)
+                trainer.attach_data(x)
+                trainer.step_indices(np.array([0, 3, 1]), 1.0)
+                trainer.sync_params()
+    failures = []
+    for (kernel, argtypes) in launches:
+        try:
+            compile_cuda(kernel.py_func, types.void, argtypes, cc=_Device.compute_capability)
+        except Exception as e:  # noqa: BLE001 - collect every failure, then report them all
+            failures.append(f"{kernel.py_func.__name__}{argtypes}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    assert not failures, "\n".join(failures)
+    names = {k.py_func.__name__ for k in launches.values()}
+    assert names >= {"gemm_tiled", "gemm_regtile", "bias_act", "act_backward", "bias_grad", "reparam_kl",
+                     "likelihood", "iwae_weights", "scale_rows", "posterior_backward", "gather_rows",
+                     "adam_update", "sgd_update", "adagrad_update"}, names

@@ -165,10 +165,14 @@ class CudaBackend:
             raise RuntimeError(f"backend 'cuda' is unavailable: {reason}")
         from numba import cuda
         from numba.cuda.random import create_xoroshiro128p_states
+        self._setup(spec, dtype, config, cuda, create_xoroshiro128p_states)
 
+    def _setup(self, spec, dtype, config, cuda, create_states):
+        """Everything but the availability check. ``cuda`` is the numba.cuda module; a test passes a
+        stand-in that allocates host arrays, to type-check every launch without a GPU."""
         from . import cuda_kernels as ck
         self.cuda, self.ck = cuda, ck
-        self._create_states = create_xoroshiro128p_states
+        self._create_states = create_states
         self.spec = spec
         self.layout = spec.layout
         self.dtype = np.dtype(dtype)
@@ -183,7 +187,7 @@ class CudaBackend:
         self._ws = {}
         self._loss = cuda.to_device(np.zeros(1, np.float64))    # loss accumulator (atomic adds)
         self._zero = np.zeros(1, np.float64)
-        self._no_states = create_xoroshiro128p_states(1, seed=0)   # placeholder when eps is given
+        self._no_states = create_states(1, seed=0)     # placeholder when eps is given
         for prefix, fan_in, fan_out in self.layout.layers:       # [W; b] is one (I+1, O) block (§1)
             w, b = self.layout.slots[prefix + ".W"], self.layout.slots[prefix + ".b"]
             assert b.offset == w.offset + fan_in * fan_out

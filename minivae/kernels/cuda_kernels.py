@@ -48,6 +48,14 @@ EPI_DMASK = 2   # C = v * f'(a), from H    backward through an activation: dA_pr
 # ----------------------------------------------------------------------------------------------
 
 @cuda.jit(device=True)
+def softplus(a):
+    """log(1 + e^a) = max(a, 0) + log1p(e^-|a|), no overflow for either sign. (No builtin max/min in
+    the kernels: numba 0.68's built-in CUDA target fails to type them.)"""
+    p = a if a > 0 else a * 0
+    return p + math.log1p(math.exp(-abs(a)))
+
+
+@cuda.jit(device=True)
 def act_forward(a, act):
     """h = f(a).   identity, relu, tanh, softplus (stable), leaky_relu(0.01)."""
     if act == RELU:
@@ -55,7 +63,7 @@ def act_forward(a, act):
     if act == TANH:
         return math.tanh(a)
     if act == SOFTPLUS:
-        return max(a, 0) + math.log1p(math.exp(-abs(a)))
+        return softplus(a)
     if act == LEAKY:
         return a if a > 0 else a * LEAKY_SLOPE
     return a
@@ -116,10 +124,12 @@ def _make_gemm_tiled(T, acc):
     """Kernel 1: one T x T shared-memory tile per block, one output per thread.
     Block (T, T): thread x on output columns, y on rows. Grid (ceil(N/T), ceil(M/T))."""
 
+    SHAPE = (T, T + 1)                                 # +1 column: no shared-memory bank conflicts
+
     @cuda.jit
     def gemm_tiled(A, B, C, M, N, K, trans_a, trans_b, ones_a, epi, act, H):
-        sA = cuda.shared.array((T, T + 1), acc)        # op(A)[m0 + i, k0 + k] at sA[i, k]; +1: no bank conflicts
-        sB = cuda.shared.array((T, T + 1), acc)        # op(B)[k0 + k, n0 + j] at sB[k, j]
+        sA = cuda.shared.array(SHAPE, acc)             # op(A)[m0 + i, k0 + k] at sA[i, k]
+        sB = cuda.shared.array(SHAPE, acc)             # op(B)[k0 + k, n0 + j] at sB[k, j]
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         m0 = cuda.blockIdx.y * T
@@ -152,11 +162,12 @@ def _make_gemm_regtile(T, R, acc):
     Thread (ty, tx) owns rows m0 + ty + i T and columns n0 + tx + j T (i, j < R): neighbouring
     threads touch neighbouring columns, so stores stay coalesced and shared reads conflict-free."""
     BM = T * R
+    SHAPE_A, SHAPE_B = (BM, T + 1), (T, BM + 1)        # +1 column: no shared-memory bank conflicts
 
     @cuda.jit
     def gemm_regtile(A, B, C, M, N, K, trans_a, trans_b, ones_a, epi, act, H):
-        sA = cuda.shared.array((BM, T + 1), acc)       # op(A) tile [m, k]
-        sB = cuda.shared.array((T, BM + 1), acc)       # op(B) tile [k, n]
+        sA = cuda.shared.array(SHAPE_A, acc)           # op(A) tile [m, k]
+        sB = cuda.shared.array(SHAPE_B, acc)           # op(B) tile [k, n]
         s = cuda.local.array((R, R), acc)
         a_r = cuda.local.array(R, acc)
         b_r = cuda.local.array(R, acc)
@@ -344,7 +355,9 @@ def iwae_weights(ll, logr, beta, dlw, bound, loss_acc, inv_n):
         return
     m = -math.inf
     for l in range(k):
-        m = max(m, ll[l, i] + beta * logr[l, i])
+        w = ll[l, i] + beta * logr[l, i]
+        if w > m:
+            m = w
     s = 0.0
     for l in range(k):
         s += math.exp(ll[l, i] + beta * logr[l, i] - m)
@@ -423,7 +436,7 @@ def rowsum_kernels(B, dtype):
             l = head[r, d]
             if lik == GAUSSIAN:                     # head = [mean | s], var = var_floor + exp(s)
                 t = head[r, D + d] - log_floor
-                log_var = log_floor + max(t, 0) + math.log1p(math.exp(-abs(t)))   # no overflow
+                log_var = log_floor + softplus(t)   # log(var_floor + e^s), no overflow
                 inv_var = math.exp(-log_var)
                 res = x - l
                 s += -0.5 * (LOG_2PI + log_var + res * res * inv_var)
@@ -431,9 +444,8 @@ def rowsum_kernels(B, dtype):
                     G[r, d] = scale * (res * inv_var)
                     G[r, D + d] = scale * 0.5 * (res * res * inv_var - 1.0) * sigmoid(t)
             else:                                   # Bernoulli: -BCE with logits; CB adds log C(l)
-                sp = max(l, 0) + math.log1p(math.exp(-abs(l)))      # softplus(l)
                 g = x - sigmoid(l)
-                lp = x * l - sp
+                lp = x * l - softplus(l)
                 if lik == CONT_BERNOULLI:
                     lp += cb_log_norm(l, cb_switch)
                     g += cb_log_norm_grad(l, cb_switch)
@@ -468,7 +480,7 @@ def rowsum_kernels(B, dtype):
                 s += kl[i, j]
             kl_j = _block_sum(sh, s) / n
             if free_bits > 0:
-                charged = max(kl_j, free_bits)
+                charged = kl_j if kl_j > free_bits else free_bits
                 dkl = beta / n if kl_j > free_bits else 0.0
             else:
                 charged = kl_j
