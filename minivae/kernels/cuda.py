@@ -218,10 +218,11 @@ class CudaBackend:
         if (Ma, Nb) != (M, N) or Ka != Kb:
             raise ValueError(f"gemm: op(A) is ({Ma}, {Ka}), op(B) is ({Kb}, {Nb}), C is ({M}, {N})")
         cfg = self.config
-        kernel, edge = self.ck.gemm_kernel(cfg.gemm, cfg.tile, cfg.reg, self.dtype.name)
+        kernel, edge = self.ck.gemm_kernel(cfg.gemm, cfg.tile, cfg.reg, self.dtype.name,
+                                           bool(trans_a), bool(trans_b), bool(ones_a))
         grid = (max(1, -(-N // edge)), max(1, -(-M // edge)))
-        self._launch(kernel, grid, (cfg.tile, cfg.tile), A, B, C, M, N, Ka, int(trans_a),
-                     int(trans_b), one, epi, act, C if H is None else H)
+        self._launch(kernel, grid, (cfg.tile, cfg.tile), A, B, C, M, N, Ka, epi, act,
+                     C if H is None else H)
 
     # -- device buffers ------------------------------------------------------------------------
     def _workspace(self, n, L) -> _Workspace:
