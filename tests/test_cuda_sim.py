@@ -119,7 +119,7 @@ class _HostCuda:
         return np.zeros(shape, dtype).view(_HostArray)
 
 
-def _host_states(n, seed=0):
+def _host_states(n, seed=0, subsequence_start=0):
     from numba.cuda.random import xoroshiro128p_dtype
     return np.zeros(n, xoroshiro128p_dtype).view(_HostArray)
 

@@ -463,9 +463,16 @@ class CudaTrainer:
         self.X = self.cuda.to_device(x)
 
     def _rng(self, rows):
-        """One xoroshiro128p state per reparameterization thread (per decoder row)."""
-        if self._states is None or self._states.shape[0] < rows:
-            self._states = self.backend._create_states(rows, seed=self.seed)
+        """One xoroshiro128p state per reparameterization thread (per decoder row). A larger batch
+        keeps the running states and adds fresh streams after them (subsequences have, rows, ...),
+        so no stream restarts and no noise repeats."""
+        have = 0 if self._states is None else self._states.shape[0]
+        if have < rows:
+            fresh = self.backend._create_states(rows - have, seed=self.seed, subsequence_start=have)
+            if have:                                   # rare: a round trip through the host
+                fresh = self.cuda.to_device(np.concatenate([self._states.copy_to_host(),
+                                                            fresh.copy_to_host()]))
+            self._states = fresh
         return self._states
 
     # -- steps -------------------------------------------------------------------------------------

@@ -71,6 +71,20 @@ def test_step_indices_with_device_eps_matches_host(objective, samples, rng):
     assert_same_state(trainer, p_host, opt_host)
 
 
+def test_device_noise_never_restarts_when_the_batch_grows(rng):
+    """Threads keep their xoroshiro streams across steps; a larger batch adds new streams."""
+    spec, be, ref, params, X, opt_dev, opt_host = setup(rng)
+    trainer = be.make_trainer(params, opt_dev, None, "elbo", 0.0, seed=3)
+    draws = []
+    for n in (2, 2, 4):
+        trainer.step(X[:n], None, 1.0)
+        draws.append(be._workspace(n, 1).eps.copy_to_host()[0])
+    first, second, third = draws
+    assert not np.allclose(first, second)             # the same threads, the next numbers
+    assert not np.isclose(third[:2], first).any() and not np.isclose(third[:2], second).any()
+    assert len({tuple(r) for r in np.concatenate(draws)}) == 8
+
+
 def test_loss_comes_back_every_n_steps_and_launches_are_counted(rng):
     spec, be, ref, params, X, opt_dev, opt_host = setup(rng)
     p_host = params.copy()
