@@ -99,14 +99,15 @@ def test_device_eps_statistics_at_scale():
     assert abs(np.mean(np.abs(e) < 1) - 0.6827) < 5 * math.sqrt(0.6827 * 0.3173 / N)
 
 
-def test_device_training_matches_host_and_learns(images):
+def test_device_training_matches_host(images):
     """20 device steps (dataset on the device, eps drawn there) against host steps with the same
-    rows and the eps read back; then 300 more steps lower the loss."""
+    rows and the eps read back. SGD, whose update is linear in the gradient: Adam's m / sqrt(v)
+    would turn rounding-level differences of near-zero gradients into whole steps of lr."""
     gpu = VAE(784, 20, hidden=(400,), backend="cuda", seed=0)
     cpu = VAE(784, 20, hidden=(400,), backend="numpy", seed=0)
     X = (images > 0.5).astype(np.float32)
-    opt_g = make_optimizer("adam", gpu.params.size, "float32", lr=1e-3)
-    opt_c = make_optimizer("adam", cpu.params.size, "float32", lr=1e-3)
+    opt_g = make_optimizer("sgd", gpu.params.size, "float32", lr=1e-3, momentum=0.9)
+    opt_c = make_optimizer("sgd", cpu.params.size, "float32", lr=1e-3, momentum=0.9)
     trainer = gpu.backend.make_trainer(gpu.params, opt_g, None, "elbo", 0.0, seed=0, loss_every=1)
     trainer.attach_data(X)
     rng = np.random.default_rng(4)
@@ -116,12 +117,24 @@ def test_device_training_matches_host_and_learns(images):
         eps = gpu.backend._workspace(128, 1).eps.copy_to_host()
         l_c, g = cpu.backend.loss_and_grad(cpu.params, X[idx], eps)
         opt_c.step(cpu.params, g)
-        assert loss == pytest.approx(l_c, rel=1e-3)
+        assert loss == pytest.approx(l_c, rel=1e-4)
     trainer.sync_params()
-    assert rel_error(gpu.params, cpu.params) < 1e-3
+    assert rel_error(gpu.params, cpu.params) < 1e-4
+    np.testing.assert_allclose(opt_g.state["buf"], opt_c.state["buf"], rtol=1e-3, atol=1e-6)
     assert trainer.launches_per_step == 16
-    first = np.mean([trainer.step_indices(rng.choice(len(X), 128, replace=False), 1.0) for _ in range(20)])
-    for _ in range(300):
-        trainer.step_indices(rng.choice(len(X), 128, replace=False), 1.0)
-    last = np.mean([trainer.step_indices(rng.choice(len(X), 128, replace=False), 1.0) for _ in range(20)])
-    assert last < first - 20
+
+
+def test_device_training_learns(images):
+    """Adam on the device, 320 steps of 128 binarized MNIST digits: the loss falls well below its start."""
+    gpu = VAE(784, 20, hidden=(400,), backend="cuda", seed=0)
+    X = (images > 0.5).astype(np.float32)
+    opt = make_optimizer("adam", gpu.params.size, "float32", lr=1e-3)
+    trainer = gpu.backend.make_trainer(gpu.params, opt, None, "elbo", 0.0, seed=0, loss_every=20)
+    trainer.attach_data(X)
+    rng = np.random.default_rng(5)
+    losses = [trainer.step_indices(rng.choice(len(X), 128, replace=False), 1.0) for _ in range(320)]
+    reported = [v for v in losses if v is not None]
+    assert len(reported) == 16 and all(np.isfinite(reported))
+    assert reported[-1] < 0.7 * reported[0]
+    trainer.sync_params()
+    assert opt.t == 320 and np.isfinite(gpu.params).all()
