@@ -100,15 +100,23 @@ def sigmoid(a):
 # the bias and the bias gradient ride along in the GEMM. Loads are coalesced: the thread x index
 # walks the stored matrix's last (contiguous) axis, whichever way the tile is used.
 
-@cuda.jit(device=True)
-def _load(A, r, c, ones):
-    """A[r, c] of the stored matrix, 1 on the virtual ones column, 0 outside (boundary guard)."""
-    if r < A.shape[0]:
-        if c < A.shape[1]:
-            return A[r, c]
-        if ones and c == A.shape[1]:
-            return 1.0
-    return 0.0
+@functools.lru_cache(maxsize=None)
+def _loader(acc):
+    """A[r, c] of the stored matrix, 1 on the virtual ones column, 0 outside (boundary guard).
+    The constants have the accumulator's type: float literals would make every float32 load a
+    round trip through float64."""
+    ONE, ZERO = acc(1), acc(0)
+
+    @cuda.jit(device=True)
+    def load(A, r, c, ones):
+        if r < A.shape[0]:
+            if c < A.shape[1]:
+                return A[r, c]
+            if ones and c == A.shape[1]:
+                return ONE
+        return ZERO
+
+    return load
 
 
 @cuda.jit(device=True)
@@ -125,6 +133,7 @@ def _make_gemm_tiled(T, acc, TA, TB, ONES):
     Block (T, T): thread x on output columns, y on rows. Grid (ceil(N/T), ceil(M/T))."""
 
     SHAPE = (T, T + 1)                                 # +1 column: no shared-memory bank conflicts
+    _load = _loader(acc)
 
     @cuda.jit
     def gemm_tiled(A, B, C, M, N, K, epi, act, H):
@@ -163,6 +172,7 @@ def _make_gemm_regtile(T, R, acc, TA, TB, ONES):
     threads touch neighbouring columns, so stores stay coalesced and shared reads conflict-free."""
     BM = T * R
     SHAPE_A, SHAPE_B = (BM, T + 1), (T, BM + 1)        # +1 column: no shared-memory bank conflicts
+    _load = _loader(acc)
 
     @cuda.jit
     def gemm_regtile(A, B, C, M, N, K, epi, act, H):
