@@ -14,6 +14,11 @@ epoch at batch 128 no slower than PyTorch eager.
 
 Without a GPU it exits with a one-line message. ``--smoke`` runs tiny shapes, and is allowed under the
 CUDA simulator (NUMBA_ENABLE_CUDASIM=1), to check the script itself.
+
+``--resources`` needs no GPU: it records every launch of a training step of the MNIST model (host code
+on host memory, kernels not run: minivae.kernels.cuda.recording_backend), compiles each kernel to PTX
+for sm_90 and prints what ptxas reports (registers per thread, shared memory, stack/spills). It needs
+NVVM, NVRTC and ptxas, e.g. ``pip install numba-cuda nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12``.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minivae import VAE  # noqa: E402
-from minivae.kernels.cuda import CudaBackend, CudaConfig, unavailable_reason  # noqa: E402
+from minivae.kernels.cuda import CudaBackend, CudaConfig, recording_backend, unavailable_reason  # noqa: E402
 from minivae.model import ModelSpec  # noqa: E402
 from minivae.optim import make_optimizer  # noqa: E402
 
@@ -186,6 +191,85 @@ def torch_eager(X, batch, epochs, hidden, z_dim):
     return epochs * steps * batch / sec, loss
 
 
+def _ptxas():
+    import shutil
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    try:
+        import nvidia.cuda_nvcc as nvcc
+        p = Path(list(nvcc.__path__)[0]) / "bin" / "ptxas"
+        return str(p) if p.exists() else None
+    except ImportError:
+        return None
+
+
+def resources(cc=(9, 0)):
+    """ptxas -v for every kernel of a training step (ELBO and IWAE, fused and not), no GPU needed."""
+    import re
+    import subprocess
+    import tempfile
+    from numba import cuda
+    from numba.cuda import dispatcher
+    ptxas = _ptxas()
+    if ptxas is None:
+        raise SystemExit("gpu.py --resources needs ptxas: install the CUDA toolkit or "
+                         "pip install nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12")
+    if not cuda.is_available():
+        class Device:                       # device functions are compiled for this target
+            compute_capability = cc
+        if not hasattr(dispatcher, "get_current_device"):
+            raise SystemExit("gpu.py --resources: this numba.cuda finds the device elsewhere; run it on a GPU")
+        dispatcher.get_current_device = lambda: Device
+    spec = ModelSpec(784, 20, hidden=(400,))
+    rng = np.random.default_rng(0)
+    seen, rows = set(), []
+    for cfg in (CudaConfig(gemm=2, tile=16, reg=4), CudaConfig(gemm=2, tile=16, reg=8),
+                CudaConfig(gemm=1, tile=16, fuse=False)):
+        be = recording_backend(spec, np.float32, cfg)
+        params = spec.layout.init(rng, np.float32)
+        x = rng.random((128, 784), dtype=np.float32)
+        eps = rng.standard_normal((2, 128, 20), dtype=np.float32)
+        be.loss_and_grad(params, x, eps[:1])
+        be.loss_and_grad(params, x, eps, objective="iwae")
+        trainer = be.make_trainer(params, make_optimizer("adam", params.size, "float32"))
+        trainer.attach_data(x)
+        trainer.step_indices(np.arange(128), 1.0)
+        for (kernel, sig), (grid, block) in be.recorded.items():
+            fn = kernel.py_func
+            consts = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+            label = fn.__name__
+            if "TA" in consts:
+                label += f" T={consts['T']}" + (f" R={consts['R']}" if "R" in consts else "")
+                label += " op(A)=A^T" if consts["TA"] else ""
+                label += " op(B)=B^T" if consts["TB"] else ""
+                label += " +ones" if consts["ONES"] else ""
+            if label in seen:
+                continue
+            seen.add(label)
+            ptx, _ = cuda.compile_ptx(fn, sig, cc=cc)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = Path(tmp) / "k.ptx"
+                src.write_text(ptx)
+                r = subprocess.run([ptxas, f"-arch=sm_{cc[0]}{cc[1]}", "-v", str(src), "-o", str(src) + ".cubin"],
+                                   capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"gpu.py: ptxas failed on {label}: {r.stderr.strip().splitlines()[-1]}")
+            info = r.stderr
+
+            def grab(pattern):
+                m = re.search(pattern, info)
+                return int(m.group(1)) if m else 0
+            threads = int(np.prod(block))
+            regs = grab(r"Used (\d+) registers")
+            rows.append((label, threads, regs, grab(r"(\d+) bytes smem"), grab(r"(\d+) bytes stack frame"),
+                         grab(r"(\d+) bytes spill stores"),
+                         min(32, 2048 // threads, 65536 // max(1, regs * threads))))   # sm_90 limits
+    print(f"## Kernel resources, float32, sm_{cc[0]}{cc[1]} (ptxas -v; no GPU needed)\n")
+    print(table(["kernel", "threads/block", "registers/thread", "shared memory (B)", "stack (B)",
+                 "spill stores (B)", "resident blocks/SM (regs, threads)"], rows))
+
+
 def table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
@@ -200,7 +284,11 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20, help="repetitions per GEMM timing")
     ap.add_argument("--skip-torch", action="store_true", help="no PyTorch comparison")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (allowed on the CUDA simulator)")
+    ap.add_argument("--resources", action="store_true",
+                    help="no GPU needed: registers and shared memory of every kernel, from ptxas")
     args = ap.parse_args(argv)
+    if args.resources:
+        return resources()
     try:
         batches = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:

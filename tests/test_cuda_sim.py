@@ -94,36 +94,6 @@ def test_the_message_names_the_driver_or_device_cause(driver, cause, monkeypatch
 
 # -- every launch type-checks and compiles for a GPU, without one -----------------------------------
 
-class _HostArray(np.ndarray):
-    """A host array standing in for a numba device array (the two methods the backend calls)."""
-
-    def copy_to_host(self, ary=None):
-        if ary is None:
-            return np.array(self)
-        ary[...] = self
-        return ary
-
-    def copy_to_device(self, ary):
-        self[...] = ary
-
-
-class _HostCuda:
-    """The part of numba.cuda the host code uses, allocating host arrays."""
-
-    @staticmethod
-    def to_device(a):
-        return np.array(a).view(_HostArray)
-
-    @staticmethod
-    def device_array(shape, dtype=np.float64):
-        return np.zeros(shape, dtype).view(_HostArray)
-
-
-def _host_states(n, seed=0, subsequence_start=0):
-    from numba.cuda.random import xoroshiro128p_dtype
-    return np.zeros(n, xoroshiro128p_dtype).view(_HostArray)
-
-
 class _Device:
     compute_capability = (8, 0)
 
@@ -138,7 +108,6 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch):
     from numba.core import config
     if config.ENABLE_CUDASIM:
         pytest.skip("the simulator replaces the CUDA compiler")
-    import numba
     from numba.core import types
     try:
         from numba.cuda import dispatcher as cuda_dispatcher
@@ -149,28 +118,18 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch):
         pytest.skip("this numba.cuda picks the device's compute capability elsewhere")
     monkeypatch.setattr(cuda_dispatcher, "get_current_device", lambda: _Device)
 
-    from minivae.kernels.cuda import CudaBackend, CudaConfig
+    from minivae.kernels.cuda import CudaConfig, recording_backend
     from minivae.model import ModelSpec
     from minivae.optim import make_optimizer
 
     launches = {}
-
-    def record(be):
-        def launch(kernel, grid, block, *args):
-            be.launches += 1
-            assert 1 <= np.prod(block) <= 1024
-            assert grid[0] < 2 ** 31 and all(g < 65536 for g in grid[1:]), grid
-            launches.setdefault((kernel, tuple(numba.typeof(a) for a in args)), kernel)
-        return launch
 
     rng = np.random.default_rng(0)
     n, D, Z = 5, 9, 3
     for dtype in (np.float32, np.float64):
         for cfg in (CudaConfig(gemm=2, tile=16, reg=4), CudaConfig(gemm=1, tile=8, fuse=False)):
             spec = ModelSpec(D, Z, hidden=(6, 4), likelihood="gaussian")
-            be = CudaBackend.__new__(CudaBackend)
-            be._setup(spec, dtype, cfg, _HostCuda, _host_states)
-            be._launch = record(be)
+            be = recording_backend(spec, dtype, cfg)
             params = spec.layout.init(rng, dtype)
             x = rng.random((n, D)).astype(dtype)
             eps = rng.standard_normal((2, n, Z)).astype(dtype)
@@ -188,6 +147,10 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch):
                 trainer.attach_data(x)
                 trainer.step_indices(np.array([0, 3, 1]), 1.0)
                 trainer.sync_params()
+            launches.update(be.recorded)
+    for grid, block in launches.values():
+        assert 1 <= np.prod(block) <= 1024
+        assert grid[0] < 2 ** 31 and all(g < 65536 for g in grid[1:]), grid
     failures = []
     for (kernel, argtypes) in launches:
         try:
@@ -195,7 +158,7 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch):
         except Exception as e:  # noqa: BLE001 - collect every failure, then report them all
             failures.append(f"{kernel.py_func.__name__}{argtypes}: {type(e).__name__}: {str(e).splitlines()[0]}")
     assert not failures, "\n".join(failures)
-    names = {k.py_func.__name__ for k in launches.values()}
+    names = {k.py_func.__name__ for k, _ in launches}
     assert names >= {"gemm_tiled", "gemm_regtile", "bias_act", "act_backward", "bias_grad", "reparam_kl",
                      "likelihood", "iwae_weights", "scale_rows", "posterior_backward", "gather_rows",
                      "adam_update", "sgd_update", "adagrad_update"}, names

@@ -413,6 +413,55 @@ class CudaBackend:
                            self.config.loss_every if loss_every is None else loss_every)
 
 
+class _HostDeviceArray(np.ndarray):
+    """Host memory standing in for a device array (the two methods the backend calls on one)."""
+
+    def copy_to_host(self, ary=None):
+        if ary is None:
+            return np.array(self)
+        ary[...] = self
+        return ary
+
+    def copy_to_device(self, ary):
+        self[...] = ary
+
+
+class _HostDevice:
+    """The part of numba.cuda the host code uses, allocating host memory."""
+
+    @staticmethod
+    def to_device(a):
+        return np.array(a).view(_HostDeviceArray)
+
+    @staticmethod
+    def device_array(shape, dtype=np.float64):
+        return np.zeros(shape, dtype).view(_HostDeviceArray)
+
+
+def _host_states(n, seed=0, subsequence_start=0):
+    from numba.cuda.random import xoroshiro128p_dtype
+    return np.zeros(n, xoroshiro128p_dtype).view(_HostDeviceArray)
+
+
+def recording_backend(spec, dtype, config=None):
+    """A CudaBackend that runs its host code on host memory and records its launches instead of
+    running them: ``recorded`` maps (kernel, argument types) to (grid, block). No GPU needed; the
+    tests compile every recorded launch with numba's CUDA pipeline, and benchmarks/gpu.py
+    --resources asks ptxas for each kernel's registers and shared memory. The numbers it computes
+    are meaningless (nothing runs); only the launches count."""
+    import numba
+    be = CudaBackend.__new__(CudaBackend)
+    be._setup(spec, dtype, config, _HostDevice, _host_states)
+    be.recorded = {}
+
+    def launch(kernel, grid, block, *args):
+        be.launches += 1
+        be.recorded.setdefault((kernel, tuple(numba.typeof(a) for a in args)), (grid, block))
+
+    be._launch = launch
+    return be
+
+
 class CudaTrainer:
     """Parameters, optimizer state, workspaces and (after attach_data) the dataset on the device.
 
