@@ -25,17 +25,23 @@ so an ELBO training step is 15 launches (16 with the on-device minibatch gather)
 layer adds 3 per side. ``CudaBackend.launches`` counts them and ``CudaTrainer.launches_per_step``
 reports the last step's count.
 
-How the training loop uses the trainer (when ``hasattr(backend, "make_trainer")``):
+How a training loop drives the trainer (minivae/train.py does the first form):
+
+    trainer = model.backend.make_trainer(model.params, optimizer, comm, objective, free_bits)
+    for each step:
+        loss = trainer.step(xb, eps, beta)        # host minibatch and host eps (L, n, Z): the run's
+                                                  # random numbers are the CPU backends' ones
+        if loss is not None: ...                  # the mean loss of the last N steps, else None
+    loss = trainer.flush_loss()                   # end of epoch: the steps not yet reported
+    trainer.sync_params()                         # before evaluating, checkpointing, reading params
+
+The fully device-resident form moves only row numbers (n int64) per step; its eps come from the
+device's xoroshiro128p streams, so its random numbers differ from a CPU run's:
 
     trainer = model.backend.make_trainer(model.params, optimizer, comm, objective, free_bits,
-                                         samples=samples, seed=seed, loss_every=N)
-    trainer.attach_data(x_train)           # once: the dataset goes to the device (when it fits)
-    for each step:
-        loss = trainer.step_indices(idx, beta)        # idx: the minibatch's row numbers (int array)
-        # or, without attach_data:  loss = trainer.step(xb, eps, beta)   (eps None: drawn on device)
-        if loss is not None: ...           # the mean loss of the last N steps, else None
-    loss = trainer.flush_loss()            # end of epoch: mean over the steps not yet reported
-    trainer.sync_params()                  # before evaluating, checkpointing, or reading model.params
+                                         samples=L, seed=seed, loss_every=N)
+    trainer.attach_data(x_train)                  # once: the dataset goes to the device
+    loss = trainer.step_indices(idx, beta)        # per step; step(xb, None, beta) draws eps there too
 
 ``sync_params`` copies the parameters into ``model.params`` and the optimizer state into
 ``optimizer.state[...]`` (in place); ``optimizer.t`` is kept on the host by the trainer. After
