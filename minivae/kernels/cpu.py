@@ -1,0 +1,786 @@
+"""The Numba CPU backend: fused @njit kernels over preallocated workspaces (docs/math.md §9).
+
+It computes exactly the function of :class:`minivae.kernels.numpy_.NumpyBackend` (§6) with fewer
+passes over memory; every kernel here has a NumPy oracle and a test against it (tests/test_numba.py).
+
+Fusions (§9):
+    bias_act_          a <- f(a + b) in place on the GEMM output; only h is kept (f' is a function of h)
+    enc.head           [mu | logvar] is one GEMM: the layer already has shape (H, 2Z)
+    reparam_fwd_ / posterior_bwd_   sigma, z; then dmu, dlogvar with the KL (or IWAE prior/entropy) terms
+    likelihood_        log p(x|z) per row and the head's gradient, written over the head, in one pass
+    act_back_colsum_   da = dh f'(h) in place and db = sum_rows da from one read of dh
+    sgd/adagrad/adam_update   one pass over (params, grad, state)
+GEMM: BLAS (np.dot(a, b, out) on C- or F-contiguous views, no copies) or the custom blocked,
+register-tiled kernel ``gemm_nt_`` (operands packed k-contiguous by ``transpose_``), chosen at call
+time by ``minivae.kernels.config.GEMM``. BLAS is never called inside a prange.
+
+Shape legend: n examples, D = x_dim, Z = z_dim, L samples (k for IWAE), R = L*n decoder rows,
+K head width (D or 2D), H fan-in/out of a layer. Every kernel is @njit(cache=True); float32 code
+uses float32 constants (``dt = a.dtype.type``), so no float64 literal promotes a float32 array.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+from numba import njit, prange
+
+from . import config
+from ..layers import ACTIVATIONS, LEAKY_SLOPE
+from ..distributions import LIKELIHOODS, _CB_TAYLOR
+from ..objectives import OBJECTIVES
+
+ACT_CODES = {"relu": 1, "tanh": 2, "softplus": 3, "leaky_relu": 4}       # 0: identity (the heads)
+LIK_CODES = {name: i for i, name in enumerate(LIKELIHOODS)}              # bernoulli 0, cb 1, gaussian 2
+LOG_2PI = math.log(2.0 * math.pi)
+LOG_2 = math.log(2.0)
+COL_CHUNK = 16   # columns per parallel task of the column-sum kernels
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM                                                                               §2.1, §9
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True, fastmath=True)
+def gemm_nt_(A, B, C, mb, nb):
+    """C = A B^T with both operands k-contiguous.  A: (M, K)  B: (N, K)  ->  C: (M, N).
+
+    Each parallel task owns an (mb x nb) output tile; inside it a 4x4 register tile keeps 16
+    accumulators while the k loop (vectorized, fastmath reassociation) streams 4 rows of A and 4 of B;
+    remainders of the tile fall back to single dot products.
+    """
+    M, K = A.shape
+    N = B.shape[0]
+    zero = A.dtype.type(0)
+    nmb = (M + mb - 1) // mb
+    nnb = (N + nb - 1) // nb
+    for t in prange(nmb * nnb):
+        i0 = (t // nnb) * mb
+        j0 = (t % nnb) * nb
+        i1 = min(i0 + mb, M)
+        j1 = min(j0 + nb, N)
+        i = i0
+        while i + 4 <= i1:
+            j = j0
+            while j + 4 <= j1:
+                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+                s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
+                for k in range(K):
+                    a0 = A[i, k]
+                    a1 = A[i + 1, k]
+                    a2 = A[i + 2, k]
+                    a3 = A[i + 3, k]
+                    b0 = B[j, k]
+                    b1 = B[j + 1, k]
+                    b2 = B[j + 2, k]
+                    b3 = B[j + 3, k]
+                    s00 += a0 * b0
+                    s01 += a0 * b1
+                    s02 += a0 * b2
+                    s03 += a0 * b3
+                    s10 += a1 * b0
+                    s11 += a1 * b1
+                    s12 += a1 * b2
+                    s13 += a1 * b3
+                    s20 += a2 * b0
+                    s21 += a2 * b1
+                    s22 += a2 * b2
+                    s23 += a2 * b3
+                    s30 += a3 * b0
+                    s31 += a3 * b1
+                    s32 += a3 * b2
+                    s33 += a3 * b3
+                C[i, j] = s00
+                C[i, j + 1] = s01
+                C[i, j + 2] = s02
+                C[i, j + 3] = s03
+                C[i + 1, j] = s10
+                C[i + 1, j + 1] = s11
+                C[i + 1, j + 2] = s12
+                C[i + 1, j + 3] = s13
+                C[i + 2, j] = s20
+                C[i + 2, j + 1] = s21
+                C[i + 2, j + 2] = s22
+                C[i + 2, j + 3] = s23
+                C[i + 3, j] = s30
+                C[i + 3, j + 1] = s31
+                C[i + 3, j + 2] = s32
+                C[i + 3, j + 3] = s33
+                j += 4
+            for jj in range(j, j1):                 # columns left over in this 4-row strip
+                for ii in range(i, i + 4):
+                    s = zero
+                    for k in range(K):
+                        s += A[ii, k] * B[jj, k]
+                    C[ii, jj] = s
+            i += 4
+        for ii in range(i, i1):                     # rows left over in this tile
+            for jj in range(j0, j1):
+                s = zero
+                for k in range(K):
+                    s += A[ii, k] * B[jj, k]
+                C[ii, jj] = s
+
+
+@njit(cache=True, parallel=True)
+def transpose_(A, At):
+    """At = A^T in 32 x 32 blocks (the packing step of the custom GEMM).  A: (M, N) -> At: (N, M)."""
+    M, N = A.shape
+    bs = 32
+    nbm = (M + bs - 1) // bs
+    nbn = (N + bs - 1) // bs
+    for t in prange(nbm * nbn):
+        i0 = (t // nbn) * bs
+        j0 = (t % nbn) * bs
+        for j in range(j0, min(j0 + bs, N)):
+            for i in range(i0, min(i0 + bs, M)):
+                At[j, i] = A[i, j]
+
+
+@njit(cache=True)
+def mm_nn(A, B, C, gemm, p1, mb, nb):
+    """C = A B.   A: (M, K)  B: (K, N) (a weight)  C: (M, N).   Custom: pack B^T into p1 first."""
+    if gemm == 0:
+        np.dot(A, B, C)
+    else:
+        K, N = B.shape
+        Bt = p1[:N * K].reshape((N, K))
+        transpose_(B, Bt)
+        gemm_nt_(A, Bt, C, mb, nb)
+
+
+@njit(cache=True)
+def mm_nt(A, B, C, gemm, mb, nb):
+    """C = A B^T.   A: (M, K)  B: (N, K)  C: (M, N).   BLAS gets the F-contiguous view B.T."""
+    if gemm == 0:
+        np.dot(A, B.T, C)
+    else:
+        gemm_nt_(A, B, C, mb, nb)
+
+
+@njit(cache=True)
+def mm_tn(A, B, C, gemm, p1, p2, mb, nb):
+    """C = A^T B.   A: (R, M)  B: (R, N)  C: (M, N).   Custom: pack A^T and B^T (k = R contiguous)."""
+    if gemm == 0:
+        np.dot(A.T, B, C)
+    else:
+        R, M = A.shape
+        N = B.shape[1]
+        At = p1[:M * R].reshape((M, R))
+        Bt = p2[:N * R].reshape((N, R))
+        transpose_(A, At)
+        transpose_(B, Bt)
+        gemm_nt_(At, Bt, C, mb, nb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers                                                                               §2.2
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True)
+def bias_act_(a, b, act):
+    """a <- f(a + b) in place.   a: (N, O)  b: (O,).   act: 0 identity, 1 relu, 2 tanh, 3 softplus,
+    4 leaky_relu.   §2.1-§2.2"""
+    N, O = a.shape
+    dt = a.dtype.type
+    zero = dt(0)
+    slope = dt(LEAKY_SLOPE)
+    for r in prange(N):
+        if act == 0:
+            for c in range(O):
+                a[r, c] = a[r, c] + b[c]
+        elif act == 1:
+            for c in range(O):
+                v = a[r, c] + b[c]
+                a[r, c] = v if v > zero else zero
+        elif act == 2:
+            for c in range(O):
+                a[r, c] = np.tanh(a[r, c] + b[c])
+        elif act == 3:
+            for c in range(O):
+                v = a[r, c] + b[c]
+                a[r, c] = max(v, zero) + np.log1p(np.exp(-abs(v)))
+        else:
+            for c in range(O):
+                v = a[r, c] + b[c]
+                a[r, c] = v if v > zero else v * slope
+
+
+@njit(cache=True, parallel=True)
+def act_back_colsum_(g, h, db, act):
+    """g <- g * f'(h) in place and db = sum_rows g, in one read of g.   g, h: (N, O)  db: (O,).   §2.2
+
+    f' from the output h alone: relu 1[h>0]; tanh 1-h^2; softplus -expm1(-h); leaky 1 or 0.01.
+    act 0 (a head) leaves g as it is and only sums. Parallel over column chunks, so each db[c] is a
+    plain sum over the rows in order (as numpy's axis-0 sum), whatever the number of threads.
+    """
+    N, O = g.shape
+    dt = g.dtype.type
+    zero = dt(0)
+    one = dt(1)
+    slope = dt(LEAKY_SLOPE)
+    nch = (O + COL_CHUNK - 1) // COL_CHUNK
+    for t in prange(nch):
+        c0 = t * COL_CHUNK
+        c1 = min(c0 + COL_CHUNK, O)
+        for c in range(c0, c1):
+            db[c] = zero
+        for r in range(N):
+            if act == 0:
+                for c in range(c0, c1):
+                    db[c] += g[r, c]
+            elif act == 1:
+                for c in range(c0, c1):
+                    v = g[r, c] if h[r, c] > zero else zero
+                    g[r, c] = v
+                    db[c] += v
+            elif act == 2:
+                for c in range(c0, c1):
+                    hv = h[r, c]
+                    v = g[r, c] * (one - hv * hv)
+                    g[r, c] = v
+                    db[c] += v
+            elif act == 3:
+                for c in range(c0, c1):
+                    v = g[r, c] * -np.expm1(-h[r, c])
+                    g[r, c] = v
+                    db[c] += v
+            else:
+                for c in range(c0, c1):
+                    v = g[r, c] if h[r, c] > zero else g[r, c] * slope
+                    g[r, c] = v
+                    db[c] += v
+
+
+# ----------------------------------------------------------------------------------------------
+# Posterior and likelihoods                                                          §3, §4
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def reparam_fwd_(out, eps, std, z):
+    """sigma = exp(logvar/2), z_l = mu + sigma eps_l.   out: (n, 2Z) = [mu | logvar]
+    eps: (L, n, Z)  std: (n, Z)  z: (L*n, Z), row l*n + i.   §3.1"""
+    L, n, Z = eps.shape
+    half = out.dtype.type(0.5)
+    for i in range(n):
+        for j in range(Z):
+            s = np.exp(half * out[i, Z + j])
+            std[i, j] = s
+            mu = out[i, j]
+            for l in range(L):
+                z[l * n + i, j] = mu + s * eps[l, i, j]
+
+
+@njit(cache=True, parallel=True)
+def likelihood_(x, head, ll, lik, var_floor, cb_switch, scale, want_score):
+    """ll[r] = sum_d log p(x_i | head_r) (float64), and, when ``want_score``, head_r <- scale * score
+    in place (the head's gradient for a row weight ``scale``).   x: (n, D)  head: (R, K)  ll: (R,);
+    row r is example r % n.   lik: 0 bernoulli, 1 continuous_bernoulli, 2 gaussian.   §4.1-§4.3
+
+    Bernoulli and continuous Bernoulli share e = exp(-|l|) between log1p(e) and the sigmoid.
+    """
+    R = head.shape[0]
+    n, D = x.shape
+    dt = head.dtype.type
+    zero = dt(0)
+    one = dt(1)
+    two = dt(2)
+    half = dt(0.5)
+    sc = dt(scale)
+    sw = dt(cb_switch)
+    log2 = dt(LOG_2)
+    c3 = dt(1.0 / 3.0)
+    c90 = dt(-7.0 / 90.0)
+    c2835 = dt(62.0 / 2835.0)
+    d6 = dt(1.0 / 6.0)
+    d360 = dt(-7.0 / 360.0)
+    d15120 = dt(31.0 / 15120.0)
+    log2pi = dt(LOG_2PI)
+    lf = dt(math.log(var_floor))
+    for r in prange(R):
+        i = r % n
+        acc = 0.0
+        if lik == 0:
+            for d in range(D):
+                l = head[r, d]
+                xv = x[i, d]
+                e = np.exp(-abs(l))
+                acc += -(max(l, zero) - l * xv + np.log1p(e))
+                if want_score:
+                    sig = one / (one + e) if l >= zero else e / (one + e)
+                    head[r, d] = sc * (xv - sig)
+        elif lik == 1:
+            for d in range(D):
+                l = head[r, d]
+                xv = x[i, d]
+                a = abs(l)
+                e = np.exp(-a)
+                sp = max(l, zero) + np.log1p(e)
+                if a < sw:
+                    u = half * l
+                    u2 = u * u
+                    logc = log2 + u2 * (c3 + u2 * (c90 + u2 * c2835))
+                    l2 = l * l
+                    dlogc = l * (d6 + l2 * (d360 + l2 * d15120))
+                else:
+                    logc = np.log(a) - np.log(-np.expm1(-a)) + np.log1p(e)
+                    dlogc = (one / a - two * e / (-np.expm1(-two * a)))
+                    if l < zero:
+                        dlogc = -dlogc
+                acc += xv * l - sp + logc
+                if want_score:
+                    sig = one / (one + e) if l >= zero else e / (one + e)
+                    head[r, d] = sc * (xv - sig + dlogc)
+        else:
+            for d in range(D):
+                m = head[r, d]
+                s = head[r, D + d]
+                xv = x[i, d]
+                t = s - lf
+                e = np.exp(-abs(t))
+                log_var = lf + (max(t, zero) + np.log1p(e))
+                ivar = np.exp(-log_var)
+                res = xv - m
+                acc += -half * (log2pi + log_var + res * res * ivar)
+                if want_score:
+                    sig = one / (one + e) if t >= zero else e / (one + e)
+                    head[r, d] = sc * (res * ivar)
+                    head[r, D + d] = sc * (half * (res * res * ivar - one) * sig)
+        ll[r] = acc
+
+
+@njit(cache=True, parallel=True)
+def scale_rows_(a, w):
+    """a[r, :] *= w[r]: the IWAE row weights dlogw applied to the unweighted score.   §6 step 2"""
+    N, O = a.shape
+    for r in prange(N):
+        s = a.dtype.type(w[r])
+        for c in range(O):
+            a[r, c] *= s
+
+
+@njit(cache=True)
+def kl_dim_(out, Z, kld):
+    """kld[j] = 1/n sum_i KL_ij, KL = 1/2 (mu^2 + expm1(logvar) - logvar).   (Z,) float64   §3.2"""
+    n = out.shape[0]
+    half = out.dtype.type(0.5)
+    for j in range(Z):
+        acc = 0.0
+        for i in range(n):
+            mu = out[i, j]
+            lv = out[i, Z + j]
+            acc += half * (mu * mu + (np.expm1(lv) - lv))
+        kld[j] = acc / n
+
+
+@njit(cache=True)
+def elbo_objective_(ll, kld, n, L, beta, free_bits, dkl):
+    """loss = -1/(nL) sum ll + beta sum_j max(free_bits, kld_j); dkl_j = beta/n 1[active].   §5.1, §5.3"""
+    s = 0.0
+    for r in range(ll.shape[0]):
+        s += ll[r]
+    charged = 0.0
+    Z = kld.shape[0]
+    for j in range(Z):
+        if free_bits > 0:
+            charged += max(kld[j], free_bits)
+            dkl[j] = beta / n if kld[j] > free_bits else 0.0
+        else:
+            charged += kld[j]
+            dkl[j] = beta / n
+    return -s / (n * L) + beta * charged
+
+
+@njit(cache=True)
+def iwae_logw_(ll, out, eps, z, beta, logw):
+    """log w_li = ll_li + beta (log p(z_li) - log q(z_li|x_i)), in eps form.   (k*n,) float64   §5.2"""
+    k, n, Z = eps.shape
+    for l in range(k):
+        for i in range(n):
+            r = l * n + i
+            lp = 0.0
+            lq = 0.0
+            for j in range(Z):
+                zz = z[r, j]
+                e = eps[l, i, j]
+                lp += zz * zz + LOG_2PI
+                lq += e * e + (LOG_2PI + out[i, Z + j])
+            logw[r] = ll[r] + beta * (-0.5 * lp + 0.5 * lq)
+
+
+@njit(cache=True)
+def iwae_objective_(logw, k, n, bound, dlogw):
+    """bound_i = logsumexp_l log w_li - log k; loss = -mean bound; dlogw = -softmax_l / n.   §5.2"""
+    loss = 0.0
+    for i in range(n):
+        m = -np.inf
+        for l in range(k):
+            m = max(m, logw[l * n + i])
+        if not np.isfinite(m):
+            m = 0.0
+        s = 0.0
+        for l in range(k):
+            s += np.exp(logw[l * n + i] - m)
+        lse = m + np.log(s)
+        bound[i] = lse - np.log(k)
+        loss -= bound[i]
+        for l in range(k):
+            dlogw[l * n + i] = -np.exp(logw[l * n + i] - lse) / n
+    return loss / n
+
+
+@njit(cache=True)
+def posterior_bwd_(dz, eps, z, std, out, dout, dkl, dlogw, beta, iwae):
+    """dmu = sum_l dz + dmu_KL;  dlogvar = 1/2 sigma sum_l dz eps + dlogvar_KL   (ELBO), or with the
+    IWAE terms dz += beta dlogw (-z) and dlogvar += beta/2 sum_l dlogw.   dout = [dmu | dlogvar]
+    (n, 2Z).   §3.1, §3.2, §6 steps 4-6"""
+    L, n, Z = eps.shape
+    dt = dz.dtype.type
+    half = dt(0.5)
+    zero = dt(0)
+    for i in range(n):
+        wsum = zero
+        if iwae:
+            for l in range(L):
+                wsum += dt(beta * dlogw[l * n + i])
+        for j in range(Z):
+            smu = zero
+            slv = zero
+            for l in range(L):
+                r = l * n + i
+                g = dz[r, j]
+                if iwae:
+                    g = g + dt(beta * dlogw[r]) * -z[r, j]
+                smu += g
+                slv += g * eps[l, i, j]
+            dmu = smu
+            dlv = half * std[i, j] * slv
+            if iwae:
+                dlv = dlv + half * wsum
+            else:
+                w = dt(dkl[j])
+                dmu = dmu + w * out[i, j]
+                dlv = dlv + w * half * np.expm1(out[i, Z + j])
+            dout[i, j] = dmu
+            dout[i, Z + j] = dlv
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole pass                                                                          §6
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _view(flat, off, rows, cols):
+    return flat[off:off + rows * cols].reshape((rows, cols))
+
+
+@njit(cache=True)
+def _buf(ws, bo, k):
+    return _view(ws, bo[k, 0], bo[k, 1], bo[k, 2])
+
+
+@njit(cache=True)
+def mlp_fwd_(params, lay, t0, t1, inp, ws, bo, act, gemm, p1, mb, nb):
+    """Layers t0..t1 of the layout; every layer but the last gets the activation. Layer t writes
+    buffer t: a = h W + b, then bias + activation in place.   §2.3"""
+    h = inp
+    for t in range(t0, t1 + 1):
+        W = _view(params, lay[t, 0], lay[t, 2], lay[t, 3])
+        b = params[lay[t, 1]:lay[t, 1] + lay[t, 3]]
+        a = _buf(ws, bo, t)
+        mm_nn(h, W, a, gemm, p1, mb, nb)
+        bias_act_(a, b, act if t < t1 else 0)
+        h = a
+
+
+@njit(cache=True)
+def mlp_bwd_(params, grad, lay, t0, t1, first_in, dlast, dfirst, ws, bo, nl, act, gemm, p1, p2, mb,
+             nb, want_dx):
+    """Back through layers t1..t0: layer t1 is a head (no activation) whose upstream gradient is
+    ``dlast``; hidden layer t has dh in buffer nl + t. dW, db are written into ``grad``'s views;
+    dx of layer t0 goes to ``dfirst`` when ``want_dx``.   §2.1, §2.3, §6 steps 3-4, 7-8"""
+    g = dlast
+    for t in range(t1, t0 - 1, -1):
+        W = _view(params, lay[t, 0], lay[t, 2], lay[t, 3])
+        dW = _view(grad, lay[t, 0], lay[t, 2], lay[t, 3])
+        db = grad[lay[t, 1]:lay[t, 1] + lay[t, 3]]
+        act_back_colsum_(g, _buf(ws, bo, t), db, act if t < t1 else 0)
+        hin = first_in if t == t0 else _buf(ws, bo, t - 1)
+        mm_tn(hin, g, dW, gemm, p1, p2, mb, nb)
+        if t > t0:
+            dh = _buf(ws, bo, nl + t - 1)
+            mm_nt(g, W, dh, gemm, mb, nb)
+            g = dh
+        elif want_dx:
+            mm_nt(g, W, dfirst, gemm, mb, nb)
+
+
+@njit(cache=True)
+def forward_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch, gemm, mb, nb,
+             scale, want_score):
+    """F1-F6 of §6: encoder, reparameterization, decoder, likelihood. Leaves ll in ws64[:R] and, when
+    ``want_score``, scale * score in the head buffer."""
+    nl = lay.shape[0]
+    L, n, Z = eps.shape
+    p1 = ws[bo[2 * nl + 3, 0]:bo[2 * nl + 3, 0] + bo[2 * nl + 3, 2]]
+    mlp_fwd_(params, lay, 0, ne, x, ws, bo, act, gemm, p1, mb, nb)               # F1-F2
+    out = _buf(ws, bo, ne)                                                        # (n, 2Z)
+    std = _buf(ws, bo, 2 * nl + 2)
+    z = _buf(ws, bo, 2 * nl)                                                      # (R, Z)
+    reparam_fwd_(out, eps, std, z)                                                # F3
+    mlp_fwd_(params, lay, ne + 1, nl - 1, z, ws, bo, act, gemm, p1, mb, nb)      # F4-F5
+    head = _buf(ws, bo, nl - 1)                                                   # (R, K)
+    likelihood_(x, head, ws64[:L * n], lik, var_floor, cb_switch, scale, want_score)   # F6
+
+
+@njit(cache=True)
+def loss_and_grad_(params, grad, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch,
+                   objective, beta, free_bits, gemm, mb, nb):
+    """The whole §6 pass into ``grad``; returns the loss. objective 0 ELBO, 1 IWAE."""
+    nl = lay.shape[0]
+    L, n, Z = eps.shape
+    R = L * n
+    ll = ws64[:R]
+    aux = ws64[R:2 * R]                  # IWAE: log w, then dlogw
+    bound = ws64[2 * R:2 * R + n]
+    kld = ws64[2 * R + n:2 * R + n + Z]
+    dkl = ws64[2 * R + n + Z:2 * R + n + 2 * Z]
+    iwae = objective == 1
+    scale = 1.0 if iwae else -1.0 / (n * L)          # ELBO: dll = -1/(nL) is known before ll
+    forward_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch, gemm, mb, nb,
+             scale, True)
+    out = _buf(ws, bo, ne)
+    z = _buf(ws, bo, 2 * nl)
+    head = _buf(ws, bo, nl - 1)
+    if iwae:                                                                     # step 1
+        iwae_logw_(ll, out, eps, z, beta, aux)
+        loss = iwae_objective_(aux, L, n, bound, aux)
+        scale_rows_(head, aux)                                                   # step 2, 2nd pass
+    else:
+        kl_dim_(out, Z, kld)
+        loss = elbo_objective_(ll, kld, n, L, beta, free_bits, dkl)
+    p1 = ws[bo[2 * nl + 3, 0]:bo[2 * nl + 3, 0] + bo[2 * nl + 3, 2]]
+    p2 = ws[bo[2 * nl + 4, 0]:bo[2 * nl + 4, 0] + bo[2 * nl + 4, 2]]
+    dz = _buf(ws, bo, 2 * nl + 1)
+    mlp_bwd_(params, grad, lay, ne + 1, nl - 1, z, head, dz, ws, bo, nl, act, gemm, p1, p2, mb, nb,
+             True)                                                               # steps 3-4
+    dout = _buf(ws, bo, nl + ne)
+    posterior_bwd_(dz, eps, z, _buf(ws, bo, 2 * nl + 2), out, dout, dkl, aux, beta, iwae)  # 5-6
+    mlp_bwd_(params, grad, lay, 0, ne, x, dout, dz, ws, bo, nl, act, gemm, p1, p2, mb, nb,
+             False)                                                              # steps 7-8
+    return loss
+
+
+@njit(cache=True)
+def bound_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch, objective, beta,
+           gemm, mb, nb, res):
+    """Per-example bound into res (n,): ELBO (mean_l ll - beta sum_j KL) or IWAE.   §5.1, §5.2"""
+    nl = lay.shape[0]
+    L, n, Z = eps.shape
+    R = L * n
+    ll = ws64[:R]
+    forward_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch, gemm, mb, nb,
+             1.0, False)
+    out = _buf(ws, bo, ne)
+    if objective == 1:
+        aux = ws64[R:2 * R]
+        iwae_logw_(ll, out, eps, _buf(ws, bo, 2 * nl), beta, aux)
+        iwae_objective_(aux, L, n, res, aux)
+    else:
+        half = out.dtype.type(0.5)
+        for i in range(n):
+            s = 0.0
+            for l in range(L):
+                s += ll[l * n + i]
+            k = 0.0
+            for j in range(Z):
+                mu = out[i, j]
+                lv = out[i, Z + j]
+                k += half * (mu * mu + (np.expm1(lv) - lv))
+            res[i] = s / L - beta * k
+
+
+# ----------------------------------------------------------------------------------------------
+# One-pass optimizers (same signatures as minivae.optim's references)                      §8
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True)
+def sgd_update(params, grad, buf, t, lr, momentum, weight_decay):
+    """torch.optim.SGD (dampening 0): g = grad + wd p; buf = g or momentum buf + g; p -= lr buf."""
+    dt = params.dtype.type
+    wd = dt(weight_decay)
+    mom = dt(momentum)
+    step = dt(lr)
+    for q in prange(params.shape[0]):
+        g = grad[q] + wd * params[q] if weight_decay != 0 else grad[q]
+        if momentum != 0:
+            g = g if t == 1 else mom * buf[q] + g
+            buf[q] = g
+        params[q] -= step * g
+
+
+@njit(cache=True, parallel=True)
+def adagrad_update(params, grad, sum_sq, lr, eps, weight_decay):
+    """torch.optim.Adagrad: s += g^2; p -= lr g / (sqrt(s) + eps)."""
+    dt = params.dtype.type
+    wd = dt(weight_decay)
+    step = dt(lr)
+    e = dt(eps)
+    for q in prange(params.shape[0]):
+        g = grad[q] + wd * params[q] if weight_decay != 0 else grad[q]
+        s = sum_sq[q] + g * g
+        sum_sq[q] = s
+        params[q] -= step * g / (np.sqrt(s) + e)
+
+
+@njit(cache=True, parallel=True)
+def adam_update(params, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
+    """torch.optim.Adam: m, v moving averages; p -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps)."""
+    dt = params.dtype.type
+    wd = dt(weight_decay)
+    b1 = dt(beta1)
+    b2 = dt(beta2)
+    c1 = dt(1 - beta1)
+    c2 = dt(1 - beta2)
+    step = dt(lr / (1 - beta1 ** t))
+    sbc2 = dt(math.sqrt(1 - beta2 ** t))
+    e = dt(eps)
+    for q in prange(params.shape[0]):
+        g = grad[q] + wd * params[q] if weight_decay != 0 else grad[q]
+        mq = b1 * m[q] + c1 * g
+        vq = b2 * v[q] + c2 * (g * g)
+        m[q] = mq
+        v[q] = vq
+        params[q] -= step * mq / (np.sqrt(vq) / sbc2 + e)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend
+# ----------------------------------------------------------------------------------------------
+
+class Workspace:
+    """Every buffer of one (n, L) pass in one flat array of the model dtype (+ a small float64 one).
+
+    Table ``bo`` (rows: offset, rows, cols) for nl layers:
+        0 .. nl-1        layer outputs: enc hidden (n, H), enc head (n, 2Z), dec hidden (R, H'), head (R, K)
+        nl .. 2nl-1      their gradients (dh of hidden layers; nl+ne is dout (n, 2Z); the head's is in place)
+        2nl, 2nl+1       z, dz (R, Z);   2nl+2  std (n, Z)
+        2nl+3, 2nl+4     packing panels of the custom GEMM (1, size)
+    ws64: ll (R) | log w / dlogw (R) | bound (n) | kl per dim (Z) | dkl (Z).
+    """
+
+    def __init__(self, layout, ne, n, L, z_dim, dtype):
+        R = L * n
+        shapes = []
+        for t, (_, fan_in, fan_out) in enumerate(layout.layers):
+            shapes.append((n if t <= ne else R, fan_out))
+        nl = len(shapes)
+        grads = [s if t not in (nl - 1,) else (0, s[1]) for t, s in enumerate(shapes)]
+        # packing: B^T of every weight (mm_nn), A^T and B^T of every dW (mm_tn)
+        p1 = max(max(i * o for _, i, o in layout.layers),
+                 max((n if t <= ne else R) * i for t, (_, i, _) in enumerate(layout.layers)))
+        p2 = max(r * c for r, c in shapes)
+        tab = shapes + grads + [(R, z_dim), (R, z_dim), (n, z_dim), (1, p1), (1, p2)]
+        self.bo = np.zeros((len(tab), 3), dtype=np.int64)
+        off = 0
+        for k, (r, c) in enumerate(tab):
+            self.bo[k] = off, r, c
+            off += r * c
+        self.ws = np.zeros(off, dtype=dtype)
+        self.ws64 = np.zeros(2 * R + n + 2 * z_dim, dtype=np.float64)
+        self.res = np.zeros(n, dtype=dtype)
+
+
+class NumbaBackend:
+    """Same interface and numbers as NumpyBackend (§6), computed by the fused kernels above."""
+    name = "numba"
+    update_kernels = {"sgd": sgd_update, "adagrad": adagrad_update, "adam": adam_update}
+    max_workspaces = 4       # (n, L) shapes kept; evaluation's last short batch adds one more
+
+    def __init__(self, spec, dtype):
+        self.spec = spec
+        self.layout = spec.layout
+        self.dtype = np.dtype(dtype)
+        self.ne = len(spec.hidden)
+        self.lay = np.array([[self.layout.slots[p + ".W"].offset, self.layout.slots[p + ".b"].offset, i, o]
+                             for p, i, o in self.layout.layers], dtype=np.int64)
+        self.act = ACT_CODES[spec.activation]
+        self.lik = LIK_CODES[spec.likelihood]
+        self.cb_switch = float(_CB_TAYLOR.get(self.dtype, 1e-2))
+        self._ws = OrderedDict()
+
+    def workspace(self, n, L) -> Workspace:
+        """The buffers of an (n, L) pass, allocated on first use and then reused."""
+        key = (n, L)
+        ws = self._ws.get(key)
+        if ws is None:
+            ws = Workspace(self.layout, self.ne, n, L, self.spec.z_dim, self.dtype)
+            self._ws[key] = ws
+            if len(self._ws) > self.max_workspaces:
+                self._ws.popitem(last=False)
+        else:
+            self._ws.move_to_end(key)
+        return ws
+
+    @staticmethod
+    def _gemm():
+        mb, nb = config.tiles()
+        return config.gemm_code(), mb, nb
+
+    def _check(self, params, x, eps=None):
+        if params.dtype != self.dtype or x.dtype != self.dtype:
+            raise ValueError(f"params and x must be {self.dtype}, got {params.dtype} and {x.dtype}")
+        if not (x.flags.c_contiguous and (eps is None or eps.flags.c_contiguous)):
+            raise ValueError("x and eps must be C-contiguous arrays")
+
+    # -- pieces --------------------------------------------------------------------------------
+    def encode(self, params, x):
+        """x: (n, D) -> mu, logvar: (n, Z)."""
+        self._check(params, x)
+        gemm, mb, nb = self._gemm()
+        ws = self.workspace(x.shape[0], 1)
+        nl = len(self.lay)
+        p1 = ws.ws[ws.bo[2 * nl + 3, 0]:][:ws.bo[2 * nl + 3, 2]]
+        mlp_fwd_(params, self.lay, 0, self.ne, x, ws.ws, ws.bo, self.act, gemm, p1, mb, nb)
+        o, r, c = ws.bo[self.ne]
+        out = ws.ws[o:o + r * c].reshape(r, c)
+        Z = self.spec.z_dim
+        return out[:, :Z].copy(), out[:, Z:].copy()
+
+    def decode(self, params, z):
+        """z: (m, Z) -> head: (m, K)."""
+        z = np.ascontiguousarray(z, dtype=self.dtype)
+        gemm, mb, nb = self._gemm()
+        ws = self.workspace(z.shape[0], 1)
+        nl = len(self.lay)
+        p1 = ws.ws[ws.bo[2 * nl + 3, 0]:][:ws.bo[2 * nl + 3, 2]]
+        mlp_fwd_(params, self.lay, self.ne + 1, nl - 1, z, ws.ws, ws.bo, self.act, gemm, p1, mb, nb)
+        o, r, c = ws.bo[nl - 1]
+        return ws.ws[o:o + r * c].reshape(r, c).copy()
+
+    # -- the whole pass -------------------------------------------------------------------------
+    def bound(self, params, x, eps, objective="elbo", beta=1.0):
+        """Per-example bound (n,): the ELBO with analytic KL, or the IWAE bound."""
+        self._check(params, x, eps)
+        L, n, _ = eps.shape
+        gemm, mb, nb = self._gemm()
+        ws = self.workspace(n, L)
+        res = np.empty(n, dtype=self.dtype)
+        bound_(params, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.ne, self.act, self.lik,
+               self.spec.var_floor, self.cb_switch, OBJECTIVES.index(objective), float(beta),
+               gemm, mb, nb, res)
+        return res
+
+    def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None):
+        """Batch mean of the negative bound and its gradient in the flat layout.   §6"""
+        self._check(params, x, eps)
+        L, n, _ = eps.shape
+        gemm, mb, nb = self._gemm()
+        ws = self.workspace(n, L)
+        if grad is None:
+            grad = np.empty(self.layout.size, dtype=self.dtype)
+        loss = loss_and_grad_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.ne,
+                              self.act, self.lik, self.spec.var_floor, self.cb_switch,
+                              OBJECTIVES.index(objective), float(beta), float(free_bits), gemm, mb, nb)
+        return float(loss), grad
