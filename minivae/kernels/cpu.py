@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import config
+from .. import threads  # noqa: F401  (sets OMP_WAIT_POLICY before the first prange)
 from ..layers import ACTIVATIONS, LEAKY_SLOPE
 from ..distributions import LIKELIHOODS, _CB_TAYLOR
 from ..objectives import OBJECTIVES
@@ -35,7 +36,6 @@ ACT_CODES = {"relu": 1, "tanh": 2, "softplus": 3, "leaky_relu": 4}       # 0: id
 LIK_CODES = {name: i for i, name in enumerate(LIKELIHOODS)}              # bernoulli 0, cb 1, gaussian 2
 LOG_2PI = math.log(2.0 * math.pi)
 LOG_2 = math.log(2.0)
-COL_CHUNK = 16   # columns per parallel task of the column-sum kernels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,19 +174,31 @@ def mm_tn(A, B, C, gemm, p1, p2, mb, nb):
         gemm_nt_(At, Bt, C, mb, nb)
 
 
+
+@njit(cache=True)
+def log1p_(e, one):
+    """log(1 + e) to a few ulps through log alone (D. Goldberg, "What every computer scientist
+    should know about floating-point arithmetic", Thm. 4): u = 1 + e; e when u == 1, else
+    log(u) e / (u - 1). The quotient cancels the rounding of 1 + e; libm's log is several times
+    faster than its log1p in these loops (benchmarks/results_numba.md). ``one``: 1 in e's dtype."""
+    u = one + e
+    return e if u == one else np.log(u) * e / (u - one)
+
 # ----------------------------------------------------------------------------------------------
 # Layers                                                                               §2.2
 # ----------------------------------------------------------------------------------------------
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def bias_act_(a, b, act):
     """a <- f(a + b) in place.   a: (N, O)  b: (O,).   act: 0 identity, 1 relu, 2 tanh, 3 softplus,
-    4 leaky_relu.   §2.1-§2.2"""
+    4 leaky_relu.   §2.1-§2.2   Serial: a parallel region costs 35-100 us to wake on 2 shared cores,
+    more than this pass (benchmarks/results_numba.md)."""
     N, O = a.shape
     dt = a.dtype.type
     zero = dt(0)
+    one = dt(1)
     slope = dt(LEAKY_SLOPE)
-    for r in prange(N):
+    for r in range(N):
         if act == 0:
             for c in range(O):
                 a[r, c] = a[r, c] + b[c]
@@ -200,57 +212,54 @@ def bias_act_(a, b, act):
         elif act == 3:
             for c in range(O):
                 v = a[r, c] + b[c]
-                a[r, c] = max(v, zero) + np.log1p(np.exp(-abs(v)))
+                a[r, c] = max(v, zero) + log1p_(np.exp(-abs(v)), one)
         else:
             for c in range(O):
                 v = a[r, c] + b[c]
                 a[r, c] = v if v > zero else v * slope
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def act_back_colsum_(g, h, db, act):
     """g <- g * f'(h) in place and db = sum_rows g, in one read of g.   g, h: (N, O)  db: (O,).   §2.2
 
     f' from the output h alone: relu 1[h>0]; tanh 1-h^2; softplus -expm1(-h); leaky 1 or 0.01.
-    act 0 (a head) leaves g as it is and only sums. Parallel over column chunks, so each db[c] is a
-    plain sum over the rows in order (as numpy's axis-0 sum), whatever the number of threads.
+    act 0 (a head) leaves g as it is and only sums. Rows in order, columns vectorized: each db[c]
+    is the plain sum over the rows in order, as numpy's axis-0 sum. Serial on purpose: at these
+    sizes (5 us for 128 x 400) waking a second thread costs more than the pass.
     """
     N, O = g.shape
     dt = g.dtype.type
     zero = dt(0)
     one = dt(1)
     slope = dt(LEAKY_SLOPE)
-    nch = (O + COL_CHUNK - 1) // COL_CHUNK
-    for t in prange(nch):
-        c0 = t * COL_CHUNK
-        c1 = min(c0 + COL_CHUNK, O)
-        for c in range(c0, c1):
-            db[c] = zero
-        for r in range(N):
-            if act == 0:
-                for c in range(c0, c1):
-                    db[c] += g[r, c]
-            elif act == 1:
-                for c in range(c0, c1):
-                    v = g[r, c] if h[r, c] > zero else zero
-                    g[r, c] = v
-                    db[c] += v
-            elif act == 2:
-                for c in range(c0, c1):
-                    hv = h[r, c]
-                    v = g[r, c] * (one - hv * hv)
-                    g[r, c] = v
-                    db[c] += v
-            elif act == 3:
-                for c in range(c0, c1):
-                    v = g[r, c] * -np.expm1(-h[r, c])
-                    g[r, c] = v
-                    db[c] += v
-            else:
-                for c in range(c0, c1):
-                    v = g[r, c] if h[r, c] > zero else g[r, c] * slope
-                    g[r, c] = v
-                    db[c] += v
+    for c in range(O):
+        db[c] = zero
+    for r in range(N):
+        if act == 0:
+            for c in range(O):
+                db[c] += g[r, c]
+        elif act == 1:
+            for c in range(O):
+                v = g[r, c] if h[r, c] > zero else zero
+                g[r, c] = v
+                db[c] += v
+        elif act == 2:
+            for c in range(O):
+                hv = h[r, c]
+                v = g[r, c] * (one - hv * hv)
+                g[r, c] = v
+                db[c] += v
+        elif act == 3:
+            for c in range(O):
+                v = g[r, c] * -np.expm1(-h[r, c])
+                g[r, c] = v
+                db[c] += v
+        else:
+            for c in range(O):
+                v = g[r, c] if h[r, c] > zero else g[r, c] * slope
+                g[r, c] = v
+                db[c] += v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +315,7 @@ def likelihood_(x, head, ll, lik, var_floor, cb_switch, scale, want_score):
                 l = head[r, d]
                 xv = x[i, d]
                 e = np.exp(-abs(l))
-                acc += -(max(l, zero) - l * xv + np.log1p(e))
+                acc += -(max(l, zero) - l * xv + log1p_(e, one))
                 if want_score:
                     sig = one / (one + e) if l >= zero else e / (one + e)
                     head[r, d] = sc * (xv - sig)
@@ -316,7 +325,7 @@ def likelihood_(x, head, ll, lik, var_floor, cb_switch, scale, want_score):
                 xv = x[i, d]
                 a = abs(l)
                 e = np.exp(-a)
-                sp = max(l, zero) + np.log1p(e)
+                sp = max(l, zero) + log1p_(e, one)
                 if a < sw:
                     u = half * l
                     u2 = u * u
@@ -324,7 +333,7 @@ def likelihood_(x, head, ll, lik, var_floor, cb_switch, scale, want_score):
                     l2 = l * l
                     dlogc = l * (d6 + l2 * (d360 + l2 * d15120))
                 else:
-                    logc = np.log(a) - np.log(-np.expm1(-a)) + np.log1p(e)
+                    logc = np.log(a) - np.log(-np.expm1(-a)) + log1p_(e, one)
                     dlogc = (one / a - two * e / (-np.expm1(-two * a)))
                     if l < zero:
                         dlogc = -dlogc
@@ -339,7 +348,7 @@ def likelihood_(x, head, ll, lik, var_floor, cb_switch, scale, want_score):
                 xv = x[i, d]
                 t = s - lf
                 e = np.exp(-abs(t))
-                log_var = lf + (max(t, zero) + np.log1p(e))
+                log_var = lf + (max(t, zero) + log1p_(e, one))
                 ivar = np.exp(-log_var)
                 res = xv - m
                 acc += -half * (log2pi + log_var + res * res * ivar)
@@ -350,11 +359,11 @@ def likelihood_(x, head, ll, lik, var_floor, cb_switch, scale, want_score):
         ll[r] = acc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def scale_rows_(a, w):
     """a[r, :] *= w[r]: the IWAE row weights dlogw applied to the unweighted score.   §6 step 2"""
     N, O = a.shape
-    for r in prange(N):
+    for r in range(N):
         s = a.dtype.type(w[r])
         for c in range(O):
             a[r, c] *= s

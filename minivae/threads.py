@@ -1,0 +1,55 @@
+"""Thread control for the CPU backends: Numba's threads and every OpenBLAS copy in the process.
+
+NumPy and SciPy each ship their own OpenBLAS (NumPy's serves ``x @ W`` in the NumPy backend; SciPy's
+serves ``np.dot`` inside @njit code, through numba's cython_blas binding). threadpoolctl finds and
+limits both; ``numba.set_num_threads`` limits the prange kernels. The two pools never run at the same
+time: no kernel calls BLAS inside a prange (docs/math.md §9).
+
+    >>> with limit_threads(1):
+    ...     model.loss_and_grad(x)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from threadpoolctl import threadpool_info, threadpool_limits
+
+
+# OpenMP workers that spin after a parallel region take the core that BLAS (or the caller, or another
+# process) needs next: with 2 cores a training step ran 14x slower (benchmarks/results_numba.md).
+# Passive waiting, unless the user chose otherwise. libgomp reads this when Numba first loads its
+# OpenMP pool (the first prange call), so setting it at import of the CPU backend is early enough.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def blas_info() -> list[dict]:
+    """One dict per BLAS library loaded (prefix, version, architecture, num_threads, filepath)."""
+    return [{k: d.get(k) for k in ("prefix", "version", "architecture", "num_threads", "filepath")}
+            for d in threadpool_info() if d.get("user_api") == "blas"]
+
+
+def _check(n):
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"number of threads must be a positive integer or None, got {n!r}")
+
+
+@contextlib.contextmanager
+def limit_threads(n: int | None = None, blas: int | None = None):
+    """Limit Numba to ``n`` threads and every BLAS to ``blas`` (default: ``n``) inside the block;
+    both are restored on exit. ``None`` leaves that pool as it is."""
+    _check(n)
+    _check(blas)
+    blas = n if blas is None else blas
+    import numba
+    old = numba.get_num_threads()
+    if n is not None:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        if blas is not None:
+            with threadpool_limits(limits=blas, user_api="blas"):
+                yield
+        else:
+            yield
+    finally:
+        numba.set_num_threads(old)
