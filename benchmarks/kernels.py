@@ -91,6 +91,7 @@ def elementwise_rows(dtype, repeat):
     head = rng.standard_normal((BATCH, D)).astype(dtype)
     hw = head.copy()
     ll = np.empty(BATCH)
+    lp = np.empty((BATCH, D), dtype)
     for lik in ("bernoulli", "continuous_bernoulli"):
         code = cpu.LIK_CODES[lik]
         sw = cpu._CB_TAYLOR[np.dtype(dtype)]
@@ -100,7 +101,7 @@ def elementwise_rows(dtype, repeat):
             lp = dist.loglik_forward(lik, x, h3)
             return lp, dist.loglik_backward(lik, x, h3, np.full((1, BATCH), -1.0 / BATCH, dtype))
         add(f"{lik} loss + head grad", f"{BATCH}x{D}", 3 * head.size * isz,
-            lambda: (hw.__setitem__(Ellipsis, head), cpu.likelihood_(x, hw, ll, code, 1e-4, sw, -1.0 / BATCH, True)),
+            lambda: (hw.__setitem__(Ellipsis, head), cpu.likelihood_(x, hw, ll, lp, code, 1e-4, sw, -1.0 / BATCH, True)),
             ref)
     out = rng.standard_normal((BATCH, 2 * Z)).astype(dtype)
     eps = rng.standard_normal((1, BATCH, Z)).astype(dtype)

@@ -14,6 +14,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from numba import njit
 
 from minivae import VAE, distributions as dist, objectives as obj
 from minivae import optim
@@ -79,6 +80,47 @@ def test_transpose():
         At = np.empty((N, M))
         cpu.transpose_(A, At)
         np.testing.assert_array_equal(At, A.T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementary functions
+# ----------------------------------------------------------------------------------------------
+
+@njit
+def _apply(f, a, out):
+    for q in range(a.size):
+        out[q] = f(a[q])
+
+
+def test_arithmetic_exp_and_log1p_float32():
+    """exp_nonpos_f32 on [-100, 0] and log1p01_f32 on [0, 1] against float64 numpy: a few ulps
+    (exp_nonpos_f32 clamps at -87, below which e^x < 2e-38: an absolute error under 2e-38)."""
+    x = -np.concatenate([np.linspace(0, 100, 100001), np.geomspace(1e-30, 1, 1000)]).astype(np.float32)
+    out = np.empty_like(x)
+    _apply(cpu.exp_nonpos_f32, x, out)
+    ref = np.exp(x.astype(np.float64))
+    assert np.all(np.abs(out - ref) <= 4 * np.finfo(np.float32).eps * ref + 2e-38)
+    # normal numbers only: its inputs come from exp_nonpos_f32, which never returns a subnormal
+    tiny = np.finfo(np.float32).tiny
+    e = np.concatenate([np.linspace(0, 1, 100001), np.geomspace(tiny, 1, 1000)]).astype(np.float32)
+    out = np.empty_like(e)
+    _apply(cpu.log1p01_f32, e, out)
+    ref = np.log1p(e.astype(np.float64))
+    assert np.all(np.abs(out - ref) <= 3 * np.finfo(np.float32).eps * ref)
+
+
+@njit
+def _log1p01(e):
+    return cpu.log1p01(e)
+
+
+def test_log1p_through_log_float64():
+    """In float64 the kernels keep libm: log1p01 is Goldberg's log1p through log (a few ulps)."""
+    e = np.concatenate([np.linspace(0, 1, 10001), np.geomspace(1e-300, 1, 1000)])
+    out = np.empty_like(e)
+    _apply(_log1p01, e, out)
+    ref = np.log1p(e)
+    assert np.all(np.abs(out - ref) <= 4 * np.finfo(np.float64).eps * ref)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +225,8 @@ def test_likelihood_loss_and_score(dtype, lik):
     score_ref = dist.loglik_backward(lik, x, head.reshape(L, n, K), np.ones_like(dll), vf)
     h = head.copy()
     ll = np.empty(L * n)
-    cpu.likelihood_(x, h, ll, dist.LIKELIHOODS.index(lik), vf, cpu._CB_TAYLOR[np.dtype(dtype)],
+    lp = np.empty((L * n, D), dtype)
+    cpu.likelihood_(x, h, ll, lp, dist.LIKELIHOODS.index(lik), vf, cpu._CB_TAYLOR[np.dtype(dtype)],
                     -0.25, True)
     assert rel_error(ll, ll_ref) <= TOL[dtype]
     assert rel_error(h, -0.25 * score_ref.reshape(L * n, K)) <= TOL[dtype]
@@ -191,7 +234,7 @@ def test_likelihood_loss_and_score(dtype, lik):
     ref = -0.25 * score_ref * dll[..., None]
     assert rel_error(h, ref.reshape(L * n, K)) <= TOL[dtype]
     h2 = head.copy()                                # want_score=False leaves the head alone
-    cpu.likelihood_(x, h2, ll, dist.LIKELIHOODS.index(lik), vf, 0.01, 1.0, False)
+    cpu.likelihood_(x, h2, ll, lp, dist.LIKELIHOODS.index(lik), vf, 0.01, 1.0, False)
     np.testing.assert_array_equal(h2, head)
 
 
