@@ -15,7 +15,7 @@ register-tiled kernel ``gemm_nt_`` (operands packed k-contiguous by ``transpose_
 time by ``minivae.kernels.config.GEMM``. BLAS is never called inside a prange.
 
 Shape legend: n examples, D = x_dim, Z = z_dim, L samples (k for IWAE), R = L*n decoder rows,
-K head width (D or 2D), H fan-in/out of a layer. Every kernel is @njit(cache=True); float32 code
+K head width (D or 2D), H fan-in/out of a layer. Every kernel is @njit(cache=True, error_model="numpy"); float32 code
 uses float32 constants (``dt = a.dtype.type``), so no float64 literal promotes a float32 array.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ LOG_2 = math.log(2.0)
 # GEMM                                                                               §2.1, §9
 # ----------------------------------------------------------------------------------------------
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, error_model="numpy", parallel=True, fastmath=True)
 def gemm_nt_(A, B, C, mb, nb):
     """C = A B^T with both operands k-contiguous.  A: (M, K)  B: (N, K)  ->  C: (M, N).
 
@@ -125,7 +125,7 @@ def gemm_nt_(A, B, C, mb, nb):
                 C[ii, jj] = s
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def transpose_(A, At):
     """At = A^T in 32 x 32 blocks (the packing step of the custom GEMM).  A: (M, N) -> At: (N, M)."""
     M, N = A.shape
@@ -140,7 +140,7 @@ def transpose_(A, At):
                 At[j, i] = A[i, j]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def mm_nn(A, B, C, gemm, p1, mb, nb):
     """C = A B.   A: (M, K)  B: (K, N) (a weight)  C: (M, N).   Custom: pack B^T into p1 first."""
     if gemm == 0:
@@ -152,7 +152,7 @@ def mm_nn(A, B, C, gemm, p1, mb, nb):
         gemm_nt_(A, Bt, C, mb, nb)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def mm_nt(A, B, C, gemm, mb, nb):
     """C = A B^T.   A: (M, K)  B: (N, K)  C: (M, N).   BLAS gets the F-contiguous view B.T."""
     if gemm == 0:
@@ -161,7 +161,7 @@ def mm_nt(A, B, C, gemm, mb, nb):
         gemm_nt_(A, B, C, mb, nb)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def mm_tn(A, B, C, gemm, p1, p2, mb, nb):
     """C = A^T B.   A: (R, M)  B: (R, N)  C: (M, N).   Custom: pack A^T and B^T (k = R contiguous)."""
     if gemm == 0:
@@ -177,7 +177,7 @@ def mm_tn(A, B, C, gemm, p1, p2, mb, nb):
 
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
 def log1p_(e, one):
     """log(1 + e) to a few ulps through log alone (D. Goldberg, "What every computer scientist
     should know about floating-point arithmetic", Thm. 4): u = 1 + e; e when u == 1, else
@@ -201,7 +201,7 @@ def _bits_as_f32(typingctx, v):
     return types.float32(v), codegen
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
 def exp_nonpos_f32(x):
     """e^x for float32 x <= 0 in plain arithmetic, so that LLVM vectorizes the loops that call it
     (numba has no vector math library here: libm's expf is a scalar call per element).
@@ -222,7 +222,7 @@ def exp_nonpos_f32(x):
     return p * _bits_as_f32((np.int32(nf) + 127) << 23)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
 def log1p01_f32(e):
     """log(1 + e) for float32 e in [0, 1], in plain arithmetic (vectorizable): 2 artanh(s) with
     s = e/(2 + e) in [0, 1/3], the odd series to s^15 (truncation < 2e-9 relative). No cancellation:
@@ -268,7 +268,7 @@ def _ov_log1p01(e):
 # Layers                                                                               §2.2
 # ----------------------------------------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def bias_act_(a, b, act):
     """a <- f(a + b) in place.   a: (N, O)  b: (O,).   act: 0 identity, 1 relu, 2 tanh, 3 softplus,
     4 leaky_relu.   §2.1-§2.2   Serial: a parallel region costs 35-100 us to wake on 2 shared cores,
@@ -299,7 +299,7 @@ def bias_act_(a, b, act):
                 a[r, c] = v if v > zero else v * slope
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def act_back_colsum_(g, h, db, act):
     """g <- g * f'(h) in place and db = sum_rows g, in one read of g.   g, h: (N, O)  db: (O,).   §2.2
 
@@ -346,7 +346,7 @@ def act_back_colsum_(g, h, db, act):
 # Posterior and likelihoods                                                          §3, §4
 # ----------------------------------------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def reparam_fwd_(out, eps, std, z):
     """sigma = exp(logvar/2), z_l = mu + sigma eps_l.   out: (n, 2Z) = [mu | logvar]
     eps: (L, n, Z)  std: (n, Z)  z: (L*n, Z), row l*n + i.   §3.1"""
@@ -361,7 +361,7 @@ def reparam_fwd_(out, eps, std, z):
                 z[l * n + i, j] = mu + s * eps[l, i, j]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def likelihood_(x, head, ll, lp, lik, var_floor, cb_switch, scale, want_score):
     """ll[r] = sum_d log p(x_i | head_r) (float64), and, when ``want_score``, head_r <- scale * score
     in place (the head's gradient for a row weight ``scale``).   x: (n, D)  head: (R, K)  ll: (R,)
@@ -449,7 +449,7 @@ def likelihood_(x, head, ll, lp, lik, var_floor, cb_switch, scale, want_score):
         ll[r] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def scale_rows_(a, w):
     """a[r, :] *= w[r]: the IWAE row weights dlogw applied to the unweighted score.   §6 step 2"""
     N, O = a.shape
@@ -459,7 +459,7 @@ def scale_rows_(a, w):
             a[r, c] *= s
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def kl_dim_(out, Z, kld):
     """kld[j] = 1/n sum_i KL_ij, KL = 1/2 (mu^2 + expm1(logvar) - logvar).   (Z,) float64   §3.2"""
     n = out.shape[0]
@@ -473,7 +473,7 @@ def kl_dim_(out, Z, kld):
         kld[j] = acc / n
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def elbo_objective_(ll, kld, n, L, beta, free_bits, dkl):
     """loss = -1/(nL) sum ll + beta sum_j max(free_bits, kld_j); dkl_j = beta/n 1[active].   §5.1, §5.3"""
     s = 0.0
@@ -491,7 +491,7 @@ def elbo_objective_(ll, kld, n, L, beta, free_bits, dkl):
     return -s / (n * L) + beta * charged
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def iwae_logw_(ll, out, eps, z, beta, logw):
     """log w_li = ll_li + beta (log p(z_li) - log q(z_li|x_i)), in eps form.   (k*n,) float64   §5.2"""
     k, n, Z = eps.shape
@@ -508,7 +508,7 @@ def iwae_logw_(ll, out, eps, z, beta, logw):
             logw[r] = ll[r] + beta * (-0.5 * lp + 0.5 * lq)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def iwae_objective_(logw, k, n, bound, dlogw):
     """bound_i = logsumexp_l log w_li - log k; loss = -mean bound; dlogw = -softmax_l / n.   §5.2"""
     loss = 0.0
@@ -529,7 +529,7 @@ def iwae_objective_(logw, k, n, bound, dlogw):
     return loss / n
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def posterior_bwd_(dz, eps, z, std, out, dout, dkl, dlogw, beta, iwae):
     """dmu = sum_l dz + dmu_KL;  dlogvar = 1/2 sigma sum_l dz eps + dlogvar_KL   (ELBO), or with the
     IWAE terms dz += beta dlogw (-z) and dlogvar += beta/2 sum_l dlogw.   dout = [dmu | dlogvar]
@@ -569,17 +569,17 @@ def posterior_bwd_(dz, eps, z, std, out, dout, dkl, dlogw, beta, iwae):
 # The whole pass                                                                          §6
 # ----------------------------------------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _view(flat, off, rows, cols):
     return flat[off:off + rows * cols].reshape((rows, cols))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _buf(ws, bo, k):
     return _view(ws, bo[k, 0], bo[k, 1], bo[k, 2])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def mlp_fwd_(params, lay, t0, t1, inp, ws, bo, act, gemm, p1, mb, nb):
     """Layers t0..t1 of the layout; every layer but the last gets the activation. Layer t writes
     buffer t: a = h W + b, then bias + activation in place.   §2.3"""
@@ -593,7 +593,7 @@ def mlp_fwd_(params, lay, t0, t1, inp, ws, bo, act, gemm, p1, mb, nb):
         h = a
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def mlp_bwd_(params, grad, lay, t0, t1, first_in, dlast, dfirst, ws, bo, nl, act, gemm, p1, p2, mb,
              nb, want_dx):
     """Back through layers t1..t0: layer t1 is a head (no activation) whose upstream gradient is
@@ -615,7 +615,7 @@ def mlp_bwd_(params, grad, lay, t0, t1, first_in, dlast, dfirst, ws, bo, nl, act
             mm_nt(g, W, dfirst, gemm, mb, nb)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def forward_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch, gemm, mb, nb,
              scale, want_score):
     """F1-F6 of §6: encoder, reparameterization, decoder, likelihood. Leaves ll in ws64[:R] and, when
@@ -634,7 +634,7 @@ def forward_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_swit
     likelihood_(x, head, ws64[:L * n], lp, lik, var_floor, cb_switch, scale, want_score)  # F6
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def loss_and_grad_(params, grad, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch,
                    objective, beta, free_bits, gemm, mb, nb):
     """The whole §6 pass into ``grad``; returns the loss. objective 0 ELBO, 1 IWAE."""
@@ -672,7 +672,7 @@ def loss_and_grad_(params, grad, x, eps, ws, bo, ws64, lay, ne, act, lik, var_fl
     return loss
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def bound_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch, objective, beta,
            gemm, mb, nb, res):
     """Per-example bound into res (n,): ELBO (mean_l ll - beta sum_j KL) or IWAE.   §5.1, §5.2"""
@@ -705,7 +705,7 @@ def bound_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch
 # One-pass optimizers (same signatures as minivae.optim's references)                      §8
 # ----------------------------------------------------------------------------------------------
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def sgd_update(params, grad, buf, t, lr, momentum, weight_decay):
     """torch.optim.SGD (dampening 0): g = grad + wd p; buf = g or momentum buf + g; p -= lr buf."""
     dt = params.dtype.type
@@ -720,7 +720,7 @@ def sgd_update(params, grad, buf, t, lr, momentum, weight_decay):
         params[q] -= step * g
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def adagrad_update(params, grad, sum_sq, lr, eps, weight_decay):
     """torch.optim.Adagrad: s += g^2; p -= lr g / (sqrt(s) + eps)."""
     dt = params.dtype.type
@@ -734,7 +734,7 @@ def adagrad_update(params, grad, sum_sq, lr, eps, weight_decay):
         params[q] -= step * g / (np.sqrt(s) + e)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def adam_update(params, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
     """torch.optim.Adam: m, v moving averages; p -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps)."""
     dt = params.dtype.type
