@@ -88,7 +88,7 @@ def worker_torch(steps):
             loss = model(x[s * BATCH:(s + 1) * BATCH])
             loss.backward()
             opt.step()
-        return float(loss)
+        return float(loss.detach())
     return epoch
 
 
@@ -239,6 +239,9 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=3, help="measured epochs per contender (after 1 warm-up)")
     ap.add_argument("--steps", type=int, default=STEPS_PER_EPOCH, help="steps per epoch (469 = 60,000 samples)")
     ap.add_argument("--only", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
+    ap.add_argument("--gap", type=float, default=1.0,
+                    help="seconds of idle between two contenders, so that one's spinning threads "
+                         "(OpenMP, XLA) are asleep before the next starts (default 1)")
     ap.add_argument("--no-startup", action="store_true")
     ap.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -246,7 +249,8 @@ def main(argv=None):
         return run_worker(a.worker, a.steps)
 
     print(f"machine: {machine()}")
-    print(f"command: python benchmarks/train.py --epochs {a.epochs} --steps {a.steps}; data: {mnist_like(1)[1]}")
+    print(f"command: python benchmarks/train.py --epochs {a.epochs} --steps {a.steps} --gap {a.gap}; "
+          f"data: {mnist_like(1)[1]}")
     names = [n for n in a.only if available(n)]
     for n in a.only:
         if n not in names:
@@ -257,9 +261,11 @@ def main(argv=None):
     try:
         for n in names:                        # warm-up epoch (compilation, caches)
             ask(procs[n])
+            time.sleep(a.gap)
         for _ in range(a.epochs):
             for n in names:
                 t, losses[n] = ask(procs[n])
+                time.sleep(a.gap)
                 times[n].append(t)
     finally:
         for p in procs.values():

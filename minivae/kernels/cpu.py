@@ -361,7 +361,7 @@ def reparam_fwd_(out, eps, std, z):
                 z[l * n + i, j] = mu + s * eps[l, i, j]
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy")
 def likelihood_(x, head, ll, lp, lik, var_floor, cb_switch, scale, want_score):
     """ll[r] = sum_d log p(x_i | head_r) (float64), and, when ``want_score``, head_r <- scale * score
     in place (the head's gradient for a row weight ``scale``).   x: (n, D)  head: (R, K)  ll: (R,)
@@ -390,7 +390,7 @@ def likelihood_(x, head, ll, lp, lik, var_floor, cb_switch, scale, want_score):
     d15120 = dt(31.0 / 15120.0)
     log2pi = dt(LOG_2PI)
     lf = dt(math.log(var_floor))
-    for r in prange(R):
+    for r in range(R):
         i = r % n
         if lik == 0:
             if want_score:
@@ -705,14 +705,14 @@ def bound_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch
 # One-pass optimizers (same signatures as minivae.optim's references)                      §8
 # ----------------------------------------------------------------------------------------------
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy")
 def sgd_update(params, grad, buf, t, lr, momentum, weight_decay):
     """torch.optim.SGD (dampening 0): g = grad + wd p; buf = g or momentum buf + g; p -= lr buf."""
     dt = params.dtype.type
     wd = dt(weight_decay)
     mom = dt(momentum)
     step = dt(lr)
-    for q in prange(params.shape[0]):
+    for q in range(params.shape[0]):
         g = grad[q] + wd * params[q] if weight_decay != 0 else grad[q]
         if momentum != 0:
             g = g if t == 1 else mom * buf[q] + g
@@ -720,21 +720,21 @@ def sgd_update(params, grad, buf, t, lr, momentum, weight_decay):
         params[q] -= step * g
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy")
 def adagrad_update(params, grad, sum_sq, lr, eps, weight_decay):
     """torch.optim.Adagrad: s += g^2; p -= lr g / (sqrt(s) + eps)."""
     dt = params.dtype.type
     wd = dt(weight_decay)
     step = dt(lr)
     e = dt(eps)
-    for q in prange(params.shape[0]):
+    for q in range(params.shape[0]):
         g = grad[q] + wd * params[q] if weight_decay != 0 else grad[q]
         s = sum_sq[q] + g * g
         sum_sq[q] = s
         params[q] -= step * g / (np.sqrt(s) + e)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy")
 def adam_update(params, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
     """torch.optim.Adam: m, v moving averages; p -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps)."""
     dt = params.dtype.type
@@ -746,7 +746,7 @@ def adam_update(params, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
     step = dt(lr / (1 - beta1 ** t))
     sbc2 = dt(math.sqrt(1 - beta2 ** t))
     e = dt(eps)
-    for q in prange(params.shape[0]):
+    for q in range(params.shape[0]):
         g = grad[q] + wd * params[q] if weight_decay != 0 else grad[q]
         mq = b1 * m[q] + c1 * g
         vq = b2 * v[q] + c2 * (g * g)
