@@ -457,3 +457,32 @@ def test_no_native_allocation_per_step():
     # nothing but the argument wrappers, and every one of them released again
     assert alloc == mi_alloc == 50 * BOUNDARY_ARRAYS_PER_STEP, (alloc, mi_alloc)
     assert (free, mi_free) == (alloc, mi_alloc)
+
+
+def test_importance_sampled_log_likelihood_matches_numpy():
+    """evaluate.iw_log_likelihood_per_example (chunked IWAE bounds, docs/math.md §7) on this backend."""
+    from minivae import evaluate
+    rng = np.random.default_rng(16)
+    x = rng.random((7, 10))
+    out = []
+    for backend in ("numpy", "numba"):
+        m = VAE(10, 2, hidden=(6,), dtype="float64", seed=1, backend=backend)
+        out.append(evaluate.iw_log_likelihood_per_example(m, x, 60, seed=3, batch_size=40, chunk=25))
+    assert rel_error(out[1], out[0]) <= 1e-12
+
+
+def test_limit_threads_sets_and_restores_both_pools():
+    import numba
+    from minivae.threads import blas_info, limit_threads
+    before_nb = numba.get_num_threads()
+    before_blas = [b["num_threads"] for b in blas_info()]
+    with limit_threads(1):
+        assert numba.get_num_threads() == 1
+        assert all(b["num_threads"] == 1 for b in blas_info())
+        m = VAE(5, 1, hidden=(3,), backend="numba", dtype="float64")
+        m.loss_and_grad(np.full((2, 5), 0.5))
+    assert numba.get_num_threads() == before_nb
+    assert [b["num_threads"] for b in blas_info()] == before_blas
+    with pytest.raises(ValueError, match="positive integer"):
+        with limit_threads(0):
+            pass
