@@ -25,8 +25,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def blas_info() -> list[dict]:
     """One dict per BLAS library loaded (prefix, version, architecture, num_threads, filepath)."""
+    _load_scipy_blas()
     return [{k: d.get(k) for k in ("prefix", "version", "architecture", "num_threads", "filepath")}
             for d in threadpool_info() if d.get("user_api") == "blas"]
+
+
+def _load_scipy_blas():
+    """Load SciPy's OpenBLAS (the one np.dot inside @njit calls) now, so that threadpoolctl sees and
+    limits it too: it only acts on libraries already loaded."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+    except ImportError:  # pragma: no cover - numba's np.dot needs scipy anyway
+        pass
 
 
 def _check(n):
@@ -42,6 +52,7 @@ def limit_threads(n: int | None = None, blas: int | None = None):
     _check(blas)
     blas = n if blas is None else blas
     import numba
+    _load_scipy_blas()
     old = numba.get_num_threads()
     if n is not None:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
