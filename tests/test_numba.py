@@ -109,6 +109,21 @@ def test_arithmetic_exp_and_log1p_float32():
     assert np.all(np.abs(out - ref) <= 3 * np.finfo(np.float32).eps * ref)
 
 
+def test_arithmetic_tanh_and_one_minus_exp_float32():
+    """tanh_f32 and one_minus_exp_neg_f32 (= -expm1(-h)) against float64 numpy: a few ulps."""
+    a = np.concatenate([np.linspace(-12, 12, 200001), np.geomspace(1e-30, 1, 1000)]).astype(np.float32)
+    a = np.concatenate([a, -a])
+    out = np.empty_like(a)
+    _apply(cpu.tanh_f32, a, out)
+    ref = np.tanh(a.astype(np.float64))
+    assert np.all(np.abs(out - ref) <= 8 * np.finfo(np.float32).eps * np.abs(ref))
+    h = np.concatenate([np.linspace(0, 100, 200001), np.geomspace(1e-30, 1, 1000)]).astype(np.float32)
+    out = np.empty_like(h)
+    _apply(cpu.one_minus_exp_neg_f32, h, out)
+    ref = -np.expm1(-h.astype(np.float64))
+    assert np.all(np.abs(out - ref) <= 8 * np.finfo(np.float32).eps * ref)
+
+
 @njit
 def _log1p01(e):
     return cpu.log1p01(e)
