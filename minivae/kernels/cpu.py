@@ -30,7 +30,7 @@ from numba.extending import intrinsic, overload
 
 from . import config
 from .. import threads  # noqa: F401  (sets OMP_WAIT_POLICY before the first prange)
-from ..layers import ACTIVATIONS, LEAKY_SLOPE
+from ..layers import LEAKY_SLOPE
 from ..distributions import LIKELIHOODS, _CB_TAYLOR
 from ..objectives import OBJECTIVES
 
