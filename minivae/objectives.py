@@ -26,18 +26,25 @@ def elbo_per_example(ll, kl, beta=1.0):
     return ll.mean(axis=0) - beta * kl.sum(axis=-1)
 
 
-def elbo_loss(ll, kl, beta=1.0, free_bits=0.0):
+def elbo_loss(ll, kl, beta=1.0, free_bits=0.0, kl_active=None):
     """loss = -1/(nL) sum ll + beta * sum_j max(free_bits, 1/n sum_i KL_ij)   and its input gradients.
 
     Returns (loss, dll (L, n), dkl (n, Z)).  With free_bits = 0 this is the batch mean of -ELBO.
     Free bits (Kingma et al. 2016): a dimension whose batch-mean KL is under the floor is charged the
     floor and gets no KL gradient.   §5.1, §5.3
+
+    ``kl_active`` (Z,), optional: which dimensions are over the floor, decided on a larger batch than
+    this one. A data-parallel rank holds a share of the minibatch; the floor applies to the whole
+    minibatch's KL, so the ranks agree on the decision first (train.HostTrainer). A dimension is then
+    charged this share's KL when active, and the floor when not: the ranks' weighted mean of the
+    losses and gradients is exactly the single-process objective.
     """
     L, n = ll.shape
     kl_dim = kl.mean(axis=0)                                   # (Z,) batch-mean KL per dimension
     if free_bits > 0:
-        charged = np.maximum(kl_dim, free_bits)
-        active = (kl_dim > free_bits).astype(kl.dtype)
+        on = kl_dim > free_bits if kl_active is None else np.asarray(kl_active) > 0
+        charged = np.where(on, kl_dim, free_bits)
+        active = on.astype(kl.dtype)
     else:
         charged = kl_dim
         active = np.ones_like(kl_dim)

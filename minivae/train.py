@@ -77,6 +77,7 @@ from . import __version__
 from . import checkpoint
 from . import data as data_mod
 from . import evaluate as ev
+from .distributions import kl_forward
 from .model import VAE
 from .optim import make_optimizer
 
@@ -138,14 +139,29 @@ class HostTrainer:
         self.grad = np.empty_like(params)                     # (P,) reused every step
 
     def step(self, xb, eps, beta, weight=None) -> float:
+        kw = {}
+        if self.free_bits > 0 and self.comm.size > 1:
+            kw["kl_active"] = self._kl_active(xb)
         if len(xb):
             loss, _ = self.backend.loss_and_grad(self.params, xb, eps, beta=beta, objective=self.objective,
-                                                 free_bits=self.free_bits, grad=self.grad)
+                                                 free_bits=self.free_bits, grad=self.grad, **kw)
         else:                                                  # an empty share of a tiny last batch
             loss, self.grad[...] = 0.0, 0
         self.comm.allreduce_mean_(self.grad, weight)
         self.optimizer.step(self.params, self.grad)
         return float(loss)
+
+    def _kl_active(self, xb):
+        """Free bits over ranks: the floor applies to the batch-mean KL of the *whole* minibatch, so
+        the ranks add up their per-dimension KL sums (one small all-reduce of Z + 1 numbers, after an
+        encoder pass) and every rank applies the same decision.   §5.3"""
+        if len(xb):
+            mu, logvar = self.backend.encode(self.params, xb)
+            kl_sum = kl_forward(mu.astype(np.float64), logvar.astype(np.float64)).sum(axis=0)
+        else:
+            kl_sum = np.zeros(self.backend.spec.z_dim)
+        total = self.comm.allreduce_sum(np.append(kl_sum, len(xb)))
+        return (total[:-1] / max(total[-1], 1.0) > self.free_bits).astype(np.float64)
 
     def sync_params(self):
         pass

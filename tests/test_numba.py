@@ -188,16 +188,17 @@ def test_reparam_and_kl(dtype):
         assert rel_error(kld, dist.kl_forward(out[:, :Z], out[:, Z:]).mean(axis=0)) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("free_bits", [0.0, 0.3])
-def test_elbo_objective(free_bits):
+@pytest.mark.parametrize("free_bits, kl_active", [(0.0, None), (0.3, None), (0.3, [1.0, 0.0, 1.0])])
+def test_elbo_objective(free_bits, kl_active):
     rng = np.random.default_rng(6)
     L, n, Z = 2, 5, 3
     ll = rng.standard_normal(L * n) * 10
     kld = np.array([0.1, 0.5, 2.0])
     kl = np.broadcast_to(kld, (n, Z)).copy()                    # batch mean = kld
     dkl = np.empty(Z)
-    loss = cpu.elbo_objective_(ll, kld, n, L, 0.7, free_bits, dkl)
-    loss_ref, _, dkl_ref = obj.elbo_loss(ll.reshape(L, n), kl, 0.7, free_bits)
+    mask = cpu._NO_MASK if kl_active is None else np.array(kl_active)
+    loss = cpu.elbo_objective_(ll, kld, n, L, 0.7, free_bits, mask, dkl)
+    loss_ref, _, dkl_ref = obj.elbo_loss(ll.reshape(L, n), kl, 0.7, free_bits, kl_active)
     assert abs(loss - loss_ref) <= 1e-12 * abs(loss_ref)
     assert rel_error(dkl, dkl_ref[0]) <= 1e-12
 
@@ -456,9 +457,9 @@ b = rtsys.get_allocation_stats()
 print(b.alloc - a.alloc, b.free - a.free, b.mi_alloc - a.mi_alloc, b.mi_free - a.mi_free)
 """
 # Array arguments that cross the Python -> jit boundary per step: numba wraps each one in a
-# MemInfo (a header around the caller's data, no data copied): 8 for loss_and_grad_ (params, grad,
-# x, eps, ws, bo, ws64, lay) and 4 for adam_update (params, grad, m, v).
-BOUNDARY_ARRAYS_PER_STEP = 12
+# MemInfo (a header around the caller's data, no data copied): 9 for loss_and_grad_ (params, grad,
+# x, eps, ws, bo, ws64, lay, kl_active) and 4 for adam_update (params, grad, m, v).
+BOUNDARY_ARRAYS_PER_STEP = 13
 
 
 def test_no_native_allocation_per_step():

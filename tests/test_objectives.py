@@ -187,3 +187,32 @@ def test_bad_objective_and_free_bits_with_iwae(objective):
     if objective == "iwae":
         with pytest.raises(ValueError, match="free_bits applies to the ELBO"):
             model.loss_and_grad(x, objective=objective, free_bits=0.5)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_free_bits_over_shares_of_a_minibatch_match_the_whole(backend):
+    """A data-parallel rank holds a share of the minibatch. Given the whole batch's decision of which
+    dimensions are over the floor (``kl_active``), the shares' losses and gradients, weighted by
+    their sizes, are exactly the whole minibatch's: the free-bits objective is the single-process
+    one on any number of ranks."""
+    model = VAE(6, 3, hidden=(8,), activation="tanh", likelihood="bernoulli", dtype="float64", seed=3,
+                backend=backend)
+    n = 7
+    x = data("bernoulli", n, 6, seed=4)
+    eps = np.random.default_rng(5).standard_normal((2, n, 3))
+    mu, logvar = model.encode(x)
+    kl_dim = dist.kl_forward(mu, logvar).mean(0)
+    floor = float(np.sort(kl_dim)[1])                      # between: some dimensions on each side
+    floor = 0.5 * (floor + float(np.sort(kl_dim)[0]))
+    loss, g = model.loss_and_grad(x, eps=eps, beta=0.9, free_bits=floor)
+    active = (kl_dim > floor).astype(float)
+    assert 0 < active.sum() < 3
+    w_loss, w_g = 0.0, np.zeros_like(g)
+    for lo, hi in [(0, 3), (3, 7)]:
+        share_x, share_eps = np.ascontiguousarray(x[lo:hi]), np.ascontiguousarray(eps[:, lo:hi])
+        l_r, g_r = model.backend.loss_and_grad(model.params, share_x, share_eps, beta=0.9,
+                                               free_bits=floor, kl_active=active)
+        w_loss += (hi - lo) / n * l_r
+        w_g += (hi - lo) / n * g_r
+    assert w_loss == pytest.approx(loss, rel=1e-13)
+    np.testing.assert_allclose(w_g, g, rtol=1e-12, atol=1e-14)

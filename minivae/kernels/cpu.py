@@ -36,6 +36,7 @@ from ..objectives import OBJECTIVES
 
 ACT_CODES = {"relu": 1, "tanh": 2, "softplus": 3, "leaky_relu": 4}       # 0: identity (the heads)
 LIK_CODES = {name: i for i, name in enumerate(LIKELIHOODS)}              # bernoulli 0, cb 1, gaussian 2
+_NO_MASK = np.full(1, np.nan)    # kl_active not given (NaN; a 0-size array argument leaks in numba)
 LOG_2PI = math.log(2.0 * math.pi)
 LOG_2 = math.log(2.0)
 
@@ -531,17 +532,23 @@ def kl_dim_(out, Z, kld):
 
 
 @njit(cache=True, error_model="numpy")
-def elbo_objective_(ll, kld, n, L, beta, free_bits, dkl):
-    """loss = -1/(nL) sum ll + beta sum_j max(free_bits, kld_j); dkl_j = beta/n 1[active].   §5.1, §5.3"""
+def elbo_objective_(ll, kld, n, L, beta, free_bits, kl_active, dkl):
+    """loss = -1/(nL) sum ll + beta sum_j max(free_bits, kld_j); dkl_j = beta/n 1[active].   §5.1, §5.3
+
+    ``kl_active`` (Z,) overrides the test kld_j > free_bits unless it is the one-NaN marker: a data-parallel
+    rank passes the decision made on the whole minibatch's KL, and is charged kld_j (active) or
+    free_bits (inactive), so that the ranks' weighted mean is the single-process objective."""
     s = 0.0
     for r in range(ll.shape[0]):
         s += ll[r]
     charged = 0.0
     Z = kld.shape[0]
+    given = not np.isnan(kl_active[0])
     for j in range(Z):
         if free_bits > 0:
-            charged += max(kld[j], free_bits)
-            dkl[j] = beta / n if kld[j] > free_bits else 0.0
+            on = kl_active[j] > 0 if given else kld[j] > free_bits
+            charged += kld[j] if on else free_bits
+            dkl[j] = beta / n if on else 0.0
         else:
             charged += kld[j]
             dkl[j] = beta / n
@@ -693,8 +700,11 @@ def forward_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_swit
 
 @njit(cache=True, error_model="numpy")
 def loss_and_grad_(params, grad, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch,
-                   objective, beta, free_bits, gemm, mb, nb):
-    """The whole §6 pass into ``grad``; returns the loss. objective 0 ELBO, 1 IWAE."""
+                   objective, beta, free_bits, kl_active, gemm_tiles):
+    """The whole §6 pass into ``grad``; returns the loss. objective 0 ELBO, 1 IWAE.
+    ``gemm_tiles`` = (gemm, mb, nb) travel as one tuple: numba's dispatcher leaks ~200 bytes a call
+    for functions of 20 or more arguments (measured with numba 0.68)."""
+    gemm, mb, nb = gemm_tiles
     nl = lay.shape[0]
     L, n, Z = eps.shape
     R = L * n
@@ -716,7 +726,7 @@ def loss_and_grad_(params, grad, x, eps, ws, bo, ws64, lay, ne, act, lik, var_fl
         scale_rows_(head, aux)                                                   # step 2, 2nd pass
     else:
         kl_dim_(out, Z, kld)
-        loss = elbo_objective_(ll, kld, n, L, beta, free_bits, dkl)
+        loss = elbo_objective_(ll, kld, n, L, beta, free_bits, kl_active, dkl)
     p1 = ws[bo[2 * nl + 3, 0]:bo[2 * nl + 3, 0] + bo[2 * nl + 3, 2]]
     p2 = ws[bo[2 * nl + 4, 0]:bo[2 * nl + 4, 0] + bo[2 * nl + 4, 2]]
     dz = _buf(ws, bo, 2 * nl + 1)
@@ -931,9 +941,12 @@ class NumbaBackend:
                gemm, mb, nb, res)
         return res
 
-    def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None):
-        """Batch mean of the negative bound and its gradient in the flat layout.   §6"""
+    def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
+                      kl_active=None):
+        """Batch mean of the negative bound and its gradient in the flat layout.   §6
+        ``kl_active``: see objectives.elbo_loss (free bits decided on a larger batch)."""
         self._check(params, x, eps)
+        active = _NO_MASK if kl_active is None else np.ascontiguousarray(kl_active, dtype=np.float64)
         L, n, _ = eps.shape
         gemm, mb, nb = self._gemm()
         ws = self.workspace(n, L)
@@ -941,5 +954,6 @@ class NumbaBackend:
             grad = np.empty(self.layout.size, dtype=self.dtype)
         loss = loss_and_grad_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.ne,
                               self.act, self.lik, self.spec.var_floor, self.cb_switch,
-                              OBJECTIVES.index(objective), float(beta), float(free_bits), gemm, mb, nb)
+                              OBJECTIVES.index(objective), float(beta), float(free_bits), active,
+                              (gemm, mb, nb))
         return float(loss), grad

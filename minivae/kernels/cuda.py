@@ -481,6 +481,9 @@ class CudaTrainer:
         obj.check_objective(objective)
         if free_bits > 0 and objective != "elbo":
             raise ValueError("free_bits applies to the ELBO objective only")
+        if free_bits > 0 and comm is not None and getattr(comm, "size", 1) > 1:
+            raise ValueError("free bits with --distributed is not supported on the cuda backend "
+                             "(use --backend numpy or numba, or drop --free-bits)")
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
         if isinstance(loss_every, bool) or not isinstance(loss_every, (int, np.integer)) or loss_every < 1:

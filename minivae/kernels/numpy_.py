@@ -69,7 +69,8 @@ class NumpyBackend:
                                dist.log_posterior_eps(f["logvar"], eps), beta)
         return obj.iwae_per_example(logw)
 
-    def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None):
+    def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
+                      kl_active=None):
         """Batch mean of the negative bound and its gradient in the flat layout.   §6"""
         s = self.spec
         f = self.forward(params, x, eps)
@@ -79,7 +80,7 @@ class NumpyBackend:
 
         if objective == "elbo":
             kl = dist.kl_forward(mu, logvar)                              # (n, Z)
-            loss, dll, dkl = obj.elbo_loss(ll, kl, beta, free_bits)
+            loss, dll, dkl = obj.elbo_loss(ll, kl, beta, free_bits, kl_active)
             dmu_kl, dlogvar_kl = dist.kl_backward(dkl, mu, logvar)
             dz_prior = 0.0
             dlogvar_q = 0.0
