@@ -146,6 +146,8 @@ def test_trainer_refuses_bad_use(rng):
         trainer.step_indices(np.array([0, 1]))
     with pytest.raises(ValueError, match="free_bits"):
         be.make_trainer(params, opt_dev, None, "iwae", 0.5)
+    with pytest.raises(ValueError, match="free bits with --distributed is not supported on the cuda"):
+        be.make_trainer(params, opt_dev, FakeComm(), "elbo", 0.5)     # the floor needs all ranks' KL
     with pytest.raises(ValueError, match="x_train"):
         trainer.attach_data(X[:, :3])
 
