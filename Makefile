@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/minivae train --dataset digits --epochs 30 --z-dim 2 --hidden 128 --batch-size 64 \
+	$(BIN)/minivae train --dataset digits --epochs 300 --z-dim 2 --hidden 128 --batch-size 64 \
 		--likelihood continuous_bernoulli --out runs/demo --overwrite
 	@echo "pictures and metrics are in runs/demo/"
 
