@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", default=S, help="no progress bar and no per-epoch lines")
     g.add_argument("--distributed", action="store_true", default=S,
                    help="data-parallel over MPI: mpiexec -n P minivae train --distributed ... (needs mpi4py)")
+    _threads_option(g)
     t.set_defaults(func=cmd_train)
 
     # -- evaluate
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=nonneg_int, default=0, help="seed of the evaluation noise (default: 0)")
     e.add_argument("--backend", choices=BACKENDS, default=None, help="(default: the checkpoint's)")
     e.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    _threads_option(e)
     e.set_defaults(func=cmd_evaluate)
 
     # -- sample
@@ -226,10 +228,16 @@ def _data_options(p, datasets, binarize):
 # Commands
 # ----------------------------------------------------------------------------------------------
 
+def _threads_option(group):
+    group.add_argument("--threads", type=positive_int, metavar="N", default=None,
+                       help="threads of this process for Numba and every OpenBLAS copy (default: all "
+                            "cores; with P ranks on one machine, give cores / P)")
+
+
 def cmd_train(args):
     from .train import TrainConfig, resume_config, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "threads")}
     if "hidden" in given:
         given["hidden"] = tuple(given["hidden"])
     if "resume" in given:
@@ -415,7 +423,12 @@ def main(argv=None) -> int:
     from .train import Interrupted
 
     try:
-        return args.func(args)
+        threads = getattr(args, "threads", None)
+        if threads is None:
+            return args.func(args)
+        from .threads import limit_threads
+        with limit_threads(threads):
+            return args.func(args)
     except Interrupted as e:
         print(f"minivae: {_one_line(e)}", file=sys.stderr)
         return EXIT_INTERRUPTED

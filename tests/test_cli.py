@@ -183,6 +183,8 @@ def test_ctrl_c_exits_130_with_one_line_and_resumes(tmp_path, capsys, monkeypatc
     (["sample", "x.npz", "--n", "0", "--out", "a.png"], "--n"),
     (["plot", "x.npz", "--kind", "pie", "--out", "a.png"], "--kind"),
     (["download", "cifar"], "name"),
+    (["train", "--threads", "0"], "--threads"),
+    (["evaluate", "x.npz", "--threads", "two"], "--threads"),
     ([], "COMMAND"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, args, words):
@@ -295,3 +297,28 @@ def test_a_bare_model_file_needs_the_dataset_named(tmp_path, capsys):
     code, out, err = cli(capsys, "evaluate", tmp_path / "m.npz", "--dataset", "digits", "--iw-samples", 3, "--json")
     assert code == 0 and json.loads(out)["n"] == 360
     assert cli(capsys, "sample", tmp_path / "m.npz", "--n", 4, "--out", tmp_path / "s.png")[0] == 0
+
+
+def test_threads_limit_numba_and_every_blas_during_the_command(tmp_path, capsys, monkeypatch):
+    """--threads N holds Numba and both OpenBLAS copies (NumPy's, SciPy's) at N while the command runs,
+    and gives the previous limits back afterwards."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    import minivae.train as train_mod
+    from minivae.threads import blas_info
+
+    seen = {}
+    real_train = train_mod.train
+
+    def spy(config, comm=None):
+        seen["numba"] = numba.get_num_threads()
+        seen["blas"] = [d["num_threads"] for d in threadpool_info() if d.get("user_api") == "blas"]
+        return real_train(config, comm)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    before = numba.get_num_threads(), [d["num_threads"] for d in blas_info()]
+    code, _, err = cli(capsys, *DIGITS_RUN, "--threads", "1", "--out", tmp_path / "run")
+    assert code == 0, err
+    assert seen["numba"] == 1 and len(seen["blas"]) >= 2 and set(seen["blas"]) == {1}
+    assert (numba.get_num_threads(), [d["num_threads"] for d in blas_info()]) == before
