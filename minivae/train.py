@@ -137,29 +137,49 @@ class HostTrainer:
         self.backend, self.params, self.optimizer, self.comm = backend, params, optimizer, comm
         self.objective, self.free_bits = objective, free_bits
         self.grad = np.empty_like(params)                     # (P,) reused every step
+        self.error = None      # the exception of the last step on this rank (with more than one rank)
 
     def step(self, xb, eps, beta, weight=None) -> float:
+        """With P > 1 ranks, an exception in this rank's own arithmetic must not leave the others
+        waiting in the all-reduce: the rank keeps it in ``self.error``, still takes part in every
+        collective of the step (with a NaN gradient) and returns a NaN loss, so the loop's per-step
+        check stops every rank with its message."""
+        self.error = None
         kw = {}
         if self.free_bits > 0 and self.comm.size > 1:
             kw["kl_active"] = self._kl_active(xb)
-        if len(xb):
-            loss, _ = self.backend.loss_and_grad(self.params, xb, eps, beta=beta, objective=self.objective,
-                                                 free_bits=self.free_bits, grad=self.grad, **kw)
-        else:                                                  # an empty share of a tiny last batch
-            loss, self.grad[...] = 0.0, 0
+        loss = float("nan")
+        if self.error is None:
+            try:
+                if len(xb):
+                    loss, _ = self.backend.loss_and_grad(self.params, xb, eps, beta=beta, objective=self.objective,
+                                                         free_bits=self.free_bits, grad=self.grad, **kw)
+                else:                                          # an empty share of a tiny last batch
+                    loss, self.grad[...] = 0.0, 0
+            except Exception as e:
+                self._failed(e)
         self.comm.allreduce_mean_(self.grad, weight)
         self.optimizer.step(self.params, self.grad)
         return float(loss)
+
+    def _failed(self, e):
+        if self.comm.size == 1:
+            raise e
+        self.error = e
+        self.grad[...] = np.nan
 
     def _kl_active(self, xb):
         """Free bits over ranks: the floor applies to the batch-mean KL of the *whole* minibatch, so
         the ranks add up their per-dimension KL sums (one small all-reduce of Z + 1 numbers, after an
         encoder pass) and every rank applies the same decision.   §5.3"""
+        kl_sum = np.zeros(self.backend.spec.z_dim)
         if len(xb):
-            mu, logvar = self.backend.encode(self.params, xb)
-            kl_sum = kl_forward(mu.astype(np.float64), logvar.astype(np.float64)).sum(axis=0)
-        else:
-            kl_sum = np.zeros(self.backend.spec.z_dim)
+            try:
+                mu, logvar = self.backend.encode(self.params, xb)
+                kl_sum = kl_forward(mu.astype(np.float64), logvar.astype(np.float64)).sum(axis=0)
+            except Exception as e:
+                self._failed(e)
+                kl_sum = np.full(self.backend.spec.z_dim, np.nan)
         total = self.comm.allreduce_sum(np.append(kl_sum, len(xb)))
         return (total[:-1] / max(total[-1], 1.0) > self.free_bits).astype(np.float64)
 
@@ -389,18 +409,20 @@ class _StopFlag:
 # ----------------------------------------------------------------------------------------------
 
 def _collective(comm, fn, what):
-    """Run ``fn`` on every rank and agree: if it fails on any rank, every rank raises (the failing
-    rank its own exception, the others a RuntimeError naming that rank), so nothing hangs."""
+    """Run ``fn`` on every rank and agree: if it fails on any rank, every rank raises, so nothing
+    hangs. One process raises its own exception; with more ranks every rank raises the same
+    RuntimeError, naming the first failing rank and its message (chained to its own exception on
+    that rank), so each rank's one line says what happened where."""
     err = None
     try:
         result = fn()
     except (ValueError, OSError, RuntimeError) as e:
         result, err = None, e
     ok, message = comm.all_ok(err is None, None if err is None else str(err))
-    if err is not None:
+    if err is not None and comm.size == 1:
         raise err
-    if not ok:
-        raise RuntimeError(f"{what} failed on {message}")
+    if not ok or err is not None:
+        raise RuntimeError(f"{what} failed on {message or f'rank {comm.rank}: {err}'}") from err
     return result
 
 
@@ -431,8 +453,10 @@ class Run:
         self.dataset = _collective(comm, lambda: data_mod.load_dataset(
             c.dataset, c.data_dir, c.binarize, c.val_fraction, c.seed, c.dtype), "loading the data")
         ds = self.dataset
-        self.model = VAE(ds.x_dim, c.z_dim, hidden=c.hidden, activation=c.activation,
-                         likelihood=c.likelihood, dtype=c.dtype, seed=c.seed, backend=c.backend)
+        # a backend can fail on one machine only (no GPU there): every rank must learn it
+        self.model = _collective(comm, lambda: VAE(ds.x_dim, c.z_dim, hidden=c.hidden, activation=c.activation,
+                                                   likelihood=c.likelihood, dtype=c.dtype, seed=c.seed,
+                                                   backend=c.backend), "building the model")
         m = self.model
         self.x_train = m.check_x(ds.x_train)
         self.x_test = m.check_x(eval_split(ds.x_test, c.binarize, "test"))
@@ -445,8 +469,9 @@ class Run:
         self.epoch, self.metrics = 0, []
         self.partial = None                  # the interrupted epoch: perm, step, sums
         if saved is not None:
-            self._restore(*saved)
-        self.trainer = make_trainer(m, self.optimizer, comm, c.objective, c.free_bits)
+            _collective(comm, lambda: self._restore(*saved), "restoring the training state")
+        self.trainer = _collective(comm, lambda: make_trainer(m, self.optimizer, comm, c.objective, c.free_bits),
+                                   "setting up the trainer")
 
     # -- setup ---------------------------------------------------------------------------------
     def _prepare_folder(self):
@@ -512,16 +537,22 @@ class Run:
     def _check(self, loss, stop, epoch, s, steps, bar):
         """Agree over ranks, after every step: did any rank see a NaN/inf loss (stop, keep the last
         checkpoint), or a Ctrl-C (returns True: save and stop)? One small all-reduce."""
-        bad_here = loss is not None and not math.isfinite(loss)
+        error = getattr(self.trainer, "error", None)         # an exception in this rank's step
+        bad_here = error is not None or (loss is not None and not math.isfinite(loss))
         bad, interrupted = self.comm.allreduce_sum(
             np.array([bad_here, stop is not None and stop.set], dtype=np.float64))
         if bad:
             bar.close()
             kept = f"the last good checkpoint (epoch {self.epoch}) is kept in {self.ckpt_path}" \
                 if self.ckpt_path.exists() else "no checkpoint was written"
-            what = f"the loss became {loss}" if bad_here else "the loss became NaN or inf on another rank"
+            what = None
+            if bad_here:
+                what = f"the step failed ({type(error).__name__}: {error})" if error is not None \
+                    else f"the loss became {loss}"
+            if self.comm.size > 1:             # every rank learns which rank failed first, and why
+                _, what = self.comm.all_ok(not bad_here, what)
             raise TrainingError(f"{what} at epoch {epoch}, step {s + 1}/{steps} (lr {self.optimizer.lr:g}); "
-                                f"training stopped and {kept}")
+                                f"training stopped and {kept}") from error
         return bool(interrupted)
 
     def run_epoch(self, stop, bar_factory):
