@@ -346,11 +346,12 @@ def main(argv=None):
 
     cli = {c: [] for c in CONFIGS}
     steps = {c: [] for c in CONFIGS}
-    allreduce, compute = [], {1: [], 2: []}
+    allreduce, compute, loads = [], {1: [], 2: []}, []
     with tempfile.TemporaryDirectory(prefix="minivae-mpi-") as tmp:
         tmp = Path(tmp)
         data_source = make_data_dir(tmp / "data")
         for r in range(args.rounds):
+            loads.append(os.getloadavg()[0])
             for c in CONFIGS:
                 P, T = c
                 cli[c].append(cli_throughput(mpiexec, P, T, args, tmp / "data", tmp / f"run{P}x{T}"))
@@ -361,7 +362,8 @@ def main(argv=None):
                                         "--backend", args.backend, "--threads", str(T), "--steps",
                                         str(args.steps), "--warmup", str(args.warmup)], "compute worker"))
             print(f"# round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    print(f"# load average at end: {os.getloadavg()[0]:.2f}")
+    print(f"# 1-minute load average before each round: {', '.join(f'{v:.2f}' for v in loads)}; at the end: "
+          f"{os.getloadavg()[0]:.2f} (this machine has {os.cpu_count()} cores; above that, other processes ran too)")
 
     med = statistics.median
     grad_size = steps[CONFIGS[0]][0]["grad_size"]
