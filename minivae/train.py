@@ -412,17 +412,26 @@ def _collective(comm, fn, what):
     """Run ``fn`` on every rank and agree: if it fails on any rank, every rank raises, so nothing
     hangs. One process raises its own exception; with more ranks every rank raises the same
     RuntimeError, naming the first failing rank and its message (chained to its own exception on
-    that rank), so each rank's one line says what happened where."""
+    that rank), so each rank's one line says what happened where. With more ranks any exception
+    counts (a MemoryError on one node must not leave the others in the next collective); the
+    unexpected kinds are named in the message."""
     err = None
     try:
         result = fn()
     except (ValueError, OSError, RuntimeError) as e:
         result, err = None, e
-    ok, message = comm.all_ok(err is None, None if err is None else str(err))
+    except Exception as e:
+        if comm.size == 1:
+            raise
+        result, err = None, e
+    text = None
+    if err is not None:
+        text = str(err) if isinstance(err, (ValueError, OSError, RuntimeError)) else f"{type(err).__name__}: {err}"
+    ok, message = comm.all_ok(err is None, text)
     if err is not None and comm.size == 1:
         raise err
     if not ok or err is not None:
-        raise RuntimeError(f"{what} failed on {message or f'rank {comm.rank}: {err}'}") from err
+        raise RuntimeError(f"{what} failed on {message or f'rank {comm.rank}: {text}'}") from err
     return result
 
 
@@ -555,6 +564,17 @@ class Run:
                                 f"training stopped and {kept}") from error
         return bool(interrupted)
 
+    def _mean_elbo(self, x, eps, split):
+        """evaluate.mean_elbo over the ranks' shards (the same sums, so the same number), with this
+        rank's part agreed through _collective first: a failure on one rank stops them all rather
+        than leaving the others in the reduction."""
+        m, comm = self.model, self.comm
+        rows = ev.shard(len(x), comm)
+        local = _collective(comm, lambda: ev.elbo_per_example(m, x[rows], eps[rows], self.config.eval_batch_size).sum()
+                            if rows.stop > rows.start else 0.0, f"evaluating the {split} split")
+        total, count = comm.allreduce_sum(np.array([local, rows.stop - rows.start], dtype=np.float64))
+        return float(total / count)
+
     def run_epoch(self, stop, bar_factory):
         """Train one epoch (or finish an interrupted one); returns its metrics row."""
         c, comm = self.config, self.comm
@@ -612,10 +632,8 @@ class Run:
         total_loss, total_seen = comm.allreduce_sum(np.array([loss_sum, seen], dtype=np.float64))
         self.trainer.sync_params()
         t1 = time.perf_counter()
-        m, ebs = self.model, c.eval_batch_size
-        test_loss = -ev.mean_elbo(m, self.x_test, batch_size=ebs, comm=comm, eps=self.test_eps)
-        val_loss = -ev.mean_elbo(m, self.x_val, batch_size=ebs, comm=comm, eps=self.val_eps) \
-            if self.x_val is not None else None
+        test_loss = -self._mean_elbo(self.x_test, self.test_eps, "test")
+        val_loss = -self._mean_elbo(self.x_val, self.val_eps, "validation") if self.x_val is not None else None
         eval_time = time.perf_counter() - t1
         if not math.isfinite(test_loss):
             kept = f"the last good checkpoint (epoch {self.epoch}) is kept in {self.ckpt_path}" \

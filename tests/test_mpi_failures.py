@@ -1,9 +1,9 @@
 """A failure on one MPI rank stops every rank, each by itself, with the same one line (issue 6).
 
 Complements tests/test_mpi.py (equivalence, resume, Ctrl-C, a NaN, a failed write, a rank that
-dies): here the failures are *exceptions* raised on one rank, at start-up (the data, the backend)
-and inside a training step (in loss_and_grad, and with free bits after the KL decision's
-all-reduce). Before the fix in minivae/train.py an exception in rank 1's step hung the job: rank 1
+dies): here the failures are *exceptions* raised on one rank, at start-up (the data, the backend),
+inside a training step (in loss_and_grad, and with free bits after the KL decision's all-reduce)
+and in the sharded evaluation. Before the fix in minivae/train.py an exception in rank 1's step hung the job: rank 1
 printed its error and left, rank 0 waited in the gradient Allreduce forever.
 
 Each job runs tests/mpi/launch.py under ``mpiexec -n 2`` with a time limit, and every rank writes
@@ -104,12 +104,9 @@ def test_startup_failure_on_one_rank(tmp_path, inject, what):
     assert files(tmp_path / "run") == []                  # the folder root prepared, and nothing in it
 
 
-def test_exception_in_a_step_on_one_rank(tmp_path):
-    """Call 40 is epoch 2, step 5 of 35: both ranks stop after that step and epoch 1's checkpoint,
-    written by rank 0, is left whole."""
-    line = fail_on_rank_1(tmp_path, "raise", at=40)
-    assert "rank 1: the step failed (ValueError: injected: the backend failed) at epoch 2, step 5/35" in line
-    assert "the last good checkpoint (epoch 1) is kept" in line
+def assert_epoch_1_kept(tmp_path):
+    """The run folder holds epoch 1's checkpoint and metrics, bit for bit those of the same run
+    stopped after epoch 1, and no temporary file."""
     run_dir = tmp_path / "run"
     assert files(run_dir) == ["metrics.jsonl", "model.npz"]       # no temporary file
     meta, arrays = checkpoint.load(run_dir / "model.npz")
@@ -125,6 +122,21 @@ def test_exception_in_a_step_on_one_rank(tmp_path):
     assert sorted(ref) == sorted(arrays)
     for name in ref:
         np.testing.assert_array_equal(arrays[name], ref[name], err_msg=name)
+
+
+def test_exception_in_a_step_on_one_rank(tmp_path):
+    """Call 40 is epoch 2, step 5 of 35: both ranks stop after that step."""
+    line = fail_on_rank_1(tmp_path, "raise", at=40)
+    assert "rank 1: the step failed (ValueError: injected: the backend failed) at epoch 2, step 5/35" in line
+    assert "the last good checkpoint (epoch 1) is kept" in line
+    assert_epoch_1_kept(tmp_path)
+
+
+def test_exception_in_the_evaluation_on_one_rank(tmp_path):
+    """The 3rd evaluation is epoch 2's test split: rank 1 runs out of memory in its shard."""
+    line = fail_on_rank_1(tmp_path, "eval", at=3)
+    assert "evaluating the test split failed on rank 1: MemoryError: injected: out of memory" in line
+    assert_epoch_1_kept(tmp_path)
 
 
 def test_exception_after_the_free_bits_all_reduce(tmp_path):

@@ -10,6 +10,8 @@ real entry point, ``minivae.cli.main``, and exits with its status. Injections:
               library or the GPU the backend needs)
     raise     the ``--at``-th call (1-based, over the run) of the backend's loss_and_grad on that
               rank raises ValueError: an exception in one rank's arithmetic, mid-step
+    eval      the ``--at``-th evaluation of a split (per epoch: test, then validation) on that
+              rank raises MemoryError
 
 With ``--log DIR`` each rank writes its own stdout and stderr to DIR/rank<r>.out and DIR/rank<r>.err
 (mpiexec merges the ranks' streams as they come) and, when the command line returns, its exit status
@@ -53,13 +55,16 @@ def inject(kind, at):
         from minivae.kernels.numpy_ import NumpyBackend
         for cls in (NumpyBackend, NumbaBackend):
             _wrap_nth_call(cls, "loss_and_grad", at, ValueError("injected: the backend failed"))
+    elif kind == "eval":
+        from minivae import evaluate
+        _wrap_nth_call(evaluate, "elbo_per_example", at, MemoryError("injected: out of memory in the evaluation"))
     else:
         raise SystemExit(f"unknown injection {kind!r}")
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--inject", choices=("data", "backend", "raise"), required=True)
+    p.add_argument("--inject", choices=("data", "backend", "raise", "eval"), required=True)
     p.add_argument("--rank", type=int, default=1, help="the rank that fails")
     p.add_argument("--at", type=int, default=1, help="which call fails (1-based)")
     p.add_argument("--log", metavar="DIR", help="per-rank stdout, stderr and exit status files")
