@@ -5,7 +5,6 @@ no test hooks), then runs the ``minivae`` command line (minivae.cli.main) with t
 arguments and exits with its status. FAULT is one of
 
     nan:N         the N-th training step's loss and gradient are NaN (N counts from 1 over the run)
-    evalraise:N   the N-th evaluation call of the backend (bound) raises a ValueError
     sigint:N      SIGINT arrives during the N-th training step (Ctrl-C on this rank only)
     write:N       the N-th atomic file write fails half-way with ENOSPC (rank 0 writes the files)
     crash:N       the process dies during the N-th training step (os._exit(3), no message, no MPI
@@ -28,17 +27,17 @@ def backend_name(argv):
     return argv[argv.index("--backend") + 1] if "--backend" in argv else "numpy"
 
 
-def on_step(argv, n, action, method="loss_and_grad"):
-    """Call ``action(result)`` after the n-th call of ``method`` of the backend named in argv."""
+def on_step(argv, n, action):
+    """Pass the result of the n-th loss_and_grad call (of the backend named in argv) through ``action``."""
     cls = get_backend(backend_name(argv))
-    real = getattr(cls, method)
+    real = cls.loss_and_grad
     calls = [0]
 
-    def wrapper(self, *args, **kw):
+    def loss_and_grad(self, *args, **kw):
         calls[0] += 1
         result = real(self, *args, **kw)
         return action(result) if calls[0] == n else result
-    setattr(cls, method, wrapper)
+    cls.loss_and_grad = loss_and_grad
 
 
 def main():
@@ -51,10 +50,6 @@ def main():
                 grad[...] = float("nan")
                 return float("nan"), grad
             on_step(argv, int(arg), poison)
-        elif kind == "evalraise":
-            def fail_eval(result):
-                raise ValueError("injected: the evaluation failed")
-            on_step(argv, int(arg), fail_eval, method="bound")
         elif kind == "sigint":
             def interrupt(result):
                 os.kill(os.getpid(), signal.SIGINT)
