@@ -17,9 +17,12 @@ The model is the benchmark model: 784-400-20, relu, Bernoulli, ELBO (L = 1), Ada
    around each part: compute (``loss_and_grad`` + the optimizer), the wait for the slowest rank (a Barrier,
    added here only to separate load imbalance from communication) and the all-reduce of the flat gradient
    (``allreduce_mean_``, 652,824 float32 values). Medians over steps after a warm-up, of the largest value
-   over the ranks. Then ``trainer.step`` itself, unclocked inside, for the whole step.
+   over the ranks. Then the step of the trainer ``train.make_trainer`` picks (what ``minivae train`` runs:
+   HostTrainer on P > 1 ranks; for numba in one process the FusedTrainer, the optimizer inside the backward
+   pass), unclocked inside, for the whole step.
 3. A pure ``Allreduce`` (in place, float32, SUM) over vector sizes on 2 ranks.
-4. Compute alone (one process, serial communicator) at per-rank batches 128, 64, ..., 1, for 1 and 2 threads.
+4. Compute alone (one process) at per-rank batches 128, 64, ..., 1, for 1 and 2 threads: a rank's
+   loss_and_grad + optimizer, and the step of the single-process trainer.
 
 The configurations alternate round by round, so the noise of a shared machine falls on all of them alike.
 
@@ -101,9 +104,8 @@ def worker_step(args):
     mpi = comm.comm
     x, source = mnist_like(BATCH * 80)
     model, opt = _model(args.backend)
-    trainer = train.make_trainer(model, opt, comm, "elbo", 0.0)
-    if type(trainer) is not train.HostTrainer:
-        raise SystemExit(f"mpi.py: backend {args.backend} does not train through HostTrainer")
+    chosen = train.make_trainer(model, opt, comm, "elbo", 0.0)    # what `minivae train` runs
+    host = train.HostTrainer(model.backend, model.params, opt, comm, "elbo", 0.0)   # the parts, clocked
     rng = np.random.default_rng([0, comm.rank])
     b, lo, hi = BATCH, comm.rank * BATCH // comm.size, (comm.rank + 1) * BATCH // comm.size
     nb = len(x) // b
@@ -118,23 +120,23 @@ def worker_step(args):
     with limit_threads(args.threads):
         for s in range(args.warmup + args.steps):
             xb, eps = minibatch(s)
-            t0 = time.perf_counter()
-            trainer.backend.loss_and_grad(trainer.params, xb, eps, beta=1.0, objective="elbo", free_bits=0.0,
-                                          grad=trainer.grad)
+            t0 = time.perf_counter()                   # the body of HostTrainer.step
+            host.backend.loss_and_grad(host.params, xb, eps, beta=1.0, objective="elbo", free_bits=0.0,
+                                       grad=host.grad)
             t1 = time.perf_counter()
             mpi.Barrier()
             t2 = time.perf_counter()
-            comm.allreduce_mean_(trainer.grad)
+            comm.allreduce_mean_(host.grad)
             t3 = time.perf_counter()
-            trainer.optimizer.step(trainer.params, trainer.grad)
+            host.optimizer.step(host.params, host.grad)
             t4 = time.perf_counter()
             if s >= args.warmup:
                 parts[s - args.warmup] = (t1 - t0) + (t4 - t3), t2 - t1, t3 - t2
         mpi.Barrier()
-        for s in range(args.warmup + args.steps):      # the trainer's own step, nothing added
+        for s in range(args.warmup + args.steps):      # the chosen trainer's own step, nothing added
             xb, eps = minibatch(s)
             t0 = time.perf_counter()
-            trainer.step(xb, eps, 1.0)
+            chosen.step(xb, eps, 1.0)
             if s >= args.warmup:
                 whole[s - args.warmup] = time.perf_counter() - t0
     worst = np.empty_like(parts)
@@ -144,7 +146,8 @@ def worker_step(args):
     if comm.is_root:
         med = np.median(worst, axis=0)
         _emit({"P": comm.size, "threads": args.threads, "compute": med[0], "wait": med[1], "allreduce": med[2],
-               "step": float(np.median(worst_whole)), "grad_size": int(trainer.grad.size), "data": source})
+               "step": float(np.median(worst_whole)), "grad_size": int(host.grad.size), "data": source,
+               "trainer": type(chosen).__name__})
 
 
 def worker_allreduce(args):
@@ -170,29 +173,46 @@ def worker_allreduce(args):
 
 
 def worker_compute(args):
-    """loss_and_grad + optimizer step at each batch in COMPUTE_BATCHES, one process, ``args.threads`` threads."""
+    """At each batch in COMPUTE_BATCHES, one process, ``args.threads`` threads: the rank's compute,
+    loss_and_grad + optimizer step (HostTrainer's parts), and the step of the trainer a single process
+    gets from train.make_trainer (numba: FusedTrainer, the optimizer inside the backward pass), alternating."""
+    from minivae import train
     from minivae.threads import limit_threads
     x, _ = mnist_like(BATCH * 40)
     model, opt = _model(args.backend)
+    chosen = train.make_trainer(model, opt, train.SerialComm(), "elbo", 0.0)
     grad = np.empty_like(model.params)
     backend = model.backend
     rng = np.random.default_rng(0)
-    res = {}
+    res, res_chosen = {}, {}
+
+    def host_step(xb, eps):
+        backend.loss_and_grad(model.params, xb, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=grad)
+        opt.step(model.params, grad)
+
     with limit_threads(args.threads):
         for n in COMPUTE_BATCHES:
             steps = args.steps if n >= 32 else 3 * args.steps
             eps = rng.standard_normal((1, n, Z), dtype=np.float32)
-            ts = np.empty(steps)
+            ts = np.empty((2, steps))
             nb = len(x) // n
+            start = None
             for s in range(args.warmup + steps):
+                if s == args.warmup:
+                    start = time.perf_counter()
+                elif start is not None and s - args.warmup >= 20 and time.perf_counter() - start > args.max_seconds:
+                    ts = ts[:, :s - args.warmup]             # a slow (contended) configuration: enough steps
+                    break
                 xb = x[(s % nb) * n:(s % nb + 1) * n]
-                t = time.perf_counter()
-                backend.loss_and_grad(model.params, xb, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=grad)
-                opt.step(model.params, grad)
+                t0 = time.perf_counter()
+                host_step(xb, eps)
+                t1 = time.perf_counter()
+                chosen.step(xb, eps, 1.0)
+                t2 = time.perf_counter()
                 if s >= args.warmup:
-                    ts[s - args.warmup] = time.perf_counter() - t
-            res[n] = float(np.median(ts))
-    _emit({"threads": args.threads, "compute": res})
+                    ts[:, s - args.warmup] = t1 - t0, t2 - t1
+            res[n], res_chosen[n] = float(np.median(ts[0])), float(np.median(ts[1]))
+    _emit({"threads": args.threads, "compute": res, "single": res_chosen, "trainer": type(chosen).__name__})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +233,7 @@ def _run(cmd, what, timeout=900):
 def _worker_cmd(mpiexec, P, mode, args, threads):
     return [mpiexec, "-n", str(P), sys.executable, str(Path(__file__).resolve()), "--worker", mode,
             "--backend", args.backend, "--threads", str(threads), "--steps", str(args.steps),
-            "--warmup", str(args.warmup)]
+            "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds)]
 
 
 def _write_idx(path, arr):
@@ -287,8 +307,9 @@ def check_allreduce(P, alpha):
     return math.ceil(math.log2(P)) * alpha if P > 1 else 0.0
 
 
-def model_tables(compute, nbytes, networks, threads):
-    """Markdown tables of the predicted strong and weak scaling for each network."""
+def model_tables(compute, single, nbytes, networks, threads):
+    """Markdown tables of the predicted strong and weak scaling for each network. ``compute``: a rank's
+    loss_and_grad + optimizer by batch; ``single``: the step a single process takes (P = 1 rows)."""
     out = []
     for name, bw, alpha in networks:
         for kind in ("strong", "weak"):
@@ -297,7 +318,7 @@ def model_tables(compute, nbytes, networks, threads):
                 b_rank = BATCH // P if kind == "strong" else BATCH
                 if b_rank < 1:
                     continue
-                c = compute[b_rank]
+                c = single[b_rank] if P == 1 else compute[b_rank]
                 ar, ck = ring_allreduce(P, nbytes, bw, alpha), check_allreduce(P, alpha)
                 T = c + ar + ck
                 sps = b_rank * P / T
@@ -324,8 +345,10 @@ def main(argv=None):
     ap.add_argument("--network", type=parse_network, action="append",
                     help="NAME:GBPS:US, a link of GBPS GB/s and US microseconds per message (repeatable; "
                          "default: " + ", ".join(NETWORKS) + ")")
-    ap.add_argument("--model-threads", type=int, choices=(1, 2), default=2,
-                    help="threads per rank (one rank per node) of the compute the model uses (default 2)")
+    ap.add_argument("--model-threads", type=int, choices=(1, 2), default=1,
+                    help="threads per rank (one rank per node) of the compute the model uses (default 1)")
+    ap.add_argument("--max-seconds", type=float, default=5.0,
+                    help="stop a compute-by-batch measurement after this long once it has 20 steps (default 5)")
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=("step", "allreduce", "compute"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -360,7 +383,8 @@ def main(argv=None):
             for T in (1, 2):
                 compute[T].append(_run([sys.executable, str(Path(__file__).resolve()), "--worker", "compute",
                                         "--backend", args.backend, "--threads", str(T), "--steps",
-                                        str(args.steps), "--warmup", str(args.warmup)], "compute worker"))
+                                        str(args.steps), "--warmup", str(args.warmup), "--max-seconds",
+                                        str(args.max_seconds)], "compute worker"))
             print(f"# round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     print(f"# 1-minute load average before each round: {', '.join(f'{v:.2f}' for v in loads)}; at the end: "
           f"{os.getloadavg()[0]:.2f} (this machine has {os.cpu_count()} cores; above that, other processes ran too)")
@@ -389,9 +413,12 @@ def main(argv=None):
     for P, T in CONFIGS:
         g = lambda k: med(x[k] for x in steps[(P, T)]) * 1e3   # noqa: E731
         rows.append([P, T, BATCH // P, f"{g('compute'):.3f}", f"{g('wait'):.3f}", f"{g('allreduce'):.3f}",
-                     f"{g('allreduce') / g('compute'):.0%}", f"{g('step'):.3f}", f"{BATCH / g('step') * 1e3:,.0f}"])
+                     f"{g('allreduce') / g('compute'):.0%}", steps[(P, T)][0]["trainer"], f"{g('step'):.3f}",
+                     f"{BATCH / g('step') * 1e3:,.0f}"])
     print(table(rows, ["P", "threads/rank", "rows/rank", "compute ms", "wait ms", "all-reduce ms",
-                       "all-reduce / compute", "trainer.step ms", "samples/s (128 / step)"]))
+                       "all-reduce / compute", "trainer (make_trainer)", "its step ms", "samples/s (128 / step)"]))
+    print("\nWith P = 1 the all-reduce of MPIComm only scales the gradient by 1/1 (one pass over it); "
+          "`minivae train` then picks the single-process trainer of the backend where it has one.")
 
     print(f"\n## Pure Allreduce on 2 ranks of this machine (in place, float32 SUM; shared memory)\n")
     print("Median of the slowest rank's time over many repeats (each after a Barrier), median over rounds; "
@@ -404,19 +431,26 @@ def main(argv=None):
 
     print(f"\n## Compute alone (loss_and_grad + Adam step, one process) by batch\n")
     comp = {T: {n: med(c["compute"][str(n)] for c in compute[T]) for n in COMPUTE_BATCHES} for T in (1, 2)}
-    used = monotone(comp[args.model_threads])
-    rows = [[n, f"{comp[1][n] * 1e3:.3f}", f"{comp[2][n] * 1e3:.3f}", f"{n / comp[1][n]:,.0f}",
-             f"{n / comp[2][n]:,.0f}", f"{used[n] * 1e3:.3f}"] for n in COMPUTE_BATCHES]
-    print(table(rows, ["batch", "1 thread ms", "2 threads ms", "1 thread samples/s", "2 threads samples/s",
-                       f"model uses ({args.model_threads} thr.) ms"]))
-    print("\n'model uses': the measured median, made non-decreasing in the batch (a smaller batch is never "
-          "charged more than a larger one, which it could be padded to), so that noise does not bend the curves.")
+    single = {T: {n: med(c["single"][str(n)] for c in compute[T]) for n in COMPUTE_BATCHES} for T in (1, 2)}
+    used, used1 = monotone(comp[args.model_threads]), monotone(single[args.model_threads])
+    name = compute[1][0]["trainer"]
+    rows = [[n, f"{comp[1][n] * 1e3:.3f}", f"{comp[2][n] * 1e3:.3f}", f"{single[1][n] * 1e3:.3f}",
+             f"{single[2][n] * 1e3:.3f}", f"{n / comp[args.model_threads][n]:,.0f}", f"{used[n] * 1e3:.3f}",
+             f"{used1[n] * 1e3:.3f}"] for n in COMPUTE_BATCHES]
+    print(table(rows, ["batch", "rank compute 1 thr. ms", "rank compute 2 thr. ms", f"{name} 1 thr. ms",
+                       f"{name} 2 thr. ms", f"rank samples/s ({args.model_threads} thr.)",
+                       "model: rank ms", f"model: P=1 ms"]))
+    print(f"\n'rank compute': loss_and_grad + Adam step, what each of P > 1 ranks runs (HostTrainer). '{name}': "
+          f"the step of the trainer `minivae train` uses in a single process. The model's columns are the medians "
+          f"with {args.model_threads} thread(s), made non-decreasing in the batch (a smaller batch is never charged "
+          f"more than a larger one, which it could be padded to), so that noise does not bend the curves.")
 
     print(f"\n## Model: P nodes, one rank per node (docs/math.md §10)\n")
     print(f"step = compute(rows per rank, measured above with {args.model_threads} thread(s)) + ring all-reduce "
           f"of {nbytes / 1e6:.2f} MB, 2 (P-1)/P bytes / B + 2 (P-1) alpha, + the per-step check all-reduce, "
-          f"ceil(log2 P) alpha. Efficiency = speedup / P.\n")
-    print(model_tables(used, nbytes, networks, args.model_threads))
+          f"ceil(log2 P) alpha. P = 1 is the single process ({name}, no communication); P > 1 ranks run "
+          f"HostTrainer. Speedup = samples/s over P = 1's; efficiency = speedup / P.\n")
+    print(model_tables(used, used1, nbytes, networks, args.model_threads))
     return 0
 
 
