@@ -505,8 +505,9 @@ def test_make_trainer_falls_back_to_host_trainer():
     fused = optim.make_optimizer("adam", m.layout.size, "float32", backend=m.backend)
     plain = optim.make_optimizer("adam", m.layout.size, "float32")          # the NumPy reference rule
     wrong = optim.make_optimizer("adam", m.layout.size, "float64", backend=m.backend)
+    bigger = optim.make_optimizer("adam", m.layout.size + 3, "float32", backend=m.backend)
     assert type(m.backend.make_trainer(m.params, fused, SerialComm())).__name__ == "FusedTrainer"
-    for opt, comm in ((fused, TwoRanks()), (plain, SerialComm()), (wrong, SerialComm())):
+    for opt, comm in ((fused, TwoRanks()), (plain, SerialComm()), (wrong, SerialComm()), (bigger, SerialComm())):
         assert type(m.backend.make_trainer(m.params, opt, comm)) is HostTrainer
 
 

@@ -1111,9 +1111,6 @@ class FusedTrainer:
         self.grad = np.empty_like(params)
         self.error = None
         self.code = OPT_CODES[optimizer.name]
-        st = [optimizer.state[k] for k in optimizer.state_names]
-        self.s1 = st[0]
-        self.s2 = st[1] if len(st) > 1 else backend._no_state
 
     @staticmethod
     def supports(backend, params, optimizer, comm) -> bool:
@@ -1125,6 +1122,9 @@ class FusedTrainer:
         if getattr(optimizer, "update", None) is not NumbaBackend.update_kernels[name]:
             return False
         if params.dtype != backend.dtype or optimizer.dtype != backend.dtype or not params.flags.c_contiguous:
+            return False
+        if any(a.shape != params.shape or a.dtype != params.dtype or not a.flags.c_contiguous
+               for a in optimizer.state.values()):
             return False
         lay = backend.lay
         adjacent = all(int(lay[t, 1]) == int(lay[t, 0] + lay[t, 2] * lay[t, 3]) for t in range(len(lay)))
@@ -1146,9 +1146,13 @@ class FusedTrainer:
             self.grad[...] = 0
             self.optimizer.step(self.params, self.grad)
             return 0.0
-        t = self.optimizer.t + 1
+        o = self.optimizer
+        t = o.t + 1
+        st = o.state                     # looked up every step: whatever arrays the optimizer holds now
+        s1 = st[o.state_names[0]]
+        s2 = st[o.state_names[1]] if len(o.state_names) > 1 else b._no_state
         loss = b._pass(self.params, self.grad, xb, eps, beta, self.objective, self.free_bits, _NO_MASK,
-                       (self.s1, self.s2, self._opt(t)))
+                       (s1, s2, self._opt(t)))
         self.optimizer.t = t
         return float(loss)
 
