@@ -128,6 +128,8 @@ def compare_runs(many, one, world_size=2):
              if arr_1[name].dtype.kind == "f"}                   # params, opt.m, opt.v, ...
     for name, d in diffs.items():
         assert d <= RTOL, f"{name}: relative difference {d:.3g} between {world_size} ranks and 1 process"
+    for name in set(arr_1) - set(diffs):                          # integer state: equal
+        np.testing.assert_array_equal(arr_p[name], arr_1[name], err_msg=name)
     np.testing.assert_array_equal(VAE.load(Path(many) / "model.npz").params, arr_p["params"])
     s_p, s_1 = meta_p["train"], meta_1["train"]
     assert s_p["rng"] == s_1["rng"] and s_p["epoch"] == s_1["epoch"] and s_p["step"] == s_1["step"]
