@@ -104,9 +104,19 @@ def test_startup_failure_on_one_rank(tmp_path, inject, what):
     assert files(tmp_path / "run") == []                  # the folder root prepared, and nothing in it
 
 
-def assert_epoch_1_kept(tmp_path):
+@pytest.fixture(scope="module")
+def epoch_1(tmp_path_factory):
+    """The checkpoint's arrays of the same run stopped after epoch 1 (2 ranks)."""
+    d = tmp_path_factory.mktemp("mpi_ref")
+    code, out, err = mpiexec(["-m", "minivae", "train", *COMMON, *FLAGS[:-1], "1", "--distributed",
+                              "--out", d / "ref"], d)
+    assert code == 0, err
+    return checkpoint.load(d / "ref" / "model.npz")[1]
+
+
+def assert_epoch_1_kept(tmp_path, ref):
     """The run folder holds epoch 1's checkpoint and metrics, bit for bit those of the same run
-    stopped after epoch 1, and no temporary file."""
+    stopped after epoch 1 (``ref``), and no temporary file."""
     run_dir = tmp_path / "run"
     assert files(run_dir) == ["metrics.jsonl", "model.npz"]       # no temporary file
     meta, arrays = checkpoint.load(run_dir / "model.npz")
@@ -114,29 +124,24 @@ def assert_epoch_1_kept(tmp_path):
     assert meta["train"]["epoch"] == 1 and [r["epoch"] for r in rows] == [1] == \
         [r["epoch"] for r in meta["train"]["metrics"]]
     assert np.isfinite(arrays["params"]).all()
-    # it is the checkpoint of the same run stopped after epoch 1, bit for bit
-    code, out, err = mpiexec(["-m", "minivae", "train", *COMMON, *FLAGS[:-1], "1", "--distributed",
-                              "--out", tmp_path / "ref"], tmp_path)
-    assert code == 0, err
-    _, ref = checkpoint.load(tmp_path / "ref" / "model.npz")
     assert sorted(ref) == sorted(arrays)
     for name in ref:
         np.testing.assert_array_equal(arrays[name], ref[name], err_msg=name)
 
 
-def test_exception_in_a_step_on_one_rank(tmp_path):
+def test_exception_in_a_step_on_one_rank(tmp_path, epoch_1):
     """Call 40 is epoch 2, step 5 of 35: both ranks stop after that step."""
     line = fail_on_rank_1(tmp_path, "raise", at=40)
     assert "rank 1: the step failed (ValueError: injected: the backend failed) at epoch 2, step 5/35" in line
     assert "the last good checkpoint (epoch 1) is kept" in line
-    assert_epoch_1_kept(tmp_path)
+    assert_epoch_1_kept(tmp_path, epoch_1)
 
 
-def test_exception_in_the_evaluation_on_one_rank(tmp_path):
+def test_exception_in_the_evaluation_on_one_rank(tmp_path, epoch_1):
     """The 3rd evaluation is epoch 2's test split: rank 1 runs out of memory in its shard."""
     line = fail_on_rank_1(tmp_path, "eval", at=3)
     assert "evaluating the test split failed on rank 1: MemoryError: injected: out of memory" in line
-    assert_epoch_1_kept(tmp_path)
+    assert_epoch_1_kept(tmp_path, epoch_1)
 
 
 def test_exception_after_the_free_bits_all_reduce(tmp_path):
