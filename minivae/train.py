@@ -59,7 +59,7 @@ model config (``VAE.load`` reads it) and the training state: the optimizer's arr
 permutation (``train.perm``) and its partial sums. It is written after every epoch, and on Ctrl-C
 after the last completed step, so ``--resume`` continues bit-identically. A NaN or inf loss stops
 the run without writing: the last good checkpoint stays. With P ranks, a NaN on any rank, or an
-exception in one rank's set-up, step or evaluation, stops every rank after the same step with the
+exception in one rank's set-up, step or evaluation, stops every rank at the same point with the
 same one-line message naming the first failing rank (``_collective``, ``Run._check``).
 """
 from __future__ import annotations
