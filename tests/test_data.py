@@ -120,9 +120,9 @@ def test_valid_bytes_are_read(tmp_path):
 
 @pytest.mark.parametrize("content", [
     b"\x1f\x8b\x08\x00garbage that is not deflate data",
-    gzip.compress(_valid_bytes(200))[:-12],                 # cut inside the stream
+    gzip.compress(_valid_bytes(200), mtime=0)[:-12],        # cut inside the stream
     b"plainly not gzip at all",                             # named .gz but not gzip
-])
+], ids=["not-deflate", "truncated", "not-gzip"])   # fixed ids: both xdist workers must collect the same tests
 def test_corrupt_gzip_names_the_file(tmp_path, content):
     p = _corrupt(tmp_path, "x-idx1-ubyte.gz", content)
     with pytest.raises(DataError, match="corrupt gzip") as e:
