@@ -234,10 +234,29 @@ def _threads_option(group):
                             "cores; with P ranks on one machine, give cores / P)")
 
 
+# set by the launchers for each of P processes: MPICH/Intel MPI (hydra), Open MPI
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+def _launched_processes() -> int:
+    """How many processes an MPI launcher started (1 when not under one)."""
+    sizes = [1]
+    for name in _LAUNCHER_SIZE_VARS:
+        try:
+            sizes.append(int(os.environ.get(name, "1")))
+        except ValueError:
+            pass
+    return max(sizes)
+
+
 def cmd_train(args):
     from .train import TrainConfig, resume_config, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "threads")}
+    launched = _launched_processes()
+    if launched > 1 and not given.get("distributed", False):
+        raise ValueError(f"started as one of {launched} MPI processes without --distributed: each would train "
+                         "its own copy into the same folder; add --distributed (or run one process)")
     if "hidden" in given:
         given["hidden"] = tuple(given["hidden"])
     if "resume" in given:

@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
+# matplotlib is imported inside the functions that draw: the command line reads FILENAMES at every
+# start (and on every MPI rank), and importing matplotlib costs ~0.5-1 s there.
 
 from . import distributions as dist
 from .checkpoint import atomic_write
@@ -74,6 +74,7 @@ def image_grid(images, ncols, pad=1, pad_value=PAD_VALUE):
 
 
 def _figure(width_in, height_in, dpi=DPI):
+    from matplotlib.figure import Figure
     return Figure(figsize=(width_in, height_in), dpi=dpi, layout="constrained")
 
 
@@ -258,6 +259,7 @@ def save_latent_scatter(path, mu, labels=None, dpi=DPI):
     if labels is None:
         ax.scatter(pts[:, 0], pts[:, 1], s=size, alpha=0.6, linewidths=0)
     else:
+        from matplotlib import colormaps
         cmap = colormaps["tab10"]
         for i, c in enumerate(np.unique(labels)):
             sel = labels == c

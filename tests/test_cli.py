@@ -322,3 +322,15 @@ def test_threads_limit_numba_and_every_blas_during_the_command(tmp_path, capsys,
     assert code == 0, err
     assert seen["numba"] == 1 and len(seen["blas"]) >= 2 and set(seen["blas"]) == {1}
     assert (numba.get_num_threads(), [d["num_threads"] for d in blas_info()]) == before
+
+
+@pytest.mark.parametrize("var", ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE"])
+def test_several_launched_processes_need_distributed(tmp_path, capsys, monkeypatch, var):
+    """`mpiexec -n 2 minivae train` without --distributed would train two copies into one folder."""
+    monkeypatch.setenv(var, "2")
+    code, _, err = cli(capsys, *DIGITS_RUN, "--out", tmp_path / "run")
+    assert code == 1 and one_line_error(err) and "--distributed" in err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv(var, "1")                                 # one process under a launcher is fine
+    code, _, err = cli(capsys, *DIGITS_RUN, "--out", tmp_path / "run")
+    assert code == 0, err
