@@ -359,6 +359,8 @@ def main(argv=None):
         ap.error("--epochs must be >= 2 (the first epoch is the warm-up)")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
+    if not args.max_seconds > 0:
+        ap.error("--max-seconds must be > 0")
     if args.worker:
         return {"step": worker_step, "allreduce": worker_allreduce, "compute": worker_compute}[args.worker](args) or 0
     networks = args.network or [parse_network(n) for n in NETWORKS]
