@@ -1,7 +1,7 @@
 """Data-parallel training over MPI: measured throughput for P = 1, 2 here, and a model of P nodes.
 
-    python benchmarks/mpi.py [--backend numba|numpy] [--rounds 3] [--epochs 5] [--steps 300]
-                             [--network NAME:GBPS:US ...]
+    python benchmarks/mpi.py [--backend numba|numpy] [--rounds 3] [--epochs 5] [--steps 300] [--warmup 30]
+                             [--max-seconds 5] [--model-threads 1|2] [--network NAME:GBPS:US ...]
 
 The model is the benchmark model: 784-400-20, relu, Bernoulli, ELBO (L = 1), Adam (lr 1e-3), global batch
 128, float32. Every measurement runs minivae's own training path in child processes launched with
@@ -12,9 +12,8 @@ The model is the benchmark model: 784-400-20, relu, Bernoulli, ELBO (L = 1), Ada
    synthetic 784-pixel images if they are missing), read back from metrics.jsonl as
    train_samples / train_time_s, the median over the epochs after the first (which holds the warm-up).
    Configurations: P = 1 with 2 threads, P = 1 with 1 thread, P = 2 with 1 thread per rank.
-2. The step taken apart: the worker builds the trainer with ``train.make_trainer`` and an
-   ``distributed.MPIComm`` (a ``train.HostTrainer``) and runs the body of ``HostTrainer.step`` with a clock
-   around each part: compute (``loss_and_grad`` + the optimizer), the wait for the slowest rank (a Barrier,
+2. The step taken apart: the worker builds a ``train.HostTrainer`` on a ``distributed.MPIComm`` (the trainer
+   every rank of P > 1 runs) and runs the body of ``HostTrainer.step`` with a clock around each part: compute (``loss_and_grad`` + the optimizer), the wait for the slowest rank (a Barrier,
    added here only to separate load imbalance from communication) and the all-reduce of the flat gradient
    (``allreduce_mean_``, 652,824 float32 values). Medians over steps after a warm-up, of the largest value
    over the ranks. Then the step of the trainer ``train.make_trainer`` picks (what ``minivae train`` runs:
