@@ -8,6 +8,7 @@ one process and by :class:`MPIComm` here:
     allreduce_sum(arr)                  the elementwise sum over ranks (a new array)
     all_ok(ok, message)                 (True, None) if every rank is ok, else (False, first failing rank's message)
     barrier()
+    local_rank()                        (rank on this node, ranks on this node), for binding GPUs
 
 Everything moves as contiguous NumPy buffers through the upper-case mpi4py calls (``Allreduce``, ``Bcast``):
 no Python object is ever pickled. Launch with ``mpiexec -n P minivae train --distributed ...``.
@@ -81,3 +82,12 @@ class MPIComm:
 
     def barrier(self):
         self.comm.Barrier()
+
+    def local_rank(self):
+        """(rank among the processes on this node, how many there are): a collective call.
+        Ranks that share a node share its GPUs (see kernels.cuda.select_local_device)."""
+        node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return node.Get_rank(), node.Get_size()
+        finally:
+            node.Free()

@@ -464,6 +464,10 @@ class Run:
         self.dataset = _collective(comm, lambda: data_mod.load_dataset(
             c.dataset, c.data_dir, c.binarize, c.val_fraction, c.seed, c.dtype), "loading the data")
         ds = self.dataset
+        if c.backend == "cuda" and comm.size > 1:          # ranks on a node share its GPUs in turn
+            local_rank, _ = comm.local_rank()
+            from .kernels.cuda import select_local_device
+            _collective(comm, lambda: select_local_device(local_rank), "choosing a GPU")
         # a backend can fail on one machine only (no GPU there): every rank must learn it
         self.model = _collective(comm, lambda: VAE(ds.x_dim, c.z_dim, hidden=c.hidden, activation=c.activation,
                                                    likelihood=c.likelihood, dtype=c.dtype, seed=c.seed,

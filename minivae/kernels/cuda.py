@@ -120,6 +120,19 @@ def unavailable_reason():
             "`numba -s` shows why, e.g. an unsupported compute capability)")
 
 
+def select_local_device(local_rank):
+    """Bind this process to GPU ``local_rank`` mod (the GPUs it sees), before its first CUDA context:
+    data-parallel ranks on one node take the node's GPUs in turn instead of all landing on device 0.
+    With CUDA_VISIBLE_DEVICES set to one GPU per rank (as some schedulers do), that one is device 0.
+    Returns the device id, or None when CUDA is unusable here (building the backend then says why)."""
+    if unavailable_reason() is not None:
+        return None
+    from numba import cuda
+    device = int(local_rank) % max(1, len(cuda.gpus))
+    cuda.select_device(device)
+    return device
+
+
 class _Layer:
     """Device views of one linear layer in a flat vector: Wb = [W; b] (I+1, O), W (I, O), b (O,)."""
     __slots__ = ("Wb", "W", "b")
@@ -498,6 +511,7 @@ class CudaTrainer:
         self.params, self.optimizer, self.comm = params, optimizer, comm
         self.objective, self.free_bits, self.samples = objective, float(free_bits), int(samples)
         self.seed, self.loss_every = seed, int(loss_every)
+        self.error = None            # the exception of this rank's last step (data-parallel only)
         self.dp = cuda.to_device(params)                           # (P,) parameters
         self.dg = cuda.device_array(params.shape, dtype=params.dtype)   # (P,) gradient
         self.dstate = {k: cuda.to_device(v) for k, v in optimizer.state.items()}
@@ -574,6 +588,7 @@ class CudaTrainer:
         distributed = self.comm is not None and getattr(self.comm, "size", 1) > 1
         if self._g_host is None and (distributed or ws is None):
             self._g_host = np.zeros(self.dg.shape, dtype=self.dg.dtype)
+        self.error = None
         if ws is None:
             self._g_host[...] = 0                        # no rows: a zero gradient, no loss
             self.dg.copy_to_device(self._g_host)
@@ -581,11 +596,20 @@ class CudaTrainer:
             saved, be._loss = be._loss, self.loss_acc    # accumulate this trainer's losses
             try:
                 be._forward_backward(self.P, self.Gr, ws, float(beta), self.objective, self.free_bits, states)
+            except Exception as e:
+                # with other ranks waiting in the all-reduce, keep the exception and join it with a
+                # NaN gradient: the training loop reads ``error`` and stops every rank (as HostTrainer)
+                if not distributed:
+                    raise
+                self.error = e
             finally:
                 be._loss = saved
         if distributed:
             # data parallel over MPI: the gradient makes a host round trip for the all-reduce
-            self.dg.copy_to_host(self._g_host)
+            if self.error is None:
+                self.dg.copy_to_host(self._g_host)
+            else:
+                self._g_host[...] = np.nan
             self.comm.allreduce_mean_(self._g_host, weight)
             self.dg.copy_to_device(self._g_host)
         self._update()

@@ -139,6 +139,27 @@ def test_distributed_gradient_goes_through_the_communicator(rng):
     assert_same_state(trainer, p_host, opt_host)
 
 
+def test_a_failing_step_still_joins_the_all_reduce(rng, monkeypatch):
+    """With other ranks waiting in the all-reduce, an exception in this rank's step is kept in
+    ``trainer.error`` and the rank contributes a NaN gradient (the loop then stops every rank);
+    alone, the exception is raised as it is."""
+    spec, be, ref, params, X, opt_dev, opt_host = setup(rng, "sgd")
+    eps = rng.standard_normal((1, 3, spec.z_dim)).astype(np.float32)
+
+    def boom(*args, **kwargs):
+        raise FloatingPointError("injected")
+
+    comm = FakeComm()
+    trainer = be.make_trainer(params, opt_dev, comm, "elbo", 0.0, loss_every=1)
+    monkeypatch.setattr(be, "_forward_backward", boom)
+    trainer.step(X[:3], eps, 1.0, weight=3)
+    assert isinstance(trainer.error, FloatingPointError)
+    assert len(comm.calls) == 1 and np.isnan(comm.calls[0][0]).all()
+    alone = be.make_trainer(params.copy(), make_optimizer("sgd", params.size, "float32", **HYPER["sgd"]))
+    with pytest.raises(FloatingPointError, match="injected"):
+        alone.step(X[:3], eps, 1.0)
+
+
 def test_trainer_refuses_bad_use(rng):
     spec, be, ref, params, X, opt_dev, opt_host = setup(rng)
     trainer = be.make_trainer(params, opt_dev)
@@ -191,3 +212,13 @@ def test_checkpoint_from_gpu_loads_on_cpu_and_back(tmp_path, rng, monkeypatch):
     loss = t2.step(X[:3], e, 1.0)
     assert loss == pytest.approx(host_step(cpu.backend, cpu.params, opt_cpu, X[:3], e, 1.0), rel=1e-5)
     assert_same_state(t2, cpu.params, opt_cpu)
+
+
+def test_ranks_on_a_node_take_its_gpus_in_turn():
+    """The simulator shows one GPU: every local rank binds to device 0 (with G GPUs, rank % G)."""
+    from numba import cuda
+
+    from minivae.kernels.cuda import select_local_device
+    assert len(cuda.gpus) >= 1
+    for local_rank in range(3):
+        assert select_local_device(local_rank) == local_rank % len(cuda.gpus)

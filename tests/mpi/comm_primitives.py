@@ -77,6 +77,9 @@ check(got[0] is False and got[1].startswith("rank 1: éé") and len(got[1].encod
       f"all_ok with a message longer than {MESSAGE_BYTES} bytes: {got[1][:40]!r}...")
 check(comm.all_ok(True, None) == (True, None), "all_ok after failures")
 
+# -- local_rank: every rank of this test runs on one machine
+check(comm.local_rank() == (r, P), f"local_rank on one node: {comm.local_rank()!r}")
+
 comm.barrier()
 print(json.dumps({"rank": r, "size": P, "failures": failures}), flush=True)
 sys.exit(1 if failures else 0)
