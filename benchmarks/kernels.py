@@ -140,26 +140,6 @@ def step_rows(dtype, repeat):
         t[be] = timeit(lambda: mdl.backend.loss_and_grad(mdl.params, x, eps, grad=g), repeat=repeat, number=5)
     rows.append(["loss_and_grad (ELBO, L=1)", f"{t['numpy'] * 1e3:.2f}", f"{t['numba'] * 1e3:.2f}",
                  f"{t['numpy'] / t['numba']:.2f}"])
-    # one Adam training step: HostTrainer (gradient, then the flat update) on the NumPy backend,
-    # and on numba both HostTrainer and the FusedTrainer (the update inside the backward pass),
-    # alternated so that the noise of a shared machine falls on both alike
-    from minivae import optim as opt_mod
-    from minivae.train import HostTrainer, SerialComm
-    step = {}
-    for be in ("numpy", "numba"):
-        mdl = VAE(D, Z, hidden=(H,), dtype=dtype, backend=be)
-        o = opt_mod.make_optimizer("adam", mdl.layout.size, dtype, backend=mdl.backend)
-        step[be + "-host"] = HostTrainer(mdl.backend, mdl.params, o, SerialComm())
-        if be == "numba":
-            step["numba-fused"] = mdl.backend.make_trainer(mdl.params, o, SerialComm())
-    ts = {k: [] for k in step}
-    for _ in range(3):
-        for k, tr in step.items():
-            ts[k].append(timeit(lambda: tr.step(x, eps, 1.0), repeat=repeat, number=5))
-    ts = {k: float(np.median(v)) for k, v in ts.items()}
-    for k in ("numba-host", "numba-fused"):
-        rows.append([f"training step, Adam ({'HostTrainer' if k.endswith('host') else 'FusedTrainer'})",
-                     f"{ts['numpy-host'] * 1e3:.2f}", f"{ts[k] * 1e3:.2f}", f"{ts['numpy-host'] / ts[k]:.2f}"])
     return table(rows, ["whole pass", "NumPy ms", "numba ms", "speed-up"])
 
 

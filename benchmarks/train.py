@@ -7,9 +7,7 @@ batch 128, float32, on MNIST-shaped data (the t10k images tiled to 60,000 rows, 
 Each contender lives in its own worker process (one process tree); the parent asks them for one
 epoch at a time, round-robin, so the noise of a shared machine falls on all of them alike. After one
 warm-up epoch each, it prints the median epoch time, samples/s and the ratios. Frameworks that are
-not installed are skipped. minivae-numba trains through `minivae train`'s trainer (the backend's
-FusedTrainer: Adam inside the backward pass); minivae-numba-host through the generic HostTrainer
-(gradient, then one Adam pass over the flat vector), for the before/after of that fusion. Also:
+not installed are skipped. Also:
   * the GEMM-only floor: one step's GEMMs (benchmarks/common.model_gemms) alone in NumPy's OpenBLAS,
     times the steps of an epoch, measured in the same round-robin;
   * start-up: a fresh process that imports minivae, builds the model and takes its first step with
@@ -30,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import BATCH, D, H, STEPS_PER_EPOCH, Z, machine, mnist_like, model_gemms, table  # noqa: E402
 
-CONTENDERS = ("minivae-numpy", "minivae-numba", "minivae-numba-host", "pytorch-eager", "jax-jit", "gemm-floor")
+CONTENDERS = ("minivae-numpy", "minivae-numba", "pytorch-eager", "jax-jit", "gemm-floor")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,17 +40,13 @@ def _batches(steps):
     return x
 
 
-def worker_minivae(backend, steps, host=False):
-    """The trainer `minivae train` uses (train.make_trainer: the numba backend's FusedTrainer, Adam
-    inside the backward pass), or with ``host`` the generic HostTrainer (loss_and_grad, then one
-    Adam pass over the flat vector)."""
+def worker_minivae(backend, steps):
     from minivae import VAE, optim
-    from minivae.train import HostTrainer, SerialComm, make_trainer
+    from minivae.train import HostTrainer, SerialComm
     x = _batches(steps)
     model = VAE(D, Z, hidden=(H,), backend=backend, dtype="float32", seed=0)
     opt = optim.make_optimizer("adam", model.layout.size, "float32", backend=model.backend, lr=1e-3)
-    trainer = HostTrainer(model.backend, model.params, opt, SerialComm()) if host else \
-        make_trainer(model, opt, SerialComm(), "elbo", 0.0)
+    trainer = HostTrainer(model.backend, model.params, opt, SerialComm())
     rng = np.random.default_rng(0)
     eps = np.empty((1, BATCH, Z), np.float32)
 
@@ -170,8 +164,6 @@ def run_worker(name, steps):
         epoch = worker_minivae("numpy", steps)
     elif name == "minivae-numba":
         epoch = worker_minivae("numba", steps)
-    elif name == "minivae-numba-host":
-        epoch = worker_minivae("numba", steps, host=True)
     elif name == "pytorch-eager":
         epoch = worker_torch(steps)
     elif name == "jax-jit":

@@ -437,81 +437,6 @@ def test_bad_gemm_setting(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# The fused trainer (optimizer step inside the backward pass) against HostTrainer
-# ----------------------------------------------------------------------------------------------
-
-OPT_CASES = [("adam", {}), ("adam", dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)),
-             ("sgd", dict(momentum=0.9, weight_decay=0.01)), ("sgd", dict(momentum=0.0)),
-             ("adagrad", dict(weight_decay=0.1))]
-
-
-def _trainer_run(kind, dtype, name, hyper, steps, objective="elbo", L=1, free_bits=0.0, gemm=None,
-                 state=None):
-    from minivae.train import HostTrainer, SerialComm
-    m = VAE(30, 3, hidden=(16, 8), dtype=dtype, seed=1, backend="numba", activation="tanh")
-    o = optim.make_optimizer(name, m.layout.size, dtype, backend=m.backend, **hyper)
-    if state is not None:                                   # a checkpoint: params + optimizer state
-        m.params[...] = state[0]
-        o.load_state_dict(state[1])
-    args = (m.params, o, SerialComm(), objective, free_bits)
-    tr = HostTrainer(m.backend, *args) if kind == "host" else m.backend.make_trainer(*args)
-    assert type(tr).__name__ == ("HostTrainer" if kind == "host" else "FusedTrainer")
-    rng = np.random.default_rng(21)
-    X = rng.random((40, 30)).astype(dtype)
-    losses = [tr.step(X[(s % 4) * 10:(s % 4 + 1) * 10], rng.standard_normal((L, 10, 3)).astype(dtype), 0.7)
-              for s in range(steps)]
-    return m.params.copy(), o.state_dict(), losses
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name, hyper", OPT_CASES)
-def test_fused_trainer_same_numbers_as_host_trainer(dtype, name, hyper):
-    """N steps with both trainers: the same params, optimizer state, step counter and losses, to the
-    bit (every element's update is the same arithmetic, only its place in the pass moved)."""
-    host = _trainer_run("host", dtype, name, hyper, 9)
-    fused = _trainer_run("fused", dtype, name, hyper, 9)
-    np.testing.assert_array_equal(fused[0], host[0])
-    assert fused[1].keys() == host[1].keys()
-    for k in host[1]:
-        np.testing.assert_array_equal(fused[1][k], host[1][k], err_msg=k)
-    assert int(fused[1]["opt.t"]) == 9
-    assert fused[2] == host[2]
-
-
-@pytest.mark.parametrize("objective, L, free_bits", [("elbo", 2, 0.0), ("elbo", 1, 0.3), ("iwae", 3, 0.0)])
-def test_fused_trainer_objectives_and_both_gemms(gemm, objective, L, free_bits):
-    host = _trainer_run("host", np.float64, "adam", {}, 5, objective, L, free_bits)
-    fused = _trainer_run("fused", np.float64, "adam", {}, 5, objective, L, free_bits)
-    np.testing.assert_array_equal(fused[0], host[0])
-    assert fused[2] == host[2]
-
-
-def test_fused_trainer_resumes_from_a_host_checkpoint():
-    """A checkpoint written after 4 host steps, continued 5 steps by either trainer: the same."""
-    params, st, _ = _trainer_run("host", np.float32, "adam", {}, 4)
-    a = _trainer_run("host", np.float32, "adam", {}, 5, state=(params, st))
-    b = _trainer_run("fused", np.float32, "adam", {}, 5, state=(params, st))
-    np.testing.assert_array_equal(b[0], a[0])
-    assert int(b[1]["opt.t"]) == 9
-    assert b[2] == a[2]
-
-
-def test_make_trainer_falls_back_to_host_trainer():
-    from minivae.train import HostTrainer, SerialComm
-
-    class TwoRanks(SerialComm):
-        size = 2
-    m = VAE(6, 2, hidden=(4,), backend="numba", dtype="float32")
-    fused = optim.make_optimizer("adam", m.layout.size, "float32", backend=m.backend)
-    plain = optim.make_optimizer("adam", m.layout.size, "float32")          # the NumPy reference rule
-    wrong = optim.make_optimizer("adam", m.layout.size, "float64", backend=m.backend)
-    bigger = optim.make_optimizer("adam", m.layout.size + 3, "float32", backend=m.backend)
-    assert type(m.backend.make_trainer(m.params, fused, SerialComm())).__name__ == "FusedTrainer"
-    for opt, comm in ((fused, TwoRanks()), (plain, SerialComm()), (wrong, SerialComm()), (bigger, SerialComm())):
-        assert type(m.backend.make_trainer(m.params, opt, comm)) is HostTrainer
-
-
-# ----------------------------------------------------------------------------------------------
 # No allocation per step in steady state
 # ----------------------------------------------------------------------------------------------
 
@@ -545,32 +470,6 @@ def test_no_python_allocation_per_step():
     assert m2 - m1 <= 0, f"traced memory grew by {m2 - m1} bytes over the next 300 steps"
 
 
-def test_no_python_allocation_per_fused_step():
-    from minivae.train import SerialComm
-    m = VAE(20, 3, hidden=(16,), backend="numba", dtype="float32")
-    o = optim.make_optimizer("adam", m.layout.size, "float32", backend=m.backend)
-    tr = m.backend.make_trainer(m.params, o, SerialComm())
-    rng = np.random.default_rng(15)
-    x, eps = _data(rng, 8, 20, 1, 3, np.float32)
-
-    def steps(k):
-        for _ in range(k):
-            tr.step(x, eps, 1.0)
-    steps(5)
-    tracemalloc.start()
-    try:
-        steps(10)
-        m0, _ = tracemalloc.get_traced_memory()
-        steps(300)
-        m1, _ = tracemalloc.get_traced_memory()
-        steps(300)
-        m2, _ = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert m1 - m0 <= 1024, f"traced memory grew by {m1 - m0} bytes over the first 300 steps"
-    assert m2 - m1 <= 0, f"traced memory grew by {m2 - m1} bytes over the next 300 steps"
-
-
 NRT_SCRIPT = """
 import numpy as np
 from numba.core.runtime import rtsys
@@ -580,18 +479,10 @@ m = VAE(20, 3, hidden=(16,), backend="numba", dtype="float32")
 rng = np.random.default_rng(0)
 x = rng.random((8, 20)).astype(np.float32); eps = rng.standard_normal((1, 8, 3)).astype(np.float32)
 g, ms, vs = (np.zeros_like(m.params) for _ in range(3))
-if FUSED:
-    from minivae import optim
-    from minivae.train import SerialComm
-    tr = m.backend.make_trainer(m.params, optim.make_optimizer("adam", m.params.size, "float32",
-                                backend=m.backend), SerialComm())
 def steps(k):
     for _ in range(k):
-        if FUSED:
-            tr.step(x, eps, 1.0)
-        else:
-            m.backend.loss_and_grad(m.params, x, eps, grad=g)
-            cpu.adam_update(m.params, g, ms, vs, 7, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        m.backend.loss_and_grad(m.params, x, eps, grad=g)
+        cpu.adam_update(m.params, g, ms, vs, 7, 1e-3, 0.9, 0.999, 1e-8, 0.0)
 steps(3)
 a = rtsys.get_allocation_stats()
 steps(50)
@@ -599,23 +490,21 @@ b = rtsys.get_allocation_stats()
 print(b.alloc - a.alloc, b.free - a.free, b.mi_alloc - a.mi_alloc, b.mi_free - a.mi_free)
 """
 # Array arguments that cross the Python -> jit boundary per step: numba wraps each one in a
-# MemInfo (a header around the caller's data, no data copied): 11 for loss_and_grad_ (params, grad,
-# x, eps, ws, bo, ws64, lay, kl_active, and the two optimizer-state slots of ``upd``) and, on the
-# unfused path, 4 more for adam_update (params, grad, m, v).
-BOUNDARY_ARRAYS_PER_STEP = {False: 15, True: 11}
+# MemInfo (a header around the caller's data, no data copied): 9 for loss_and_grad_ (params, grad,
+# x, eps, ws, bo, ws64, lay, kl_active) and 4 for adam_update (params, grad, m, v).
+BOUNDARY_ARRAYS_PER_STEP = 13
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_no_native_allocation_per_step(fused):
+def test_no_native_allocation_per_step():
     """Numba's allocator (NRT statistics, 50 steady-state steps): no buffer is allocated inside the
     kernels; the only NRT objects are the per-call argument wrappers, all freed."""
     env = dict(os.environ, NUMBA_NRT_STATS="1")
-    r = subprocess.run([sys.executable, "-c", f"FUSED = {fused}\n" + NRT_SCRIPT], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", NRT_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     alloc, free, mi_alloc, mi_free = map(int, r.stdout.split())
     # nothing but the argument wrappers, and every one of them released again
-    assert alloc == mi_alloc == 50 * BOUNDARY_ARRAYS_PER_STEP[fused], (alloc, mi_alloc)
+    assert alloc == mi_alloc == 50 * BOUNDARY_ARRAYS_PER_STEP, (alloc, mi_alloc)
     assert (free, mi_free) == (alloc, mi_alloc)
 
 

@@ -37,7 +37,6 @@ from ..objectives import OBJECTIVES
 ACT_CODES = {"relu": 1, "tanh": 2, "softplus": 3, "leaky_relu": 4}       # 0: identity (the heads)
 LIK_CODES = {name: i for i, name in enumerate(LIKELIHOODS)}              # bernoulli 0, cb 1, gaussian 2
 _NO_MASK = np.full(1, np.nan)    # kl_active not given (NaN; a 0-size array argument leaks in numba)
-_NO_UPDATE = (0, 0, 0.0, 0.0, 0.0, 0.0, 0.0)    # loss_and_grad_'s opt: gradient only
 LOG_2PI = math.log(2.0 * math.pi)
 LOG_2 = math.log(2.0)
 
@@ -723,14 +722,11 @@ def mlp_fwd_(params, lay, t0, t1, inp, ws, bo, act, gemm, p1, mb, nb):
 
 @njit(cache=True, error_model="numpy")
 def mlp_bwd_(params, grad, lay, t0, t1, first_in, dlast, dfirst, ws, bo, nl, act, gemm, p1, p2, mb,
-             nb, want_dx, upd):
+             nb, want_dx):
     """Back through layers t1..t0: layer t1 is a head (no activation) whose upstream gradient is
     ``dlast``; hidden layer t has dh in buffer nl + t. dW, db are written into ``grad``'s views;
-    dx of layer t0 goes to ``dfirst`` when ``want_dx``.   §2.1, §2.3, §6 steps 3-4, 7-8
-    ``upd`` = (s1, s2, opt): with opt[0] != 0, the optimizer step of layer t's [W | b] runs as soon
-    as its last reader (the dh GEMM) is done, while dW is still in cache (see ``update_range_``)."""
+    dx of layer t0 goes to ``dfirst`` when ``want_dx``.   §2.1, §2.3, §6 steps 3-4, 7-8"""
     g = dlast
-    s1, s2, opt = upd
     for t in range(t1, t0 - 1, -1):
         W = _view(params, lay[t, 0], lay[t, 2], lay[t, 3])
         dW = _view(grad, lay[t, 0], lay[t, 2], lay[t, 3])
@@ -744,8 +740,6 @@ def mlp_bwd_(params, grad, lay, t0, t1, first_in, dlast, dfirst, ws, bo, nl, act
             g = dh
         elif want_dx:
             mm_nt(g, W, dfirst, gemm, mb, nb)
-        if opt[0] != 0:                       # W and b are adjacent in the layout (checked by the trainer)
-            update_range_(params, grad, s1, s2, lay[t, 0], lay[t, 1] + lay[t, 3], opt)
 
 
 @njit(cache=True, error_model="numpy")
@@ -769,12 +763,10 @@ def forward_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_swit
 
 @njit(cache=True, error_model="numpy")
 def loss_and_grad_(params, grad, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch,
-                   objective, beta, free_bits, kl_active, gemm_tiles, upd):
+                   objective, beta, free_bits, kl_active, gemm_tiles):
     """The whole §6 pass into ``grad``; returns the loss. objective 0 ELBO, 1 IWAE.
     ``gemm_tiles`` = (gemm, mb, nb) travel as one tuple: numba's dispatcher leaks ~200 bytes a call
-    for functions of 20 or more arguments (measured with numba 0.68).
-    ``upd`` = (s1, s2, opt): opt[0] == 0 computes the gradient only; otherwise each layer's optimizer
-    step is fused into the backward pass (``mlp_bwd_``, ``NumbaBackend.make_trainer``)."""
+    for functions of 20 or more arguments (measured with numba 0.68)."""
     gemm, mb, nb = gemm_tiles
     nl = lay.shape[0]
     L, n, Z = eps.shape
@@ -802,11 +794,11 @@ def loss_and_grad_(params, grad, x, eps, ws, bo, ws64, lay, ne, act, lik, var_fl
     p2 = ws[bo[2 * nl + 4, 0]:bo[2 * nl + 4, 0] + bo[2 * nl + 4, 2]]
     dz = _buf(ws, bo, 2 * nl + 1)
     mlp_bwd_(params, grad, lay, ne + 1, nl - 1, z, head, dz, ws, bo, nl, act, gemm, p1, p2, mb, nb,
-             True, upd)                                                          # steps 3-4
+             True)                                                               # steps 3-4
     dout = _buf(ws, bo, nl + ne)
     posterior_bwd_(dz, eps, z, _buf(ws, bo, 2 * nl + 2), out, dout, dkl, aux, beta, iwae)  # 5-6
     mlp_bwd_(params, grad, lay, 0, ne, x, dout, dz, ws, bo, nl, act, gemm, p1, p2, mb, nb,
-             False, upd)                                                         # steps 7-8
+             False)                                                              # steps 7-8
     return loss
 
 
@@ -844,14 +836,12 @@ def bound_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch
 # ----------------------------------------------------------------------------------------------
 
 @njit(cache=True, error_model="numpy")
-def sgd_range_(params, grad, buf, lo, hi, t, lr, momentum, weight_decay):
-    """torch.optim.SGD (dampening 0) on params[lo:hi]: g = grad + wd p; buf = g or momentum buf + g;
-    p -= lr buf."""
+def sgd_update(params, grad, buf, t, lr, momentum, weight_decay):
+    """torch.optim.SGD (dampening 0): g = grad + wd p; buf = g or momentum buf + g; p -= lr buf."""
     dt = params.dtype.type
     wd = dt(weight_decay)
     mom = dt(momentum)
     step = dt(lr)
-    params, grad, buf = params[lo:hi], grad[lo:hi], buf[lo:hi]    # see adam_range_
     for q in range(params.shape[0]):
         g = grad[q] + wd * params[q] if weight_decay != 0 else grad[q]
         if momentum != 0:
@@ -861,13 +851,12 @@ def sgd_range_(params, grad, buf, lo, hi, t, lr, momentum, weight_decay):
 
 
 @njit(cache=True, error_model="numpy")
-def adagrad_range_(params, grad, sum_sq, lo, hi, lr, eps, weight_decay):
-    """torch.optim.Adagrad on params[lo:hi]: s += g^2; p -= lr g / (sqrt(s) + eps)."""
+def adagrad_update(params, grad, sum_sq, lr, eps, weight_decay):
+    """torch.optim.Adagrad: s += g^2; p -= lr g / (sqrt(s) + eps)."""
     dt = params.dtype.type
     wd = dt(weight_decay)
     step = dt(lr)
     e = dt(eps)
-    params, grad, sum_sq = params[lo:hi], grad[lo:hi], sum_sq[lo:hi]    # see adam_range_
     for q in range(params.shape[0]):
         g = grad[q] + wd * params[q] if weight_decay != 0 else grad[q]
         s = sum_sq[q] + g * g
@@ -876,15 +865,11 @@ def adagrad_range_(params, grad, sum_sq, lo, hi, lr, eps, weight_decay):
 
 
 @njit(cache=True, error_model="numpy")
-def adam_range_(params, grad, m, v, lo, hi, t, lr, beta1, beta2, eps, weight_decay):
-    """torch.optim.Adam on params[lo:hi]: m, v moving averages;
-    p -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps), computed as
-    p -= (lr sqrt(1-b2^t)/(1-b1^t)) m / (sqrt(v) + eps sqrt(1-b2^t)): the same number up to rounding
-    with one division per element instead of two (the divisions bound this pass: 250 -> 183 us over
-    652,824 float32 parameters, benchmarks/results_numba.md).
-    The loops run over views [lo:hi] from index 0: with ``range(lo, hi)`` numba cannot rule out a
-    negative index, keeps its wrap-around branch on every access, and LLVM does not vectorize
-    (2.1 ms instead of 0.25 for 652,824 float32 parameters)."""
+def adam_update(params, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
+    """torch.optim.Adam: m, v moving averages; p -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps),
+    computed as p -= (lr sqrt(1-b2^t)/(1-b1^t)) m / (sqrt(v) + eps sqrt(1-b2^t)): the same number
+    up to rounding with one division per element instead of two (the divisions bound this pass:
+    250 -> 183 us over 652,824 float32 parameters, benchmarks/results_numba.md)."""
     dt = params.dtype.type
     wd = dt(weight_decay)
     b1 = dt(beta1)
@@ -894,7 +879,6 @@ def adam_range_(params, grad, m, v, lo, hi, t, lr, beta1, beta2, eps, weight_dec
     sbc2 = math.sqrt(1 - beta2 ** t)
     step = dt(lr / (1 - beta1 ** t) * sbc2)
     e = dt(eps * sbc2)
-    params, grad, m, v = params[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi]
     for q in range(params.shape[0]):
         g = grad[q] + wd * params[q] if weight_decay != 0 else grad[q]
         mq = b1 * m[q] + c1 * g
@@ -902,41 +886,6 @@ def adam_range_(params, grad, m, v, lo, hi, t, lr, beta1, beta2, eps, weight_dec
         m[q] = mq
         v[q] = vq
         params[q] -= step * mq / (np.sqrt(vq) + e)
-
-
-@njit(cache=True, error_model="numpy")
-def sgd_update(params, grad, buf, t, lr, momentum, weight_decay):
-    """The whole flat vector (minivae.optim.sgd_update's signature)."""
-    sgd_range_(params, grad, buf, 0, params.shape[0], t, lr, momentum, weight_decay)
-
-
-@njit(cache=True, error_model="numpy")
-def adagrad_update(params, grad, sum_sq, lr, eps, weight_decay):
-    """The whole flat vector (minivae.optim.adagrad_update's signature)."""
-    adagrad_range_(params, grad, sum_sq, 0, params.shape[0], lr, eps, weight_decay)
-
-
-@njit(cache=True, error_model="numpy")
-def adam_update(params, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
-    """The whole flat vector (minivae.optim.adam_update's signature)."""
-    adam_range_(params, grad, m, v, 0, params.shape[0], t, lr, beta1, beta2, eps, weight_decay)
-
-
-OPT_CODES = {"sgd": 1, "adagrad": 2, "adam": 3}      # 0: no update (gradient only)
-
-
-@njit(cache=True, error_model="numpy")
-def update_range_(params, grad, s1, s2, lo, hi, opt):
-    """One optimizer step on params[lo:hi], the same arithmetic per element as the flat updates above.
-    opt = (code, t, lr, h1, h2, h3, weight_decay): sgd (h1 momentum), adagrad (h1 eps),
-    adam (h1 beta1, h2 beta2, h3 eps); s1, s2 the optimizer's state vectors (buf | sum_sq | m, v)."""
-    code, t, lr, h1, h2, h3, wd = opt
-    if code == 1:
-        sgd_range_(params, grad, s1, lo, hi, t, lr, h1, wd)
-    elif code == 2:
-        adagrad_range_(params, grad, s1, lo, hi, lr, h1, wd)
-    elif code == 3:
-        adam_range_(params, grad, s1, s2, lo, hi, t, lr, h1, h2, h3, wd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -995,7 +944,6 @@ class NumbaBackend:
         self.lik = LIK_CODES[spec.likelihood]
         self.cb_switch = float(_CB_TAYLOR.get(self.dtype, 1e-2))
         self._ws = OrderedDict()
-        self._no_state = np.zeros(1, dtype=self.dtype)     # state arguments of a pass without update
 
     def workspace(self, n, L) -> Workspace:
         """The buffers of an (n, L) pass, allocated on first use and then reused."""
@@ -1065,96 +1013,13 @@ class NumbaBackend:
         ``kl_active``: see objectives.elbo_loss (free bits decided on a larger batch)."""
         self._check(params, x, eps)
         active = _NO_MASK if kl_active is None else np.ascontiguousarray(kl_active, dtype=np.float64)
-        if grad is None:
-            grad = np.empty(self.layout.size, dtype=self.dtype)
-        return float(self._pass(params, grad, x, eps, beta, objective, free_bits, active,
-                                (self._no_state, self._no_state, _NO_UPDATE))), grad
-
-    def _pass(self, params, grad, x, eps, beta, objective, free_bits, active, upd):
         L, n, _ = eps.shape
         gemm, mb, nb = self._gemm()
         ws = self.workspace(n, L)
-        return loss_and_grad_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.ne,
+        if grad is None:
+            grad = np.empty(self.layout.size, dtype=self.dtype)
+        loss = loss_and_grad_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.ne,
                               self.act, self.lik, self.spec.var_floor, self.cb_switch,
                               OBJECTIVES.index(objective), float(beta), float(free_bits), active,
-                              (gemm, mb, nb), upd)
-
-    # -- training --------------------------------------------------------------------------------
-    def make_trainer(self, params, optimizer, comm, objective="elbo", free_bits=0.0):
-        """The trainer of ``minivae.train`` (``train.make_trainer`` asks the backend first).
-
-        In a single process, with one of minivae.optim's optimizers using this backend's update
-        kernel, a :class:`FusedTrainer`: each layer's optimizer step runs inside the backward pass.
-        Otherwise (MPI ranks: the all-reduce must come between gradient and update; an optimizer with
-        another update rule or dtype; a layout whose W and b are not adjacent) ``train.HostTrainer``.
-        """
-        from ..train import HostTrainer
-        if FusedTrainer.supports(self, params, optimizer, comm):
-            return FusedTrainer(self, params, optimizer, comm, objective, free_bits)
-        return HostTrainer(self, params, optimizer, comm, objective, free_bits)
-
-
-class FusedTrainer:
-    """Single-process training step with the optimizer fused into the backward pass (§6, §8).
-
-    Same protocol and numbers as ``train.HostTrainer`` with one process: ``step(xb, eps, beta)``
-    returns the loss and leaves params, the optimizer's state vectors and its step counter ``t``
-    exactly as ``loss_and_grad`` + ``optimizer.step`` would (the update of every element is the same
-    arithmetic, see ``update_range_``), so checkpoints and --resume see no difference. What changes is
-    when: layer by layer, right after the GEMM that last reads W, while dW is still in cache, instead
-    of one more pass over the whole (P,) vector at the end. ``grad`` still receives the gradient.
-    """
-
-    def __init__(self, backend, params, optimizer, comm, objective="elbo", free_bits=0.0):
-        self.backend, self.params, self.optimizer, self.comm = backend, params, optimizer, comm
-        self.objective, self.free_bits = objective, free_bits
-        self.grad = np.empty_like(params)
-        self.error = None
-        self.code = OPT_CODES[optimizer.name]
-
-    @staticmethod
-    def supports(backend, params, optimizer, comm) -> bool:
-        """Single process, params of the backend's dtype, an optimizer of minivae.optim using this
-        backend's own update kernel, and a layout where each layer's b follows its W."""
-        name = getattr(optimizer, "name", None)
-        if comm.size != 1 or name not in OPT_CODES:
-            return False
-        if getattr(optimizer, "update", None) is not NumbaBackend.update_kernels[name]:
-            return False
-        if params.dtype != backend.dtype or optimizer.dtype != backend.dtype or not params.flags.c_contiguous:
-            return False
-        if any(a.shape != params.shape or a.dtype != params.dtype or not a.flags.c_contiguous
-               for a in optimizer.state.values()):
-            return False
-        lay = backend.lay
-        adjacent = all(int(lay[t, 1]) == int(lay[t, 0] + lay[t, 2] * lay[t, 3]) for t in range(len(lay)))
-        covered = sum(int(r[2] * r[3] + r[3]) for r in lay) == params.size
-        return adjacent and covered
-
-    def _opt(self, t):
-        o = self.optimizer
-        if self.code == 1:
-            return (1, t, o.lr, o.momentum, 0.0, 0.0, o.weight_decay)
-        if self.code == 2:
-            return (2, t, o.lr, o.eps, 0.0, 0.0, o.weight_decay)
-        return (3, t, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay)
-
-    def step(self, xb, eps, beta, weight=None) -> float:
-        b = self.backend
-        b._check(self.params, xb, eps)
-        if not len(xb):                  # as HostTrainer: a zero gradient, still one optimizer step
-            self.grad[...] = 0
-            self.optimizer.step(self.params, self.grad)
-            return 0.0
-        o = self.optimizer
-        t = o.t + 1
-        st = o.state                     # looked up every step: whatever arrays the optimizer holds now
-        s1 = st[o.state_names[0]]
-        s2 = st[o.state_names[1]] if len(o.state_names) > 1 else b._no_state
-        loss = b._pass(self.params, self.grad, xb, eps, beta, self.objective, self.free_bits, _NO_MASK,
-                       (s1, s2, self._opt(t)))
-        self.optimizer.t = t
-        return float(loss)
-
-    def sync_params(self):
-        pass
+                              (gemm, mb, nb))
+        return float(loss), grad
