@@ -17,8 +17,8 @@ The model is the benchmark model: 784-400-20, relu, Bernoulli, ELBO (L = 1), Ada
    added here only to separate load imbalance from communication) and the all-reduce of the flat gradient
    (``allreduce_mean_``, 652,824 float32 values). Medians over steps after a warm-up, of the largest value
    over the ranks. Then the step of the trainer ``train.make_trainer`` picks (what ``minivae train`` runs:
-   HostTrainer on P > 1 ranks; for numba in one process the FusedTrainer, the optimizer inside the backward
-   pass), unclocked inside, for the whole step.
+   HostTrainer for the CPU backends; a backend with its own ``make_trainer`` would be timed here), unclocked
+   inside, for the whole step.
 3. A pure ``Allreduce`` (in place, float32, SUM) over vector sizes on 2 ranks.
 4. Compute alone (one process) at per-rank batches 128, 64, ..., 1, for 1 and 2 threads: a rank's
    loss_and_grad + optimizer, and the step of the single-process trainer.
@@ -174,7 +174,7 @@ def worker_allreduce(args):
 def worker_compute(args):
     """At each batch in COMPUTE_BATCHES, one process, ``args.threads`` threads: the rank's compute,
     loss_and_grad + optimizer step (HostTrainer's parts), and the step of the trainer a single process
-    gets from train.make_trainer (numba: FusedTrainer, the optimizer inside the backward pass), alternating."""
+    gets from train.make_trainer (HostTrainer for the CPU backends), alternating."""
     from minivae import train
     from minivae.threads import limit_threads
     x, _ = mnist_like(BATCH * 40)
