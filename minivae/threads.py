@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 
 # OpenMP workers that spin after a parallel region take the core that BLAS (or the caller, or another
-# process) needs next: with 2 cores a training step ran 14x slower (benchmarks/results_numba.md).
+# process) needs next: with 2 cores a training step ran 14x slower (benchmarks/README.md).
 # Passive waiting, unless the user chose otherwise. libgomp reads this when Numba first loads its
 # OpenMP pool (the first prange call), so setting it at import of the CPU backend is early enough.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

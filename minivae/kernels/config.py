@@ -4,7 +4,7 @@ GEMM   "blas": np.dot(a, b, out) inside @njit on contiguous (or transposed, F-co
                SciPy's OpenBLAS through numba's cython_blas binding, no copies.
        "custom": the blocked, register-tiled @njit(parallel=True, fastmath=True) kernel of
                kernels/cpu.py (operands packed k-contiguous, 4x4 register tile).
-       Default: "blas", the faster one on the benchmark machine (benchmarks/results_numba.md);
+       Default: "blas", the faster one on the benchmark machine (benchmarks/README.md);
        the environment variable MINIVAE_GEMM overrides it.
 MB, NB Output tile of one parallel task of the custom GEMM (rows, columns). Runtime arguments of the
        kernels, so tests can set odd values (e.g. 3, 5) to hit every boundary guard.

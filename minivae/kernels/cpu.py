@@ -183,7 +183,7 @@ def log1p_(e, one):
     """log(1 + e) to a few ulps through log alone (D. Goldberg, "What every computer scientist
     should know about floating-point arithmetic", Thm. 4): u = 1 + e; e when u == 1, else
     log(u) e / (u - 1). The quotient cancels the rounding of 1 + e; libm's log is several times
-    faster than its log1p in these loops (benchmarks/results_numba.md). ``one``: 1 in e's dtype."""
+    faster than its log1p in these loops (benchmarks/README.md). ``one``: 1 in e's dtype."""
     u = one + e
     return e if u == one else np.log(u) * e / (u - one)
 
@@ -386,7 +386,7 @@ def _ov_log1p01(e):
 def bias_act_(a, b, act):
     """a <- f(a + b) in place.   a: (N, O)  b: (O,).   act: 0 identity, 1 relu, 2 tanh, 3 softplus,
     4 leaky_relu.   §2.1-§2.2   Serial: a parallel region costs 35-100 us to wake on 2 shared cores,
-    more than this pass (benchmarks/results_numba.md)."""
+    more than this pass (benchmarks/README.md)."""
     N, O = a.shape
     dt = a.dtype.type
     zero = dt(0)
@@ -869,7 +869,7 @@ def adam_update(params, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
     """torch.optim.Adam: m, v moving averages; p -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps),
     computed as p -= (lr sqrt(1-b2^t)/(1-b1^t)) m / (sqrt(v) + eps sqrt(1-b2^t)): the same number
     up to rounding with one division per element instead of two (the divisions bound this pass:
-    250 -> 183 us over 652,824 float32 parameters, benchmarks/results_numba.md)."""
+    250 -> 183 us over 652,824 float32 parameters, benchmarks/README.md)."""
     dt = params.dtype.type
     wd = dt(weight_decay)
     b1 = dt(beta1)
