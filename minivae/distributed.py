@@ -10,6 +10,9 @@ one process and by :class:`MPIComm` here:
     barrier()
     local_rank()                        (rank on this node, ranks on this node), for binding GPUs
 
+:func:`collective` runs a piece of work on every rank and makes the ranks agree on its failure, so that an
+error on one rank stops them all with the same message instead of leaving the others in the next collective.
+
 Everything moves as contiguous NumPy buffers through the upper-case mpi4py calls (``Allreduce``, ``Bcast``):
 no Python object is ever pickled. Launch with ``mpiexec -n P minivae train --distributed ...``.
 """
@@ -18,6 +21,33 @@ from __future__ import annotations
 import numpy as np
 
 MESSAGE_BYTES = 1024   # an error message travels as a fixed-size UTF-8 buffer
+
+
+def collective(comm, fn, what):
+    """Run ``fn`` on every rank and agree: if it fails on any rank, every rank raises, so nothing
+    hangs. One process raises its own exception; with more ranks every rank raises the same
+    RuntimeError, naming the first failing rank and its message (chained to its own exception on
+    that rank), so each rank's one line says what happened where. With more ranks any exception
+    counts (a MemoryError on one node must not leave the others in the next collective); the
+    unexpected kinds are named in the message."""
+    err = None
+    try:
+        result = fn()
+    except (ValueError, OSError, RuntimeError) as e:
+        result, err = None, e
+    except Exception as e:
+        if comm.size == 1:
+            raise
+        result, err = None, e
+    text = None
+    if err is not None:
+        text = str(err) if isinstance(err, (ValueError, OSError, RuntimeError)) else f"{type(err).__name__}: {err}"
+    ok, message = comm.all_ok(err is None, text)
+    if err is not None and comm.size == 1:
+        raise err
+    if not ok or err is not None:
+        raise RuntimeError(f"{what} failed on {message or f'rank {comm.rank}: {text}'}") from err
+    return result
 
 
 def mpi_available() -> bool:

@@ -33,6 +33,7 @@ import math
 import numpy as np
 
 from . import distributions as dist
+from .distributed import collective
 
 ACTIVE_UNIT_THRESHOLD = 1e-2
 DEFAULT_BATCH_SIZE = 1000
@@ -74,15 +75,19 @@ def elbo_per_example(model, x, eps, batch_size=DEFAULT_BATCH_SIZE) -> np.ndarray
     return out
 
 
-def mean_elbo(model, x, seed=0, batch_size=DEFAULT_BATCH_SIZE, comm=None, eps=None) -> float:
+def mean_elbo(model, x, seed=0, batch_size=DEFAULT_BATCH_SIZE, comm=None, eps=None, split="given") -> float:
     """1/n sum_i ELBO(x_i) over all rows of ``x`` (sharded over ``comm``); ``eps`` defaults to
-    :func:`eval_eps` (pass it to reuse one draw across epochs)."""
+    :func:`eval_eps` (pass it to reuse one draw across epochs). Over ranks, a failure in one rank's
+    shard stops every rank with one message naming it and the ``split`` (distributed.collective)."""
     n = len(x)
     if eps is None:
         eps = eval_eps(n, model.spec.z_dim, model.dtype, seed)
     rows = shard(n, comm)
     xs = x[rows]
-    local = elbo_per_example(model, xs, eps[rows], batch_size).sum() if len(xs) else 0.0
+
+    def local_sum():
+        return elbo_per_example(model, xs, eps[rows], batch_size).sum() if len(xs) else 0.0
+    local = local_sum() if comm is None else collective(comm, local_sum, f"evaluating the {split} split")
     total, count = _reduce_sum(comm, [local, len(xs)])
     return float(total / count)
 

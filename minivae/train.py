@@ -60,7 +60,7 @@ permutation (``train.perm``) and its partial sums. It is written after every epo
 after the last completed step, so ``--resume`` continues bit-identically. A NaN or inf loss stops
 the run without writing: the last good checkpoint stays. With P ranks, a NaN on any rank, or an
 exception in one rank's set-up, step or evaluation, stops every rank at the same point with the
-same one-line message naming the first failing rank (``_collective``, ``Run._check``).
+same one-line message naming the first failing rank (``distributed.collective``, ``Run._check``).
 """
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ from . import __version__
 from . import checkpoint
 from . import data as data_mod
 from . import evaluate as ev
+from .distributed import collective
 from .distributions import kl_forward
 from .model import VAE
 from .optim import make_optimizer
@@ -410,35 +411,8 @@ class _StopFlag:
 # The loop
 # ----------------------------------------------------------------------------------------------
 
-def _collective(comm, fn, what):
-    """Run ``fn`` on every rank and agree: if it fails on any rank, every rank raises, so nothing
-    hangs. One process raises its own exception; with more ranks every rank raises the same
-    RuntimeError, naming the first failing rank and its message (chained to its own exception on
-    that rank), so each rank's one line says what happened where. With more ranks any exception
-    counts (a MemoryError on one node must not leave the others in the next collective); the
-    unexpected kinds are named in the message."""
-    err = None
-    try:
-        result = fn()
-    except (ValueError, OSError, RuntimeError) as e:
-        result, err = None, e
-    except Exception as e:
-        if comm.size == 1:
-            raise
-        result, err = None, e
-    text = None
-    if err is not None:
-        text = str(err) if isinstance(err, (ValueError, OSError, RuntimeError)) else f"{type(err).__name__}: {err}"
-    ok, message = comm.all_ok(err is None, text)
-    if err is not None and comm.size == 1:
-        raise err
-    if not ok or err is not None:
-        raise RuntimeError(f"{what} failed on {message or f'rank {comm.rank}: {text}'}") from err
-    return result
-
-
 def _on_root(comm, fn, what):
-    return _collective(comm, fn if comm.is_root else (lambda: None), what)
+    return collective(comm, fn if comm.is_root else (lambda: None), what)
 
 
 class Run:
@@ -449,7 +423,7 @@ class Run:
         self.comm = comm
         saved = None
         if config.resume:                    # every rank reads the state; the saved config rules
-            saved_config, meta, arrays = _collective(comm, lambda: read_run(config.resume), "reading the checkpoint")
+            saved_config, meta, arrays = collective(comm, lambda: read_run(config.resume), "reading the checkpoint")
             config = replace(saved_config, resume=str(config.resume), out=str(config.resume), overwrite=False,
                              **{name: getattr(config, name) for name in RESUMABLE})
             config.validate()
@@ -461,15 +435,15 @@ class Run:
         if not c.resume:
             _on_root(comm, self._prepare_folder, "preparing the run folder")
 
-        self.dataset = _collective(comm, lambda: data_mod.load_dataset(
+        self.dataset = collective(comm, lambda: data_mod.load_dataset(
             c.dataset, c.data_dir, c.binarize, c.val_fraction, c.seed, c.dtype), "loading the data")
         ds = self.dataset
         if c.backend == "cuda" and comm.size > 1:          # ranks on a node share its GPUs in turn
             local_rank, _ = comm.local_rank()
             from .kernels.cuda import select_local_device
-            _collective(comm, lambda: select_local_device(local_rank), "choosing a GPU")
+            collective(comm, lambda: select_local_device(local_rank), "choosing a GPU")
         # a backend can fail on one machine only (no GPU there): every rank must learn it
-        self.model = _collective(comm, lambda: VAE(ds.x_dim, c.z_dim, hidden=c.hidden, activation=c.activation,
+        self.model = collective(comm, lambda: VAE(ds.x_dim, c.z_dim, hidden=c.hidden, activation=c.activation,
                                                    likelihood=c.likelihood, dtype=c.dtype, seed=c.seed,
                                                    backend=c.backend), "building the model")
         m = self.model
@@ -484,8 +458,8 @@ class Run:
         self.epoch, self.metrics = 0, []
         self.partial = None                  # the interrupted epoch: perm, step, sums
         if saved is not None:
-            _collective(comm, lambda: self._restore(*saved), "restoring the training state")
-        self.trainer = _collective(comm, lambda: make_trainer(m, self.optimizer, comm, c.objective, c.free_bits),
+            collective(comm, lambda: self._restore(*saved), "restoring the training state")
+        self.trainer = collective(comm, lambda: make_trainer(m, self.optimizer, comm, c.objective, c.free_bits),
                                    "setting up the trainer")
 
     # -- setup ---------------------------------------------------------------------------------
@@ -570,17 +544,6 @@ class Run:
                                 f"training stopped and {kept}") from error
         return bool(interrupted)
 
-    def _mean_elbo(self, x, eps, split):
-        """evaluate.mean_elbo over the ranks' shards (the same sums, so the same number), with this
-        rank's part agreed through _collective first: a failure on one rank stops them all rather
-        than leaving the others in the reduction."""
-        m, comm = self.model, self.comm
-        rows = ev.shard(len(x), comm)
-        local = _collective(comm, lambda: ev.elbo_per_example(m, x[rows], eps[rows], self.config.eval_batch_size).sum()
-                            if rows.stop > rows.start else 0.0, f"evaluating the {split} split")
-        total, count = comm.allreduce_sum(np.array([local, rows.stop - rows.start], dtype=np.float64))
-        return float(total / count)
-
     def run_epoch(self, stop, bar_factory):
         """Train one epoch (or finish an interrupted one); returns its metrics row."""
         c, comm = self.config, self.comm
@@ -638,8 +601,10 @@ class Run:
         total_loss, total_seen = comm.allreduce_sum(np.array([loss_sum, seen], dtype=np.float64))
         self.trainer.sync_params()
         t1 = time.perf_counter()
-        test_loss = -self._mean_elbo(self.x_test, self.test_eps, "test")
-        val_loss = -self._mean_elbo(self.x_val, self.val_eps, "validation") if self.x_val is not None else None
+        m, ebs = self.model, c.eval_batch_size
+        test_loss = -ev.mean_elbo(m, self.x_test, batch_size=ebs, comm=comm, eps=self.test_eps, split="test")
+        val_loss = -ev.mean_elbo(m, self.x_val, batch_size=ebs, comm=comm, eps=self.val_eps, split="validation") \
+            if self.x_val is not None else None
         eval_time = time.perf_counter() - t1
         if not math.isfinite(test_loss):
             kept = f"the last good checkpoint (epoch {self.epoch}) is kept in {self.ckpt_path}" \
