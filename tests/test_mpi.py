@@ -16,9 +16,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +23,12 @@ import pytest
 
 pytest.importorskip("mpi4py", reason="the MPI tests need mpi4py and an MPI library: pip install -e '.[mpi]'")
 
+import mpiutil  # noqa: E402
 from minivae import checkpoint, cli  # noqa: E402
-from minivae.data import load_dataset  # noqa: E402
 from minivae.model import VAE  # noqa: E402
 
 pytestmark = pytest.mark.mpi
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "mpi"
 TIMEOUT = 180                       # seconds for one mpiexec job; a hang fails the test instead
 RTOL = 1e-10                        # norm-wise relative agreement of 2 ranks with 1 process (float64)
@@ -44,50 +40,8 @@ BASE = ["--dataset", "digits", "--z-dim", "3", "--hidden", "16", "--dtype", "flo
 N_TRAIN = 1293
 
 
-def find_mpiexec():
-    """The mpiexec of this environment (the mpich wheel puts it beside python), else the one on PATH."""
-    here = Path(sys.executable).parent / "mpiexec"
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    return shutil.which("mpiexec")
-
-
-MPIEXEC = find_mpiexec()
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    # Hydra (MPICH's mpiexec): start the ranks on this machine by fork, whatever a batch system or a
-    # host file in the environment says; other launchers ignore these variables
-    env["HYDRA_LAUNCHER"] = "fork"
-    env.pop("HYDRA_HOST_FILE", None)
-    env.pop("MINIVAE_DEBUG", None)
-    # Python's own buffering: stderr flushed a line at a time, so mpiexec, which merges the ranks'
-    # streams as they come, does not splice one rank's message into the middle of another's line
-    env.pop("PYTHONUNBUFFERED", None)
-    return env
-
-
 def run(args, cwd, timeout=TIMEOUT, nproc=2):
-    """``mpiexec -n nproc python ARGS`` (nproc=None: plain python); (returncode, stdout, stderr).
-
-    The job runs in its own process group, killed whole when it outlives ``timeout``: a hang fails
-    the test and leaves no rank behind."""
-    cmd = [sys.executable, *map(str, args)]
-    if nproc is not None:
-        if MPIEXEC is None:
-            pytest.fail("mpi4py is installed but no mpiexec was found (beside python or on PATH)")
-        cmd = [MPIEXEC, "-n", str(nproc), *cmd]
-    p = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s\n--- stdout\n{out}\n--- stderr\n{err}")
-    return p.returncode, out, err
+    return mpiutil.run(args, cwd, timeout, nproc)
 
 
 def train_mpi(tmp_path, out, *flags, nproc=2):

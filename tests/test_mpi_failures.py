@@ -13,11 +13,6 @@ ended by itself rather than being killed by the launcher.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +20,11 @@ import pytest
 
 pytest.importorskip("mpi4py", reason="the MPI tests need mpi4py and an MPI library: pip install -e '.[mpi]'")
 
+import mpiutil  # noqa: E402
 from minivae import checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.mpi
 
-ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(__file__).resolve().parent / "mpi" / "launch.py"
 TIMEOUT = 120
 COMMON = ["--dataset", "digits", "--dtype", "float64", "--z-dim", "4", "--hidden", "16", "--quiet",
@@ -37,37 +32,9 @@ COMMON = ["--dataset", "digits", "--dtype", "float64", "--z-dim", "4", "--hidden
 FLAGS = ["--backend", "numpy", "--batch-size", "37", "--epochs", "2"]     # 1293 rows: 35 steps per epoch
 
 
-def find_mpiexec():
-    """The mpiexec beside this Python (the mpich wheel installs it into the venv's bin/), else PATH."""
-    here = Path(sys.executable).parent / "mpiexec"
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    return shutil.which("mpiexec")
-
-
 def mpiexec(args, cwd):
     """``mpiexec -n 2 python ARGS``: (returncode, stdout, stderr); a job past TIMEOUT fails the test."""
-    exe = find_mpiexec()
-    if exe is None:
-        pytest.fail(f"mpi4py is installed but no mpiexec was found beside {sys.executable} or on PATH")
-    env = dict(os.environ, HYDRA_LAUNCHER="fork")      # hydra: start the ranks here by fork, never ssh
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.pop("HYDRA_HOST_FILE", None)
-    env.pop("MINIVAE_DEBUG", None)
-    cmd = [exe, "-n", "2", sys.executable, *map(str, args)]
-    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        p.send_signal(signal.SIGTERM)             # hydra ends every rank (they run in their own sessions)
-        try:
-            out, err = p.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {TIMEOUT} s\n--- stdout\n{out}\n--- stderr\n{err}")
-    return p.returncode, out, err
+    return mpiutil.run(args, cwd, TIMEOUT)
 
 
 def fail_on_rank_1(tmp_path, inject, at=1, flags=FLAGS):
