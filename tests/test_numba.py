@@ -495,10 +495,14 @@ print(b.alloc - a.alloc, b.free - a.free, b.mi_alloc - a.mi_alloc, b.mi_free - a
 BOUNDARY_ARRAYS_PER_STEP = 13
 
 
-def test_no_native_allocation_per_step():
+def test_no_native_allocation_per_step(tmp_path):
     """Numba's allocator (NRT statistics, 50 steady-state steps): no buffer is allocated inside the
-    kernels; the only NRT objects are the per-call argument wrappers, all freed."""
-    env = dict(os.environ, NUMBA_NRT_STATS="1")
+    kernels; the only NRT objects are the per-call argument wrappers, all freed.
+
+    The statistics build compiles the address of this process's counters into the code, and numba's
+    cache key does not include NUMBA_NRT_STATS: the subprocess gets a cache folder of its own, or
+    every later process that loads its loss_and_grad_ from the shared cache crashes."""
+    env = dict(os.environ, NUMBA_NRT_STATS="1", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     r = subprocess.run([sys.executable, "-c", NRT_SCRIPT], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
