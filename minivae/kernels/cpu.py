@@ -36,7 +36,7 @@ from ..objectives import OBJECTIVES
 
 ACT_CODES = {"relu": 1, "tanh": 2, "softplus": 3, "leaky_relu": 4}       # 0: identity (the heads)
 LIK_CODES = {name: i for i, name in enumerate(LIKELIHOODS)}              # bernoulli 0, cb 1, gaussian 2
-_NO_MASK = np.full(1, np.nan)    # kl_active not given (NaN; a 0-size array argument leaks in numba)
+_NO_MASK = np.empty(0, dtype=np.float64)                                   # kl_active not given
 LOG_2PI = math.log(2.0 * math.pi)
 LOG_2 = math.log(2.0)
 
@@ -245,17 +245,23 @@ def cb_far_f32(a, e):
     return log_pos_f32(a / om), one / a - np.float32(2.0) * e / (om * (one + e))
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def cb_far_libm(a, e):
+    """cb_far through libm (float64: the 1e-12 tests against NumPy need it)."""
+    return np.log(a) - np.log(-np.expm1(-a)), 1.0 / a - 2.0 * e / (-np.expm1(-2.0 * a))
+
+
 def cb_far(a, e):
     """(log C - log1p(e), |d log C / dl|) for a = |l| >= the switch, e = e^-a (distributions.cb_log_norm):
     vectorizable in float32, libm in float64."""
-    return np.log(a) - np.log(-np.expm1(-a)), 1.0 / a - 2.0 * e / (-np.expm1(-2.0 * a))
+    return cb_far_libm(a, e)
 
 
 @overload(cb_far)
 def _ov_cb_far(a, e):
     if a == types.float32:
         return lambda a, e: cb_far_f32(a, e)
-    return lambda a, e: (np.log(a) - np.log(-np.expm1(-a)), 1.0 / a - 2.0 * e / (-np.expm1(-2.0 * a)))
+    return lambda a, e: cb_far_libm(a, e)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -598,7 +604,7 @@ def kl_dim_(out, Z, kld):
 def elbo_objective_(ll, kld, n, L, beta, free_bits, kl_active, dkl):
     """loss = -1/(nL) sum ll + beta sum_j max(free_bits, kld_j); dkl_j = beta/n 1[active].   §5.1, §5.3
 
-    ``kl_active`` (Z,) overrides the test kld_j > free_bits unless it is the one-NaN marker: a data-parallel
+    ``kl_active`` (Z,) overrides the test kld_j > free_bits when it is not empty: a data-parallel
     rank passes the decision made on the whole minibatch's KL, and is charged kld_j (active) or
     free_bits (inactive), so that the ranks' weighted mean is the single-process objective."""
     s = 0.0
@@ -606,7 +612,7 @@ def elbo_objective_(ll, kld, n, L, beta, free_bits, kl_active, dkl):
         s += ll[r]
     charged = 0.0
     Z = kld.shape[0]
-    given = not np.isnan(kl_active[0])
+    given = kl_active.shape[0] > 0
     for j in range(Z):
         if free_bits > 0:
             on = kl_active[j] > 0 if given else kld[j] > free_bits
