@@ -251,29 +251,116 @@ class VAE:
 
     @classmethod
     def from_config(cls, config: dict, backend=None):
-        c = dict(config)
+        """A model built from a saved config (``config()``), after :func:`spec_from_config` has
+        checked every field and bounded its size, so an absurd config is refused before anything
+        is allocated. CheckpointError says what is wrong."""
+        spec, dtype = spec_from_config(config)
+        c = config
+        seed = c.get("seed", 0)
+        backend = backend or c.get("backend", "numpy")
         try:
-            return cls(c["x_dim"], c["z_dim"], hidden=tuple(c["hidden"]), activation=c["activation"],
-                       likelihood=c["likelihood"], dtype=c["dtype"], seed=c.get("seed", 0),
-                       backend=backend or c.get("backend", "numpy"), dec_hidden=tuple(c["dec_hidden"]),
-                       var_floor=c.get("var_floor", dist.DEFAULT_VAR_FLOOR))
+            return cls(spec.x_dim, spec.z_dim, hidden=spec.hidden, activation=spec.activation,
+                       likelihood=spec.likelihood, dtype=dtype, seed=seed, backend=backend,
+                       dec_hidden=spec.dec_hidden, var_floor=spec.var_floor)
         except (KeyError, TypeError) as e:
             raise checkpoint.CheckpointError(f"checkpoint config is incomplete or malformed ({e})") from None
 
     @classmethod
     def load(cls, path, backend=None):
-        """Read a checkpoint written by :meth:`save` (or by training); ``backend`` overrides the saved one."""
-        meta, arrays = checkpoint.load(path)
-        if "config" not in meta or "params" not in arrays:
-            raise checkpoint.CheckpointError(f"{path}: checkpoint has no model config or parameters")
-        model = cls.from_config(meta["config"], backend=backend)
+        """Read a checkpoint written by :meth:`save` (or by training); ``backend`` overrides the saved one.
+
+        The config is checked and the size of ``params`` it implies compared with the member's
+        header before the model is built or the parameters are read (minivae.checkpoint)."""
+        checked = {}
+
+        def expect(meta):
+            if "config" not in meta:
+                raise checkpoint.CheckpointError(f"{path}: checkpoint has no model config or parameters")
+            try:
+                spec, dtype = spec_from_config(meta["config"])
+            except checkpoint.CheckpointError as e:
+                raise checkpoint.CheckpointError(f"{path}: {e}") from None
+            checked["config"] = meta["config"]
+            return {"params": checkpoint.Expect((spec.layout.size,), dtype, source="the config implies")}
+
+        try:
+            meta, arrays = checkpoint.load(path, expect=expect)
+        except checkpoint.CheckpointError as e:
+            if "no 'params' entry" in str(e):
+                raise checkpoint.CheckpointError(f"{path}: checkpoint has no model config or parameters") from None
+            raise
         p = arrays["params"]
-        if p.shape != model.params.shape or p.dtype != model.dtype:
-            raise checkpoint.CheckpointError(
-                f"{path}: parameters have shape {p.shape} and dtype {p.dtype}, the config implies "
-                f"{model.params.shape} {model.dtype}")
+        if not np.isfinite(p).all():
+            raise checkpoint.CheckpointError(f"{path}: the parameters contain NaN or inf")
+        try:
+            model = cls.from_config(checked["config"], backend=backend)
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(f"{path}: {e}") from None
         model.params[...] = p
         return model
+
+
+# Bounds on a config read from a file (checked before any allocation): a checkpoint's model is at
+# most MAX_LAYERS hidden layers a side, MAX_WIDTH units wide, MAX_PARAMS parameters.
+MAX_LAYERS = 64
+MAX_WIDTH = 1 << 24
+MAX_PARAMS = 1 << 30
+CONFIG_KEYS = ("x_dim", "z_dim", "hidden", "dec_hidden", "activation", "likelihood", "dtype")
+
+
+def _config_int(name, v, lo=1, hi=MAX_WIDTH):
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise checkpoint.CheckpointError(f"config {name} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def spec_from_config(config):
+    """(ModelSpec, dtype name) of a saved config, every field checked, nothing allocated.
+
+    The parameter count (docs/math.md §1: sum over layers of (fan_in + 1) * fan_out) is computed
+    in Python integers from the widths and bounded by MAX_PARAMS before any layout is built."""
+    if not isinstance(config, dict):
+        raise checkpoint.CheckpointError(f"checkpoint config is not a JSON object ({type(config).__name__})")
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise checkpoint.CheckpointError(f"checkpoint config is incomplete (no {', '.join(missing)})")
+    x_dim, z_dim = (_config_int(k, config[k]) for k in ("x_dim", "z_dim"))
+    widths = {}
+    for key in ("hidden", "dec_hidden"):
+        v = config[key]
+        if not isinstance(v, list) or len(v) > MAX_LAYERS:
+            raise checkpoint.CheckpointError(f"config {key} must be a list of at most {MAX_LAYERS} "
+                                             f"widths, got {str(v)[:80]}")
+        widths[key] = tuple(_config_int(f"{key} width", h) for h in v)
+    for key in ("activation", "likelihood", "dtype"):
+        if not isinstance(config[key], str):
+            raise checkpoint.CheckpointError(f"config {key} must be a string, got {config[key]!r}")
+    if config["dtype"] not in DTYPES:
+        raise checkpoint.CheckpointError(f"config dtype must be one of {', '.join(DTYPES)}, got {config['dtype']!r}")
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise checkpoint.CheckpointError(f"config seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(config.get("backend", "numpy"), str):
+        raise checkpoint.CheckpointError(f"config backend must be a string, got {config['backend']!r}")
+    var_floor = config.get("var_floor", dist.DEFAULT_VAR_FLOOR)
+    if isinstance(var_floor, bool) or not isinstance(var_floor, (int, float)):
+        raise checkpoint.CheckpointError(f"config var_floor must be a number, got {var_floor!r}")
+    head = 2 * x_dim if config["likelihood"] == "gaussian" else x_dim      # dist.head_width
+    enc_dims = [x_dim, *widths["hidden"], 2 * z_dim]                          # x -> ... -> [mu | logvar]
+    dec_dims = [z_dim, *widths["dec_hidden"], head]                           # z -> ... -> head
+    enc = sum((i + 1) * o for i, o in zip(enc_dims, enc_dims[1:]))
+    dec = sum((i + 1) * o for i, o in zip(dec_dims, dec_dims[1:]))
+    if enc + dec > MAX_PARAMS:
+        raise checkpoint.CheckpointError(f"checkpoint config implies {enc + dec} parameters, more than "
+                                         f"minivae loads ({MAX_PARAMS})")
+    try:
+        spec = ModelSpec(x_dim, z_dim, widths["hidden"], widths["dec_hidden"], config["activation"],
+                         config["likelihood"], float(var_floor))
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"checkpoint config is malformed ({e})") from None
+    if spec.layout.size != enc + dec:        # the count above is the layout's, by construction
+        raise checkpoint.CheckpointError("checkpoint config: inconsistent parameter count")
+    return spec, config["dtype"]
 
 
 def _check_number(name, v, lo=None):
