@@ -328,20 +328,142 @@ def holds_run(run_dir) -> bool:
 
 
 def read_run(run_dir):
-    """The checkpoint of a run folder: (TrainConfig, meta, arrays). CheckpointError when it is not one."""
+    """The checkpoint of a run folder: (TrainConfig, meta, arrays). CheckpointError when it is not one.
+
+    Everything is checked before use (:func:`check_train_state`): the training config, the model
+    config it must agree with, the sizes of the optimizer's arrays (read only once their headers
+    match), the counters, the generator state and the metrics. What needs the data (the length of
+    ``train.perm``, the step within the epoch) is checked by ``Run._restore``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise checkpoint.CheckpointError(f"{run_dir}: no such run folder")
     path = run_dir / CHECKPOINT
-    meta, arrays = checkpoint.load(path)
+    found = {}
+
+    def expect(meta):
+        found["config"], expected = _expected_arrays(path, meta)
+        return expected
+
+    meta, arrays = checkpoint.load(path, expect=expect)
+    check_train_state(path, found["config"], meta, arrays)
+    return found["config"], meta, arrays
+
+
+MAX_COUNT = 1 << 40            # epochs, steps and examples in a checkpoint: a sane bound on counters
+_BOOLS = ("overwrite", "quiet", "plots", "distributed")
+_PATHS = ("data_dir", "out", "resume")
+
+
+def _expected_arrays(path, meta):
+    """(TrainConfig, {name: checkpoint.Expect}) of a training checkpoint, from its meta alone."""
+    from .model import spec_from_config
+    from .optim import Adagrad, Adam, SGD
+
+    def fail(message):
+        return checkpoint.CheckpointError(f"{path}: {message}")
+
     state = meta.get("train")
     if not isinstance(state, dict) or "config" not in state or "rng" not in state:
-        raise checkpoint.CheckpointError(f"{path}: a model without training state; it cannot be resumed")
+        raise fail("a model without training state; it cannot be resumed")
+    d = state["config"]
+    if not isinstance(d, dict):
+        raise fail(f"malformed training config (a JSON {type(d).__name__}, not an object)")
     try:
-        config = TrainConfig.from_dict(state["config"])
-    except TypeError as e:
-        raise checkpoint.CheckpointError(f"{path}: malformed training config ({e})") from None
-    return config, meta, arrays
+        config = TrainConfig.from_dict(d)
+        config.validate()
+    except checkpoint.CheckpointError as e:
+        raise fail(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise fail(f"malformed training config ({e})") from None
+    for name in _BOOLS:
+        if not isinstance(getattr(config, name), bool):
+            raise fail(f"malformed training config ({name} must be true or false)")
+    for name in _PATHS:
+        if not isinstance(getattr(config, name), (str, type(None))):
+            raise fail(f"malformed training config ({name} must be a string or null)")
+    for name in ("epochs", "batch_size", "samples", "k", "eval_batch_size", "z_dim"):
+        if getattr(config, name) > MAX_COUNT:
+            raise fail(f"malformed training config ({name} {getattr(config, name)} is out of range)")
+    if config.seed >= 1 << 64:
+        raise fail(f"malformed training config (seed {config.seed} is out of range)")
+    if "config" not in meta:
+        raise fail("checkpoint has no model config or parameters")
+    try:
+        spec, dtype = spec_from_config(meta["config"])
+    except checkpoint.CheckpointError as e:
+        raise fail(str(e)) from None
+    saved = (spec.z_dim, spec.hidden, spec.activation, spec.likelihood, dtype)
+    if saved != (config.z_dim, config.hidden, config.activation, config.likelihood, config.dtype):
+        raise fail("the model config does not match the training config")
+    size = spec.layout.size
+    names = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}[config.optimizer].state_names
+    expected = {"params": checkpoint.Expect((size,), dtype, source="the config implies")}
+    for k in names:
+        expected[f"opt.{k}"] = checkpoint.Expect((size,), dtype, source=f"the {config.optimizer} optimizer implies")
+    expected["opt.t"] = checkpoint.Expect((), np.int64)
+    expected["train.perm"] = checkpoint.Expect((None,), np.int64, required=state.get("partial") is not None)
+    return config, expected
+
+
+def _count(v, lo=0, hi=MAX_COUNT) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _number(v, lo=-math.inf) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= lo
+
+
+def check_train_state(path, config, meta, arrays):
+    """Refuse a training state that could not have been written by a run (CheckpointError)."""
+    def fail(message):
+        return checkpoint.CheckpointError(f"{path}: bad training state ({message})")
+
+    state = meta["train"]
+    epoch, step = state.get("epoch"), state.get("step", 0)
+    if not _count(epoch):
+        raise fail(f"epoch must be a count, got {str(epoch)[:40]}")
+    if not _count(step):
+        raise fail(f"step must be a count, got {str(step)[:40]}")
+    rng = state["rng"]
+    ok = (isinstance(rng, dict) and rng.get("bit_generator") == "PCG64" and isinstance(rng.get("state"), dict)
+          and set(rng["state"]) == {"state", "inc"} and all(_count(v, 0, (1 << 128) - 1) for v in rng["state"].values())
+          and rng.get("has_uint32") in (0, 1) and _count(rng.get("uinteger"), 0, (1 << 32) - 1))
+    if ok:
+        try:
+            np.random.default_rng(0).bit_generator.state = rng
+        except (TypeError, ValueError, KeyError, OverflowError):
+            ok = False
+    if not ok:
+        raise fail("the generator state is not a PCG64 state")
+    metrics = state.get("metrics")
+    if not isinstance(metrics, list) or len(metrics) != epoch:
+        raise fail(f"metrics must be a list of one row per epoch ({epoch})")
+    for i, row in enumerate(metrics):
+        good = (isinstance(row, dict) and row.get("epoch") == i + 1
+                and all(_number(row.get(k)) for k in ("train_loss", "test_loss"))
+                and ("val_loss" not in row or _number(row["val_loss"]))
+                and _number(row.get("train_time_s"), 0) and _count(row.get("train_samples"))
+                and _count(row.get("world_size"), 1))
+        if not good:
+            raise fail(f"metrics row {i + 1} is malformed")
+    partial = state.get("partial")
+    if partial is not None:
+        if not (isinstance(partial, dict) and _count(partial.get("step")) and _number(partial.get("loss_sum"))
+                and _count(partial.get("seen")) and _number(partial.get("train_time_s"), 0)):
+            raise fail("the interrupted epoch's partial state is malformed")
+        if partial["step"] != step:
+            raise fail(f"the interrupted epoch's step {partial['step']} is not the saved step {step}")
+    elif "train.perm" in arrays:
+        raise fail("a permutation without an interrupted epoch")
+    t = arrays["opt.t"]
+    if not 0 <= int(t) <= MAX_COUNT:
+        raise fail(f"the optimizer's step count {int(t)} is out of range")
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise fail(f"{name} contains NaN or inf")
+    for name in ("opt.v", "opt.sum_sq"):                 # sums of squares
+        if name in arrays and config.optimizer in ("adam", "adagrad") and (arrays[name] < 0).any():
+            raise fail(f"{name} holds negative values")
 
 
 def resume_config(run_dir, overrides: dict) -> TrainConfig:
@@ -474,18 +596,36 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _restore(self, meta, arrays):
+        """Load the state read (and checked) by read_run, after checking what needs the data."""
         state, path, m = meta["train"], self.ckpt_path, self.model
         p = arrays.get("params")
         if p is None or p.shape != m.params.shape or p.dtype != m.dtype:
             raise checkpoint.CheckpointError(f"{path}: parameters do not match the model of the saved config")
+        n = len(self.x_train)
+        steps = math.ceil(n / self.config.batch_size)
+        partial = state.get("partial")
+        if partial is not None:
+            perm = arrays.get("train.perm")
+            if perm is None or perm.shape != (n,):
+                raise checkpoint.CheckpointError(
+                    f"{path}: bad training state (the interrupted epoch's permutation has shape "
+                    f"{None if perm is None else perm.shape}, the data has {n} training rows)")
+            if perm.min(initial=0) < 0 or perm.max(initial=0) >= n or \
+                    np.bincount(perm, minlength=n).max(initial=1) != 1:
+                raise checkpoint.CheckpointError(f"{path}: bad training state (train.perm is not a "
+                                                 f"permutation of the {n} training rows)")
+            if not (partial["step"] <= steps and partial["seen"] <= n):
+                raise checkpoint.CheckpointError(
+                    f"{path}: bad training state (step {partial['step']} of an epoch of {steps} steps, "
+                    f"{partial['seen']} of {n} examples seen)")
         try:
             self.optimizer.load_state_dict(arrays)
             self.rng.bit_generator.state = state["rng"]
             self.epoch = int(state["epoch"])
             self.metrics = list(state["metrics"])
-            if "train.perm" in arrays:
-                self.partial = dict(state["partial"], perm=arrays["train.perm"])
-        except (KeyError, TypeError, ValueError) as e:
+            if partial is not None:
+                self.partial = dict(partial, perm=arrays["train.perm"])
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise checkpoint.CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: {e})") from None
         m.params[...] = p
 
