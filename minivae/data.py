@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import math
 import os
 import urllib.error
 import urllib.request
@@ -49,34 +50,39 @@ MIRRORS = {
     "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
 }
 
-# SHA-256 of the published files. "gz": the ``.gz`` file as distributed; "idx": its decompressed
-# content, or None where we do not know it. The content digest is what identifies the data: the
+# SHA-256 of the published files. "size": the bytes of the ``.gz`` file as distributed (a download
+# stops there); "gz": its SHA-256; "idx": the SHA-256 of its decompressed content, or None where we
+# do not know it. The content digest is what identifies the data: the
 # same bytes are sometimes re-gzipped with another header (the MNIST t10k copies in the project's
 # shared folder are such files), so a file passes when either digest matches.
 CHECKSUMS = {
     "mnist": {
         "train-images-idx3-ubyte": {
+            "size": 9912422,
             "gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
             "idx": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"},
         "train-labels-idx1-ubyte": {
+            "size": 28881,
             "gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
             "idx": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"},
         "t10k-images-idx3-ubyte": {
+            "size": 1648877,
             "gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
             "idx": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"},
         "t10k-labels-idx1-ubyte": {
+            "size": 4542,
             "gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
             "idx": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"},
     },
     "fashion-mnist": {
         "train-images-idx3-ubyte": {
-            "gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84", "idx": None},
+            "size": 26421880, "gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84", "idx": None},
         "train-labels-idx1-ubyte": {
-            "gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845", "idx": None},
+            "size": 29515, "gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845", "idx": None},
         "t10k-images-idx3-ubyte": {
-            "gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073", "idx": None},
+            "size": 4422102, "gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073", "idx": None},
         "t10k-labels-idx1-ubyte": {
-            "gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5", "idx": None},
+            "size": 5148, "gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5", "idx": None},
     },
 }
 
@@ -124,50 +130,102 @@ class Dataset:
 # IDX files
 # ----------------------------------------------------------------------------------------------
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped when it is gzip (by suffix or by its magic bytes)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    if path.suffix == ".gz" or raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt gzip data ({e})") from None
-    return raw
+MAX_IDX_BYTES = 1 << 30        # the most data one IDX file may promise (MNIST's train images: 47 MB)
+DEFLATE_MAX_RATIO = 1032       # deflate inflates one byte to at most 1032: a gzip's ceiling
+_CHUNK = 1 << 20
+_TRAILING_COUNTED = 1 << 20    # trailing bytes past the data are counted up to this many
 
 
-def read_idx(path) -> np.ndarray:
+def _read_up_to(f, n) -> bytearray:
+    """At most ``n`` bytes of ``f``, read in chunks (memory grows only with what arrives)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(min(_CHUNK, n - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def _idx_header(path, f, expect_ndim=None, expect_dtype=None, what=""):
+    """(dtype, dims) from the header of the IDX stream ``f``, read and checked field by field."""
+    magic = _read_up_to(f, 4)
+    if len(magic) < 4:
+        raise DataError(f"{path}: not an IDX file (only {len(magic)} bytes, no header)")
+    if magic[0] != 0 or magic[1] != 0 or magic[2] not in IDX_TYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number 0x{bytes(magic).hex()}; "
+                        f"expected 0x000008NN for uint8 data)")
+    dtype, ndim = IDX_TYPES[magic[2]], magic[3]
+    if ndim == 0:
+        raise DataError(f"{path}: bad IDX header (zero dimensions)")
+    if (expect_ndim is not None and ndim != expect_ndim) or (expect_dtype is not None and dtype != expect_dtype):
+        raise DataError(f"{path}: expected {what}, got {dtype.newbyteorder('=')} with {ndim} dimensions")
+    raw_dims = _read_up_to(f, 4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header ({4 + len(raw_dims)} bytes, the header needs {4 + 4 * ndim})")
+    dims = tuple(int.from_bytes(raw_dims[4 * i:4 * i + 4], "big") for i in range(ndim))
+    return dtype, dims
+
+
+def read_idx(path, expect_ndim=None, expect_dtype=None, what="") -> np.ndarray:
     """Parse an IDX file (raw or gzipped) into an array with the dimensions of its header.
 
     Layout: magic (4 bytes: 0, 0, type code, number of dimensions), then one big-endian uint32 per
     dimension, then exactly prod(dims) items, big-endian. MNIST images are 0x00000803 (uint8,
     (n, h, w)), labels 0x00000801 (uint8, (n,)). Anything else is a DataError naming the file.
+
+    The header is read and checked first (against ``expect_ndim``/``expect_dtype`` when given);
+    then what it promises is bounded (MAX_IDX_BYTES; a raw file must hold exactly that many bytes,
+    a gzip cannot inflate more than DEFLATE_MAX_RATIO times its size), and exactly that much is
+    streamed in; more or less is refused. Nothing is read whole.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DataError(f"{path}: not an IDX file (only {len(data)} bytes, no header)")
-    if data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES:
-        raise DataError(f"{path}: not an IDX file (bad magic number 0x{data[:4].hex()}; "
-                        f"expected 0x000008NN for uint8 data)")
-    dtype, ndim = IDX_TYPES[data[2]], data[3]
-    if ndim == 0:
-        raise DataError(f"{path}: bad IDX header (zero dimensions)")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, the header needs {header})")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(data) < expected:
-        raise DataError(f"{path}: truncated ({len(data)} bytes, the header {dims} implies {expected})")
-    if len(data) > expected:
-        raise DataError(f"{path}: {len(data) - expected} trailing bytes after the data "
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        gz = path.suffix == ".gz" or f.read(2) == b"\x1f\x8b"
+        f.seek(0)
+        stream = gzip.GzipFile(fileobj=f, mode="rb") if gz else f
+        try:
+            return _read_idx_stream(path, stream, size, gz, expect_ndim, expect_dtype, what)
+        except DataError:
+            raise
+        except (OSError, EOFError, zlib.error) as e:
+            if gz:
+                raise DataError(f"{path}: corrupt gzip data ({e})") from None
+            raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _read_idx_stream(path, f, size, gz, expect_ndim, expect_dtype, what):
+    dtype, dims = _idx_header(path, f, expect_ndim, expect_dtype, what)
+    header = 4 + 4 * len(dims)
+    nbytes = math.prod(dims) * dtype.itemsize              # Python ints: the product cannot overflow
+    expected = header + nbytes
+    if nbytes > MAX_IDX_BYTES:
+        raise DataError(f"{path}: the IDX header {dims} promises {nbytes} bytes of data, more than "
+                        f"minivae reads ({MAX_IDX_BYTES})")
+    if not gz and size < expected:
+        raise DataError(f"{path}: truncated ({size} bytes, the header {dims} implies {expected})")
+    if not gz and size > expected:
+        raise DataError(f"{path}: {size - expected} trailing bytes after the data "
                         f"(the header {dims} implies {expected} bytes)")
-    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+    if gz and nbytes > DEFLATE_MAX_RATIO * size:
+        raise DataError(f"{path}: the IDX header {dims} promises {nbytes} bytes, more than a gzip file "
+                        f"of {size} bytes can hold")
+    data = _read_up_to(f, nbytes)
+    if len(data) < nbytes:
+        raise DataError(f"{path}: truncated ({header + len(data)} bytes, the header {dims} implies {expected})")
+    extra = len(_read_up_to(f, _TRAILING_COUNTED))
+    if extra:
+        more = "" if extra < _TRAILING_COUNTED else "at least "
+        raise DataError(f"{path}: {more}{extra} trailing bytes after the data "
+                        f"(the header {dims} implies {expected} bytes)")
+    arr = np.frombuffer(data, dtype=dtype).reshape(dims)
     return arr.astype(dtype.newbyteorder("="))          # native byte order, a writable copy
 
 
@@ -254,19 +312,17 @@ def _check_name(name):
 
 def _read_split(images_path, labels_path):
     """Images (n, h, w) uint8 and labels (n,) uint8 of one split, cross-checked."""
-    images = read_idx(images_path)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{images_path}: expected an image file (magic 0x{IMAGES_MAGIC:08x}, uint8 "
-                        f"n x h x w), got {images.dtype} with {images.ndim} dimensions")
-    labels = read_idx(labels_path)
-    if labels.ndim != 1 or labels.dtype != np.uint8:
-        raise DataError(f"{labels_path}: expected a label file (magic 0x{LABELS_MAGIC:08x}, uint8 "
-                        f"n), got {labels.dtype} with {labels.ndim} dimensions")
+    images = read_idx(images_path, 3, np.dtype("u1"),
+                      f"an image file (magic 0x{IMAGES_MAGIC:08x}, uint8 n x h x w)")
+    labels = read_idx(labels_path, 1, np.dtype("u1"), f"a label file (magic 0x{LABELS_MAGIC:08x}, uint8 n)")
     if len(images) != len(labels):
         raise DataError(f"{labels_path}: {len(labels)} labels, but {images_path} holds "
                         f"{len(images)} images")
     if len(images) == 0:
         raise DataError(f"{images_path}: holds no images")
+    if 0 in images.shape[1:]:
+        raise DataError(f"{images_path}: images of {images.shape[1]}x{images.shape[2]} pixels; "
+                        f"expected at least 1x1")
     if labels.max() >= N_CLASSES:
         raise DataError(f"{labels_path}: labels must be 0..{N_CLASSES - 1}, found {int(labels.max())}")
     return images, labels
@@ -377,22 +433,34 @@ def load_dataset(name, data_dir=None, binarize="none", val_fraction=0.1, seed=0,
 # Download with SHA-256 verification
 # ----------------------------------------------------------------------------------------------
 
+MAX_DOWNLOAD_BYTES = 64 << 20  # a download whose published size is not known stops here
+
+
 class _Digests:
-    """SHA-256 of a stream and of its gunzipped content, updated chunk by chunk."""
+    """SHA-256 of a stream and of its gunzipped content, updated chunk by chunk.
+
+    The inflated content is hashed in bounded pieces and only up to MAX_IDX_BYTES: a stream that
+    inflates to more cannot match a content digest anyway."""
 
     def __init__(self):
         self.gz = hashlib.sha256()
         self.idx = hashlib.sha256()
         self._inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        self._inflated = 0
         self.idx_ok = True                      # False once the stream is not valid gzip
 
     def update(self, chunk):
         self.gz.update(chunk)
-        if self.idx_ok:
-            try:
-                self.idx.update(self._inflate.decompress(chunk))
-            except zlib.error:
-                self.idx_ok = False
+        try:
+            while self.idx_ok and chunk:
+                out = self._inflate.decompress(chunk, _CHUNK)
+                self._inflated += len(out)
+                if self._inflated > MAX_IDX_BYTES:
+                    self.idx_ok = False
+                self.idx.update(out)
+                chunk = self._inflate.unconsumed_tail
+        except zlib.error:
+            self.idx_ok = False
 
     def matches(self, expected) -> bool:
         if self.gz.hexdigest() == expected["gz"]:
@@ -402,7 +470,12 @@ class _Digests:
 
 
 def verify_file(path, expected) -> bool:
-    """True when the ``.gz`` file at ``path`` is the published file (or its content re-gzipped)."""
+    """True when the ``.gz`` file at ``path`` is the published file (or its content re-gzipped).
+
+    A file more than twice the published size is not it, and is not read."""
+    size = expected.get("size")
+    if size is not None and os.path.getsize(path) > 2 * size:
+        return False
     d = _Digests()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -411,15 +484,37 @@ def verify_file(path, expected) -> bool:
 
 
 def _fetch(url, f, expected, timeout, quiet, desc):
-    """Stream ``url`` into the open file ``f``, hashing as it goes; DataError on a bad digest."""
+    """Stream ``url`` into the open file ``f``, hashing as it goes, never past the published size
+    (``expected["size"]``, else MAX_DOWNLOAD_BYTES); DataError on a Content-Length that disagrees,
+    on more bytes than that, or on a bad digest (the caller's atomic write then keeps nothing)."""
     from tqdm.auto import tqdm
 
+    size = expected.get("size")
+    limit = size if size is not None else MAX_DOWNLOAD_BYTES
     with urllib.request.urlopen(url, timeout=timeout) as response:
         total = response.headers.get("Content-Length")
+        if total is not None:
+            try:
+                total = int(total)
+            except ValueError:
+                raise DataError(f"{url}: the server sent a malformed Content-Length {total!r}; "
+                                f"the download was discarded") from None
+            if (size is not None and total != size) or total > limit:
+                published = f"the published file has {size}" if size is not None else f"at most {limit} are read"
+                raise DataError(f"{url}: the server announces {total} bytes, {published}; "
+                                f"the download was discarded")
         digests = _Digests()
-        with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
-                  unit_divisor=1024, desc=desc, disable=quiet, leave=False) as bar:
-            for chunk in iter(lambda: response.read(1 << 16), b""):
+        got = 0
+        with tqdm(total=limit, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet,
+                  leave=False) as bar:
+            while True:
+                chunk = response.read(min(1 << 16, limit + 1 - got))   # the budget: the size + 1
+                if not chunk:
+                    break
+                got += len(chunk)
+                if got > limit:
+                    raise DataError(f"{url}: the server sent more than the {limit} bytes of the published "
+                                    f"file; the download was discarded")
                 f.write(chunk)
                 digests.update(chunk)
                 bar.update(len(chunk))
