@@ -11,7 +11,7 @@ import numpy as np
 
 from . import checkpoint
 from . import distributions as dist
-from .kernels import get_backend
+from .kernels import BACKENDS, get_backend
 from .layers import ACTIVATIONS
 from .objectives import check_objective
 from .params import ParamLayout
@@ -342,6 +342,9 @@ def spec_from_config(config):
         raise checkpoint.CheckpointError(f"config seed must be a non-negative integer, got {seed!r}")
     if not isinstance(config.get("backend", "numpy"), str):
         raise checkpoint.CheckpointError(f"config backend must be a string, got {config['backend']!r}")
+    if config.get("backend", "numpy") not in BACKENDS:
+        raise checkpoint.CheckpointError(f"config backend must be one of {', '.join(BACKENDS)}, "
+                                         f"got {config['backend']!r}")
     var_floor = config.get("var_floor", dist.DEFAULT_VAR_FLOOR)
     if isinstance(var_floor, bool) or not isinstance(var_floor, (int, float)):
         raise checkpoint.CheckpointError(f"config var_floor must be a number, got {var_floor!r}")
