@@ -287,13 +287,15 @@ def load_checkpoint(text, backend=None):
 
 def _train_config(meta) -> dict:
     state = meta.get("train")
-    return state.get("config", {}) if isinstance(state, dict) else {}
+    cfg = state.get("config", {}) if isinstance(state, dict) else {}
+    return cfg if isinstance(cfg, dict) else {}          # a crafted file may hold anything here
 
 
 def image_shape(model, meta):
     """The (h, w) of the images: saved by training, else a square x_dim."""
     shape = meta.get("image_shape")
-    if isinstance(shape, list) and len(shape) == 2 and shape[0] * shape[1] == model.x_dim:
+    if isinstance(shape, list) and len(shape) == 2 and all(type(v) is int for v in shape) \
+            and shape[0] * shape[1] == model.x_dim:
         return tuple(int(v) for v in shape)
     side = math.isqrt(model.x_dim)
     if side * side == model.x_dim:
@@ -313,6 +315,8 @@ def load_split(args, model, meta, split="test"):
     binarize = args.binarize or cfg.get("binarize", "none")
     val_fraction = args.val_fraction if args.val_fraction is not None else cfg.get("val_fraction", 0.1)
     data_dir = args.data_dir or (cfg.get("data_dir") if name == cfg.get("dataset") else None)
+    if data_dir is not None and not isinstance(data_dir, str):
+        raise ValueError(f"the checkpoint's data_dir {data_dir!r} is not a folder name; pass --data-dir")
     ds = load_dataset(name, data_dir, binarize=binarize, val_fraction=val_fraction,
                       seed=cfg.get("seed", 0), dtype=model.dtype.name)
     if ds.x_dim != model.x_dim:
@@ -361,7 +365,10 @@ def cmd_sample(args):
 def _metrics(meta, ckpt_text):
     state = meta.get("train")
     if isinstance(state, dict) and state.get("metrics"):
-        return state["metrics"]
+        metrics = state["metrics"]
+        if not isinstance(metrics, list) or not all(isinstance(r, dict) for r in metrics):
+            raise ValueError(f"{ckpt_text}: the training metrics in the checkpoint are malformed")
+        return metrics
     path = _checkpoint_path(ckpt_text).parent / "metrics.jsonl"
     if path.is_file():
         try:

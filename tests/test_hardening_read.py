@@ -840,3 +840,27 @@ def test_the_content_digest_does_not_inflate_without_bound(monkeypatch):
         d.update(gz_stream(b"", 8 << 20))
     assert not d.idx_ok and peak.bytes < 4 << 20
     assert math.isfinite(peak.bytes)
+
+
+# ==============================================================================================
+# The CLI's use of a model checkpoint's meta (evaluate, sample, plot)
+# ==============================================================================================
+
+@pytest.mark.parametrize("case, extra, command", [
+    ("train config a list", {"train": {"config": [1]}, "dataset": "digits"}, "evaluate"),
+    ("data_dir a list", {"train": {"config": {"data_dir": [1], "dataset": "mnist"}}, "dataset": "mnist"},
+     "evaluate"),
+    ("image_shape of dicts", {"image_shape": [{"a": 1}, 2]}, "sample"),
+    ("metrics of numbers", {"train": {"metrics": [1, 2]}}, "plot"),
+    ("metrics a string", {"train": {"metrics": "abc"}}, "plot"),
+])
+def test_odd_meta_fields_give_one_line_errors_in_the_cli(tmp_path, capsys, case, extra, command):
+    path = tmp_path / "m.npz"
+    VAE(64, 2, hidden=(4,)).save(path, extra_meta=extra)
+    args = {"evaluate": [], "sample": ["--out", tmp_path / "s.png"],
+            "plot": ["--kind", "curves", "--out", tmp_path / "c.png"]}[command]
+    code = main([command, str(path), *map(str, args)])
+    err = capsys.readouterr().err
+    assert code in (0, 1) and "Traceback" not in err
+    if code == 1:
+        assert err.startswith("minivae: error: ") and err.count("\n") == 1, err
