@@ -28,6 +28,7 @@ import os
 import tempfile
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,6 +225,8 @@ class Archive:
                 else:
                     raise ValueError(f".npy format version {version[0]}.{version[1]} is not read")
                 header_size = f.tell()
+        except (zlib.error, zipfile.BadZipFile, EOFError, OSError) as e:      # the stream itself
+            raise self._error(f"member {name!r} is damaged ({type(e).__name__}: {e})") from None
         except Exception as e:
             text = str(e).splitlines()[0] if str(e) else ""
             raise self._error(f"member {name!r} is not a numeric array (a malformed .npy header: "
@@ -292,8 +295,11 @@ class Archive:
                               f"({MAX_META_BYTES})")
         text = str(self.read("meta", Expect((), m.dtype))[()])
         meta = parse_json(text, lambda msg: self._error(f"its 'meta' entry is not valid JSON ({msg})"))
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            fmt = meta.get("format") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict):
+            raise self._error(f"not a minivae checkpoint (its 'meta' entry is a JSON {type(meta).__name__}, "
+                              f"not an object)")
+        if meta.get("format") != FORMAT:
+            fmt = meta.get("format")
             raise self._error(f"not a minivae checkpoint (format {fmt!r})")
         if meta.get("version") != VERSION:
             raise self._error(f"checkpoint version {meta.get('version')!r}, this minivae reads version {VERSION}")
