@@ -5,7 +5,8 @@ argument can ask for terabytes. Rather than die with a MemoryError traceback hal
 killed by the kernel), the model and the trainer estimate what they are about to allocate and refuse
 in one line when it exceeds the memory this machine has available:
 
-    a model of 7,841,000,000,400 parameters would need about 58,420.0 GiB, this machine has 12.3 GiB available
+    training a model of 190,000,000,104 parameters on batches of 128 examples x 1 sample(s) would need
+    about 18,209.2 GiB, this machine has 22.0 GiB available
 
 The estimate (one function per use, all from :func:`parameter_count` and :func:`pass_bytes`):
 
@@ -56,6 +57,8 @@ def available_bytes():
 
 
 def format_bytes(n) -> str:
+    if n >= 1e6 * GiB:
+        return f"{n / GiB:.3g} GiB"
     if n >= GiB / 10:
         return f"{n / GiB:,.1f} GiB"
     return f"{n / 2 ** 20:,.1f} MiB"
@@ -122,4 +125,4 @@ def check_training(config):
     need = training_bytes(spec, itemsize, config.batch_size, config.eps_samples(), config.optimizer,
                           config.eval_batch_size)
     check(need, f"training a model of {parameter_count(spec):,} parameters on batches of "
-                f"{config.batch_size} x {config.eps_samples()} samples")
+                f"{config.batch_size} examples x {config.eps_samples()} sample(s)")
