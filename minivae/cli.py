@@ -351,6 +351,10 @@ def cmd_evaluate(args):
     null); a non-finite figure is then a failure (one line on stderr, exit 1)."""
     from .evaluate import evaluate, nonfinite, save_per_example
 
+    if args.per_example is not None:           # before a long evaluation, not after it
+        target = Path(args.per_example)
+        if target.is_dir() or not target.parent.is_dir():
+            raise ValueError(f"--per-example {target}: expected a file in an existing folder")
     model, meta = load_checkpoint(args.checkpoint, backend=args.backend)
     bad_params = int((~np.isfinite(model.params)).sum())
     if bad_params:       # some backends' ReLU maps NaN to 0: the figures alone would not always tell

@@ -435,6 +435,14 @@ def test_standard_errors_match_the_exported_per_example_values(tmp_path, capsys)
     assert code == 0 and f"{r['elbo']:.3f} +/- {r['elbo_se']:.3f}" in out and "log p(x)" not in out
 
 
+def test_per_example_target_is_checked_before_evaluating(tmp_path, capsys, monkeypatch):
+    VAE(64, 3, hidden=(8,)).save(tmp_path / "m.npz", extra_meta={"dataset": "digits"})
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking the target"))
+    for target in (tmp_path, tmp_path / "no" / "such" / "p.npz"):
+        code, out, err = cli(capsys, "evaluate", tmp_path / "m.npz", "--per-example", target)
+        assert code == 1 and one_line(err) and "expected a file in an existing folder" in err and out == ""
+
+
 def test_without_iw_samples_the_file_has_no_iw_array(tmp_path, digits):
     m = VAE(64, 3, hidden=(8,), dtype="float64")
     r = ev.evaluate(m, digits[:9], iw_samples=0, per_example=True)
