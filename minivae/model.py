@@ -105,6 +105,8 @@ class VAE:
         self.dtype = np.dtype(name)
         resources.check(resources.model_bytes(self.spec, self.dtype.itemsize),
                         f"a model of {resources.parameter_count(self.spec):,} parameters")
+        if seed is not None:               # saved in the config (JSON): an int, not a Generator
+            checks.integer("seed", seed, lo=0)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.layout = self.spec.layout

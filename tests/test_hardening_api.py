@@ -184,6 +184,12 @@ def test_bad_sample_arguments(model, kwargs, match):
         model.sample(**kwargs)
 
 
+@pytest.mark.parametrize("seed", ["0", -1, 1.0, True])
+def test_bad_model_seeds(seed):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        VAE(6, 2, hidden=(5,), seed=seed)
+
+
 def test_good_seeds_are_what_default_rng_takes(model):
     a = model.sample(3, seed=np.int64(4))
     np.testing.assert_array_equal(a, model.sample(3, seed=4))
