@@ -26,6 +26,7 @@ from . import __version__
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+SAMPLE_MAX = 4096          # sample --n: a 64 x 64 grid is the most one PNG shows legibly
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,6 +48,18 @@ def _int_at_least(lo, what):
 
 positive_int = _int_at_least(1, "a positive integer")
 nonneg_int = _int_at_least(0, "an integer >= 0")
+
+
+def _int_between(lo, hi, what):
+    """An argparse type: an integer in [lo, hi], else a one-line argparse error naming ``what``."""
+    at_least = _int_at_least(lo, what)
+
+    def parse(text):
+        v = at_least(text)
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
 
 
 def _float(text, what, ok):
@@ -170,19 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--iw-samples", type=nonneg_int, metavar="K", default=100,
                    help="importance samples for log p(x); 0 skips it (default: 100; Burda et al. use 5000)")
     e.add_argument("--batch-size", type=positive_int, metavar="N", default=1000,
-                   help="rows (examples x samples) per backend call, which bounds memory (default: 1000)")
+                   help="rows (examples x samples) per backend call, which bounds memory whatever "
+                        "--iw-samples and --chunk say (default: 1000)")
     e.add_argument("--chunk", type=positive_int, default=100,
-                   help="importance samples per backend call (default: 100)")
+                   help="importance samples per backend call, at most --batch-size (default: 100)")
     e.add_argument("--seed", type=nonneg_int, default=0, help="seed of the evaluation noise (default: 0)")
     e.add_argument("--backend", choices=BACKENDS, default=None, help="(default: the checkpoint's)")
     e.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    e.add_argument("--per-example", metavar="FILE.npz", default=None,
+                   help="also write the per-example values (arrays elbo, recon_error and, with "
+                        "--iw-samples > 0, iw_log_likelihood; one entry per example) to this .npz file")
     _threads_option(e)
     e.set_defaults(func=cmd_evaluate)
 
     # -- sample
     s = sub.add_parser("sample", help="draw images from the prior into a PNG grid")
     s.add_argument("checkpoint", metavar="CKPT", help="a model.npz, or a run folder holding one")
-    s.add_argument("--n", type=positive_int, default=64, help="number of images (default: 64)")
+    s.add_argument("--n", type=_int_between(1, SAMPLE_MAX, f"an integer in [1, {SAMPLE_MAX}] (one PNG grid)"),
+                   default=64, help=f"number of images, at most {SAMPLE_MAX} (a 64 x 64 grid; default: 64)")
     s.add_argument("--out", metavar="PNG", required=True, help="the PNG file to write")
     s.add_argument("--seed", type=nonneg_int, default=0, help="(default: 0)")
     s.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing its mean")
@@ -327,27 +345,53 @@ def load_split(args, model, meta, split="test"):
     return ds, eval_split(x, binarize, split)
 
 
-def cmd_evaluate(args):
-    from .evaluate import evaluate
+def _json_number(v):
+    """A JSON-safe number: NaN and inf become None (null)."""
+    return v if v is None or not isinstance(v, float) or math.isfinite(v) else None
 
+
+def cmd_evaluate(args):
+    """Print the evaluation as a table or one JSON line (always valid JSON: non-finite numbers are
+    null); a non-finite figure is then a failure (one line on stderr, exit 1)."""
+    from .evaluate import evaluate, nonfinite, save_per_example
+
+    if args.per_example is not None:           # before a long evaluation, not after it
+        target = Path(args.per_example)
+        if target.is_dir() or not target.parent.is_dir():
+            raise ValueError(f"--per-example {target}: expected a file in an existing folder")
     model, meta = load_checkpoint(args.checkpoint, backend=args.backend)
+    bad_params = int((~np.isfinite(model.params)).sum())
+    if bad_params:       # some backends' ReLU maps NaN to 0: the figures alone would not always tell
+        raise ValueError(f"{args.checkpoint}: {bad_params} of the model's {model.params.size} parameters are "
+                         "NaN or inf; there is nothing to evaluate")
     ds, x = load_split(args, model, meta, args.split)
-    r = evaluate(model, x, iw_samples=args.iw_samples, batch_size=args.batch_size, chunk=args.chunk,
-                 seed=args.seed)
+    with np.errstate(all="ignore"):           # a NaN result is reported below, in one line
+        r = evaluate(model, x, iw_samples=args.iw_samples, batch_size=args.batch_size, chunk=args.chunk,
+                     seed=args.seed, per_example=args.per_example is not None)
     r = dict(r, dataset=ds.name, split=args.split)
+    if args.per_example is not None:
+        save_per_example(args.per_example, r["per_example"])
     if args.json:
-        keys = ("elbo", "iw_log_likelihood", "iw_samples", "active_units", "recon_error", "n", "dataset",
-                "split", "seed")
-        print(json.dumps({k: r[k] for k in keys}))
-        return 0
-    rows = [("dataset", f"{ds.name} ({args.split}, {r['n']} examples)"),
-            ("ELBO", f"{r['elbo']:.3f} nats/example (one sample, analytic KL)")]
-    if r["iw_log_likelihood"] is not None:
-        rows.append((f"log p(x), K={r['iw_samples']}", f"{r['iw_log_likelihood']:.3f} nats/example"))
-    rows += [("active units", f"{r['active_units']} of {model.z_dim} (Var_x E_q[z_j] > 1e-2)"),
-             ("reconstruction error", f"{r['recon_error']:.4f} (squared error summed over pixels)")]
-    w = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+        keys = ("elbo", "elbo_se", "iw_log_likelihood", "iw_log_likelihood_se", "iw_samples", "active_units",
+                "recon_error", "recon_error_se", "n", "dataset", "split", "seed")
+        print(json.dumps({k: _json_number(r[k]) for k in keys}, allow_nan=False))
+    else:
+        def pm(key, fmt):
+            se = r[f"{key}_se"]
+            return f"{r[key]:{fmt}}" + (f" +/- {se:{fmt}}" if se is not None else "")
+        rows = [("dataset", f"{ds.name} ({args.split}, {r['n']} examples)"),
+                ("ELBO", f"{pm('elbo', '.3f')} nats/example (one sample, analytic KL)")]
+        if r["iw_log_likelihood"] is not None:
+            rows.append((f"log p(x), K={r['iw_samples']}", f"{pm('iw_log_likelihood', '.3f')} nats/example"))
+        rows += [("active units", f"{r['active_units']} of {model.z_dim} (Var_x E_q[z_j] > 1e-2)"),
+                 ("reconstruction error", f"{pm('recon_error', '.4f')} (squared error summed over pixels)")]
+        w = max(len(k) for k, _ in rows)
+        print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+        print(f"{'':<{w}}  (+/- one standard error of the mean over the examples)")
+    bad = nonfinite(r)
+    if bad:
+        raise ValueError(f"the evaluation is not finite ({', '.join(bad)}: NaN or inf); the model's "
+                         "parameters or outputs are not finite numbers")
     return 0
 
 
@@ -461,6 +505,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("minivae: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except MemoryError as e:                          # the last resort: sizes are checked up front
+        if os.environ.get("MINIVAE_DEBUG"):
+            raise
+        detail = f" ({_one_line(e)})" if str(e) else ""
+        print(f"minivae: error: out of memory{detail}; try smaller sizes (--batch-size, --hidden, "
+              "--samples, --k, --z-dim)", file=sys.stderr)
+        return EXIT_ERROR
     except (ValueError, OSError, RuntimeError) as e:   # DataError, CheckpointError, TrainingError among them
         if os.environ.get("MINIVAE_DEBUG"):
             raise

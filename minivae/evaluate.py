@@ -15,16 +15,28 @@ batch size, on the chunk size of the importance sampling, or on how rows are spl
     ELBO  eps (n, Z) = default_rng(seed).standard_normal((n, Z)), row i for example i;
     IW    example i reads its K draws, in order, from its own stream SeedSequence(seed, spawn_key=(i,)).
 
-``batch_size`` bounds the rows of one backend call (examples x samples), and so the memory: the ELBO
-takes ``batch_size`` examples at a time; importance sampling with K up to thousands takes
-max(1, batch_size // chunk) examples with at most ``chunk`` samples each, whatever K is. A chunk of
-k_c samples gives b_c = LSE_l(log w_l) - log k_c (the backend's IWAE bound); the chunks combine
-exactly, and stably, as
+``batch_size`` bounds the rows of one backend call (examples x samples), and so the memory, whatever
+the other arguments say: the ELBO, the posterior means and the reconstructions take ``batch_size``
+examples at a time; importance sampling with K up to thousands takes max(1, batch_size // c)
+examples with at most c = min(chunk, batch_size) samples each, whatever K is (a ``chunk`` larger
+than ``batch_size`` is capped at it). A chunk of k_c samples gives b_c = LSE_l(log w_l) - log k_c
+(the backend's IWAE bound); the chunks combine exactly, and stably, as
 
     log p^_K = LSE_c(b_c + log k_c) - log K.
 
+Besides the whole-split arrays of n rows (the data, eps (n, Z), the per-example values), nothing
+grows with n or K; a pass of ``batch_size`` rows this machine cannot hold is refused up front
+(minivae.resources).
+
+Standard errors. Each per-example figure f (ELBO, log p^_K, recon error) is reported with the
+standard error of its mean over the n examples, se = s / sqrt(n), s^2 = sum_i (f_i - mean)^2 / (n - 1)
+(numpy.std(ddof=1)); it measures the spread over examples of the test set (the uncertainty due to
+its finite size), not the Monte Carlo noise of one example's estimate. None when n < 2.
+
 ``comm`` (the communicator of minivae.train: SerialComm or distributed.MPIComm) shards the rows: rank
-r takes the contiguous rows [r n / P, (r + 1) n / P) and the sums are reduced with allreduce_sum.
+r takes the contiguous rows [r n / P, (r + 1) n / P) and the sums are reduced with allreduce_sum:
+first the sums of f_i (the means), then the sums of squared deviations from those means (the
+standard errors), two passes like :func:`latent_variances`.
 """
 from __future__ import annotations
 
@@ -32,6 +44,7 @@ import math
 
 import numpy as np
 
+from . import checkpoint, checks, resources
 from . import distributions as dist
 from .distributed import collective
 
@@ -53,9 +66,12 @@ def _reduce_sum(comm, values):
 
 
 def _check_positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
+    return checks.integer(name, v)
+
+
+def effective_chunk(chunk, batch_size) -> int:
+    """The samples per backend call of the importance sampling: ``chunk``, capped at ``batch_size``."""
+    return min(_check_positive_int("chunk", chunk), _check_positive_int("batch_size", batch_size))
 
 
 def eval_eps(n, z_dim, dtype, seed=0) -> np.ndarray:
@@ -99,14 +115,15 @@ def example_rng(seed, index) -> np.random.Generator:
 
 def iw_log_likelihood_per_example(model, x, iw_samples, seed=0, batch_size=DEFAULT_BATCH_SIZE,
                                   chunk=DEFAULT_CHUNK, first_index=0) -> np.ndarray:
-    """log p^_K(x_i) for each row, K = ``iw_samples``, in chunks of at most ``chunk`` samples for
-    max(1, batch_size // chunk) examples per backend call.   (n,) float64
+    """log p^_K(x_i) for each row, K = ``iw_samples``, in chunks of at most c = min(chunk, batch_size)
+    samples for max(1, batch_size // c) examples per backend call (so at most ``batch_size`` rows
+    per call).   (n,) float64
 
     Row i uses the stream :func:`example_rng` (seed, first_index + i); its K draws are read in
     order, chunk after chunk, so the chunk size changes the arithmetic but not the samples.
     """
     K = _check_positive_int("iw_samples", iw_samples)
-    chunk = _check_positive_int("chunk", chunk)
+    chunk = effective_chunk(chunk, batch_size)
     params, backend, Z, dtype = model.params, model.backend, model.spec.z_dim, model.dtype
     per_call = max(1, batch_size // chunk)                          # examples per backend call
     out = np.empty(len(x), dtype=np.float64)
@@ -161,42 +178,96 @@ def latent_variances(mu_local, comm=None) -> np.ndarray:
     return ss / max(n - 1.0, 1.0)
 
 
+def standard_error(sq_dev_sum, n):
+    """s / sqrt(n) with s^2 = sum (f_i - mean)^2 / (n - 1): numpy.std(f, ddof=1) / sqrt(n); None when n < 2."""
+    if n < 2:
+        return None
+    return float(math.sqrt(sq_dev_sum / (n - 1) / n))
+
+
+def _gather(comm, local, n, rows):
+    """The whole (n,) array of per-example values from each rank's contiguous rows (a sum of
+    zero-padded arrays: no gather primitive needed)."""
+    if comm is None:
+        return np.asarray(local, dtype=np.float64).copy()
+    full = np.zeros(n, dtype=np.float64)
+    full[rows] = local
+    return _reduce_sum(comm, full)
+
+
+FIGURES = ("elbo", "iw_log_likelihood", "recon_error")     # the per-example figures, each with an _se
+
+
 def evaluate(model, x, iw_samples=0, batch_size=DEFAULT_BATCH_SIZE, chunk=DEFAULT_CHUNK, seed=0,
-             comm=None) -> dict:
+             comm=None, per_example=False) -> dict:
     """Every evaluation number of a model on the rows of ``x`` (see the module docstring).
 
     ``iw_samples`` = K > 0 adds the importance-weighted estimate of log p(x) (None when 0).
     Returns a dict: n, elbo, iw_log_likelihood, iw_samples, active_units, latent_variance (per
-    dimension), recon_error, seed.
+    dimension), recon_error, seed, and the standard error of each per-example mean (elbo_se,
+    iw_log_likelihood_se, recon_error_se; None when n < 2 or the figure is not computed).
+    ``per_example``: also return ``per_example``, a dict of (n,) float64 arrays (elbo, recon_error,
+    and iw_log_likelihood when K > 0), one entry per example in the order of ``x`` (gathered over
+    ``comm``: every rank gets the whole arrays).
     """
     if isinstance(iw_samples, bool) or not isinstance(iw_samples, (int, np.integer)) or iw_samples < 0:
         raise ValueError(f"iw_samples must be an integer >= 0, got {iw_samples!r}")
     batch_size = _check_positive_int("batch_size", batch_size)
-    chunk = _check_positive_int("chunk", chunk)
+    chunk = effective_chunk(chunk, batch_size)
+    seed = checks.integer("seed", seed, lo=0)
+    per_example = checks.flag("per_example", per_example)
     x = model.check_x(x)
     n = len(x)
     rows = shard(n, comm)
     xs = x[rows]
+    # the largest backend call: batch_size rows (examples x samples), fewer when the shard is small
+    call_rows = min(batch_size, max(len(xs), 1) * max(int(iw_samples), 1))
+    resources.check(resources.pass_bytes(model.spec, model.dtype.itemsize, call_rows, 1, backward=False),
+                    f"evaluating {call_rows} rows per backend call (--batch-size)")
     eps = eval_eps(n, model.spec.z_dim, model.dtype, seed)[rows]
 
-    sums = [elbo_per_example(model, xs, eps, batch_size).sum() if len(xs) else 0.0]
+    local = {"elbo": elbo_per_example(model, xs, eps, batch_size) if len(xs) else np.zeros(0)}
     if iw_samples:
-        iw = iw_log_likelihood_per_example(model, xs, iw_samples, seed, batch_size, chunk,
-                                           first_index=rows.start) if len(xs) else np.zeros(0)
-        sums.append(iw.sum())
+        local["iw_log_likelihood"] = iw_log_likelihood_per_example(
+            model, xs, iw_samples, seed, batch_size, chunk, first_index=rows.start) if len(xs) else np.zeros(0)
     mu = posterior_means(model, xs, batch_size)
-    sums.append(reconstruction_sq_error(model, xs, mu, batch_size).sum() if len(xs) else 0.0)
-    sums.append(len(xs))
-    total = _reduce_sum(comm, sums)
+    local["recon_error"] = reconstruction_sq_error(model, xs, mu, batch_size) if len(xs) else np.zeros(0)
+    names = list(local)                                   # elbo, [iw_log_likelihood], recon_error
+    # pass 1: [sum f_i for each figure..., rows] -> the means; pass 2: sum (f_i - mean)^2 -> the SEs
+    total = _reduce_sum(comm, [local[k].sum() for k in names] + [len(xs)])
     count = total[-1]
+    means = dict(zip(names, total[:-1] / count))
+    sq = _reduce_sum(comm, [((local[k] - means[k]) ** 2).sum() for k in names])
+    se = {k: standard_error(v, int(count)) for k, v in zip(names, sq)}
     variances = latent_variances(mu, comm)
-    return {
+    result = {
         "n": int(count),
-        "elbo": float(total[0] / count),
-        "iw_log_likelihood": float(total[1] / count) if iw_samples else None,
+        "elbo": float(means["elbo"]),
+        "elbo_se": se["elbo"],
+        "iw_log_likelihood": float(means["iw_log_likelihood"]) if iw_samples else None,
+        "iw_log_likelihood_se": se.get("iw_log_likelihood"),
         "iw_samples": int(iw_samples),
         "active_units": int((variances > ACTIVE_UNIT_THRESHOLD).sum()),
         "latent_variance": [float(v) for v in variances],
-        "recon_error": float(total[-2] / count),
+        "recon_error": float(means["recon_error"]),
+        "recon_error_se": se["recon_error"],
         "seed": seed,
     }
+    if per_example:
+        result["per_example"] = {k: _gather(comm, local[k], n, rows) for k in names}
+    return result
+
+
+def nonfinite(result) -> list:
+    """The figures of an :func:`evaluate` result that are NaN or inf (else their SEs that are)."""
+    def bad(keys):
+        return [k for k in keys if result.get(k) is not None and not math.isfinite(result[k])]
+    return bad(FIGURES) or bad(tuple(f"{f}_se" for f in FIGURES))     # the SEs of finite figures
+
+
+def save_per_example(path, arrays: dict):
+    """Write the per-example arrays (name -> (n,) float64) to an ``.npz`` file, atomically
+    (checkpoint.atomic_write); read it back with ``np.load(path, allow_pickle=False)``."""
+    payload = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}
+    checkpoint.atomic_write(path, lambda f: np.savez(f, **payload))
+    return path

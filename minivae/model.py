@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, checks, resources
 from . import distributions as dist
 from .kernels import BACKENDS, get_backend
 from .layers import ACTIVATIONS
@@ -103,6 +103,10 @@ class VAE:
         if name not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dtype = np.dtype(name)
+        resources.check(resources.model_bytes(self.spec, self.dtype.itemsize),
+                        f"a model of {resources.parameter_count(self.spec):,} parameters")
+        if seed is not None:               # saved in the config (JSON): an int, not a Generator
+            checks.integer("seed", seed, lo=0)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.layout = self.spec.layout
@@ -128,9 +132,12 @@ class VAE:
 
     @params.setter
     def params(self, value):
-        value = np.asarray(value)
+        """Copy ``value`` (a finite real array of the parameters' shape) into the same buffer."""
+        value = checks.real_array("params", value)
         if value.shape != self._params.shape:
             raise ValueError(f"params must have shape {self._params.shape}, got {value.shape}")
+        if not np.isfinite(value).all():
+            raise ValueError("params must be finite: the new values contain NaN or inf")
         self._params[...] = value
 
     def views(self, flat=None) -> dict:
@@ -139,15 +146,13 @@ class VAE:
 
     # -- input checks -------------------------------------------------------------------------
     def check_x(self, x) -> np.ndarray:
-        x = np.asarray(x)
+        x = checks.real_array("x", x)
         if x.ndim != 2:
             raise ValueError(f"x must be a 2-D array (n, {self.spec.x_dim}), got {x.ndim}-D shape {x.shape}")
         if x.shape[1] != self.spec.x_dim:
             raise ValueError(f"x must have {self.spec.x_dim} columns (x_dim), got shape {x.shape}")
         if x.shape[0] == 0:
             raise ValueError("x must have at least one row")
-        if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
-            raise ValueError(f"x must be a real numeric array, got dtype {x.dtype}")
         x = np.ascontiguousarray(x, dtype=self.dtype)
         if not np.isfinite(x).all():
             raise ValueError("x must be finite: it contains NaN or inf")
@@ -156,25 +161,41 @@ class VAE:
                              f"got values in [{x.min():g}, {x.max():g}]")
         return x
 
-    def _eps(self, eps, n, samples):
+    def _eps(self, eps, n, samples, backward=False):
+        """eps (L, n, Z) of the model dtype, C-contiguous: the given one, checked, or L = ``samples``
+        fresh draws. ``samples`` other than 1 must agree with a given eps. The memory of the pass
+        is checked (minivae.resources) before anything is drawn."""
         Z = self.spec.z_dim
+        samples = checks.integer("samples", samples)
         if eps is None:
-            if not isinstance(samples, (int, np.integer)) or samples < 1:
-                raise ValueError(f"samples must be a positive integer, got {samples!r}")
+            self._check_memory(n, samples, backward)
             return self.rng.standard_normal((samples, n, Z)).astype(self.dtype)
-        eps = np.asarray(eps, dtype=self.dtype)
+        eps = checks.real_array("eps", eps)
         if eps.ndim == 2:
             eps = eps[None]
         if eps.ndim != 3 or eps.shape[1:] != (n, Z) or eps.shape[0] < 1:
             raise ValueError(f"eps must have shape ({n}, {Z}) or (L, {n}, {Z}), got {eps.shape}")
+        if samples != 1 and samples != eps.shape[0]:
+            raise ValueError(f"samples={samples} disagrees with eps, which holds {eps.shape[0]} sample(s) "
+                             f"per example; leave samples out when giving eps")
         if not np.isfinite(eps).all():
             raise ValueError("eps must be finite: it contains NaN or inf")
-        return np.ascontiguousarray(eps)
+        self._check_memory(n, eps.shape[0], backward)
+        return np.ascontiguousarray(eps, dtype=self.dtype)
+
+    def _check_memory(self, n, samples=1, backward=False):
+        """Refuse a pass of n rows x ``samples`` this machine cannot hold (minivae.resources)."""
+        need = resources.pass_bytes(self.spec, self.dtype.itemsize, n, samples, backward)
+        resources.check(need, f"a {'forward/backward' if backward else 'forward'} pass of {n} examples x "
+                              f"{samples} samples")
 
     def _z(self, z):
-        z = np.asarray(z)
+        z = checks.real_array("z", z)
         if z.ndim != 2 or z.shape[1] != self.spec.z_dim:
             raise ValueError(f"z must be a 2-D array (m, {self.spec.z_dim}), got shape {z.shape}")
+        if z.shape[0] == 0:
+            raise ValueError("z must have at least one row")
+        self._check_memory(z.shape[0])
         z = np.ascontiguousarray(z, dtype=self.dtype)
         if not np.isfinite(z).all():
             raise ValueError("z must be finite: it contains NaN or inf")
@@ -188,14 +209,21 @@ class VAE:
         ``eps``: (n, Z) or (L, n, Z); drawn from the model's generator when None (``samples`` = L,
         or k for IWAE). ``beta`` weights the KL (ELBO) or log p(z) - log q(z|x) (IWAE).
         ``free_bits`` is a per-dimension floor on the batch-mean KL (ELBO only).  docs/math.md §5-§6
+        ``grad``: None (a new array), or a writable, C-contiguous 1-D array of params' dtype and
+        length, not overlapping params, which receives the gradient and is returned.
+
+        Every argument is checked here, the same way for every backend (minivae.checks): beta and
+        free_bits are real finite numbers >= 0 (not str, not bool), samples a positive int. The
+        backend receives Python floats and arrays of the model dtype.
         """
         check_objective(objective)
-        _check_number("beta", beta, lo=0.0)
-        _check_number("free_bits", free_bits, lo=0.0)
+        beta = checks.number("beta", beta, lo=0.0)
+        free_bits = checks.number("free_bits", free_bits, lo=0.0)
         if free_bits > 0 and objective != "elbo":
             raise ValueError("free_bits applies to the ELBO objective only")
+        grad = checks.grad_buffer(grad, self._params)
         x = self.check_x(x)
-        eps = self._eps(eps, x.shape[0], samples)
+        eps = self._eps(eps, x.shape[0], samples, backward=True)
         return self.backend.loss_and_grad(self._params, x, eps, beta=beta, objective=objective,
                                           free_bits=free_bits, grad=grad)
 
@@ -211,7 +239,9 @@ class VAE:
 
     def encode(self, x):
         """q(z|x): returns mu, logvar, each (n, Z)."""
-        return self.backend.encode(self._params, self.check_x(x))
+        x = self.check_x(x)
+        self._check_memory(x.shape[0])
+        return self.backend.encode(self._params, x)
 
     def decode(self, z):
         """The decoder's distribution parameters for z (m, Z): logits (m, D) for the Bernoulli
@@ -230,14 +260,18 @@ class VAE:
 
     def sample(self, n, seed=None, mean=True):
         """n draws x ~ p(x|z), z ~ N(0, I); the mean of p(x|z) when ``mean`` (the usual picture)."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        n = checks.integer("n", n)
+        seed = checks.seed("seed", seed)
+        mean = checks.flag("mean", mean)
+        self._check_memory(n)
         rng = np.random.default_rng(seed) if seed is not None else self.rng
         z = rng.standard_normal((n, self.spec.z_dim)).astype(self.dtype)
         return self._head_to_x(self.backend.decode(self._params, z), not mean, rng)
 
     def reconstruct(self, x, sample=False, seed=None):
         """Decode the posterior mean of x: the mean of p(x|z=mu), or a sample from it."""
+        sample = checks.flag("sample", sample)
+        seed = checks.seed("seed", seed)
         mu, _ = self.encode(x)
         rng = np.random.default_rng(seed) if seed is not None else self.rng
         return self._head_to_x(self.backend.decode(self._params, mu), sample, rng)
@@ -364,12 +398,3 @@ def spec_from_config(config):
     if spec.layout.size != enc + dec:        # the count above is the layout's, by construction
         raise checkpoint.CheckpointError("checkpoint config: inconsistent parameter count")
     return spec, config["dtype"]
-
-
-def _check_number(name, v, lo=None):
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {v!r}") from None
-    if not np.isfinite(f) or (lo is not None and f < lo):
-        raise ValueError(f"{name} must be a finite number >= {lo}, got {v!r}")

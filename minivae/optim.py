@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from . import checks
+
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 
 
@@ -61,20 +63,33 @@ class Optimizer:
     state_names: tuple = ()
 
     def __init__(self, size, dtype="float32", lr=1e-3, weight_decay=0.0, update=None):
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"learning rate must be a finite positive number, got {lr!r}")
-        if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight decay must be a finite number >= 0, got {weight_decay!r}")
-        self.size = int(size)
-        self.dtype = np.dtype(dtype)
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
+        # hyper-parameters: real finite numbers (not str, not bool; see minivae.checks), kept as floats
+        self.lr = checks.number("learning rate", lr, lo=0.0, lo_open=True)
+        self.weight_decay = checks.number("weight decay", weight_decay, lo=0.0)
+        self.size = checks.integer("size", size, lo=0)
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError:
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}") from None
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
         self.t = 0
         self.state = {k: np.zeros(self.size, dtype=self.dtype) for k in self.state_names}
         self.update = update or REFERENCE_UPDATES[self.name]
 
     def hyper(self) -> dict:
         return {"lr": self.lr, "weight_decay": self.weight_decay}
+
+    def _check(self, params, grad):
+        """params: a writable C-contiguous (size,) vector of the optimizer's dtype; grad: the same
+        shape and dtype (a length-1 grad would otherwise broadcast silently)."""
+        for name, a in (("params", params), ("grad", grad)):
+            if not isinstance(a, np.ndarray) or a.shape != (self.size,) or a.dtype != self.dtype \
+                    or not a.flags.c_contiguous:
+                got = f"shape {a.shape}, dtype {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise ValueError(f"{name} must be a C-contiguous 1-D array of {self.size} {self.dtype}, got {got}")
+        if not params.flags.writeable:
+            raise ValueError("params must be writable (the step updates them in place)")
 
     def state_dict(self) -> dict:
         """Arrays (``opt.<name>``) and scalars, ready for a checkpoint."""
@@ -97,14 +112,13 @@ class SGD(Optimizer):
 
     def __init__(self, size, dtype="float32", lr=1e-2, momentum=0.9, weight_decay=0.0, update=None):
         super().__init__(size, dtype, lr, weight_decay, update)
-        if not (math.isfinite(momentum) and 0 <= momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
+        self.momentum = checks.number("momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
 
     def hyper(self):
         return dict(super().hyper(), momentum=self.momentum)
 
     def step(self, params, grad):
+        self._check(params, grad)
         self.t += 1
         self.update(params, grad, self.state["buf"], self.t, self.lr, self.momentum, self.weight_decay)
 
@@ -115,12 +129,13 @@ class Adagrad(Optimizer):
 
     def __init__(self, size, dtype="float32", lr=1e-2, eps=1e-10, weight_decay=0.0, update=None):
         super().__init__(size, dtype, lr, weight_decay, update)
-        self.eps = float(eps)
+        self.eps = checks.number("eps", eps, lo=0.0)
 
     def hyper(self):
         return dict(super().hyper(), eps=self.eps)
 
     def step(self, params, grad):
+        self._check(params, grad)
         self.t += 1
         self.update(params, grad, self.state["sum_sq"], self.lr, self.eps, self.weight_decay)
 
@@ -132,15 +147,16 @@ class Adam(Optimizer):
     def __init__(self, size, dtype="float32", lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, update=None):
         super().__init__(size, dtype, lr, weight_decay, update)
-        self.beta1, self.beta2 = (float(b) for b in betas)
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
-        self.eps = float(eps)
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+        self.beta1, self.beta2 = (checks.number("betas", b, lo=0.0, hi=1.0, hi_open=True) for b in betas)
+        self.eps = checks.number("eps", eps, lo=0.0)
 
     def hyper(self):
         return dict(super().hyper(), betas=[self.beta1, self.beta2], eps=self.eps)
 
     def step(self, params, grad):
+        self._check(params, grad)
         self.t += 1
         self.update(params, grad, self.state["m"], self.state["v"], self.t, self.lr,
                     self.beta1, self.beta2, self.eps, self.weight_decay)

@@ -79,6 +79,7 @@ from . import __version__
 from . import checkpoint
 from . import data as data_mod
 from . import evaluate as ev
+from . import resources
 from .distributed import collective
 from .distributions import kl_forward
 from .model import VAE
@@ -551,6 +552,8 @@ class Run:
             config.validate()
             saved = (meta, arrays)
         self.config = c = config
+        # refuse sizes a machine cannot hold (minivae.resources), before any folder is made or data read
+        collective(comm, lambda: resources.check_training(c), "checking the memory")
         self.run_dir = config.run_dir()
         self.ckpt_path = self.run_dir / CHECKPOINT
         self.metrics_path = self.run_dir / METRICS
