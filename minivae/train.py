@@ -405,7 +405,7 @@ class RunLock:
                                      f"wait for it to end, or train into another --out") from None
             info = {"pid": os.getpid(), "host": socket.gethostname(),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else ""}
+                    "command": _command_line()}
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
         except BaseException:
@@ -417,6 +417,15 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)                # closing the descriptor releases the flock
             self.fd = None
+
+
+def _command_line() -> str:
+    """This process's command line, the way it was typed: ``minivae ...`` for the console script
+    and ``python -m minivae`` alike (sys.argv[0] is then minivae/__main__.py)."""
+    if not sys.argv:
+        return ""
+    name = Path(sys.argv[0]).name
+    return shlex.join(["minivae" if name in ("__main__.py", "minivae") else name] + sys.argv[1:])
 
 
 def _holder(raw: bytes) -> str:
