@@ -63,7 +63,8 @@ exception in one rank's set-up, step or evaluation, stops every rank at the same
 same one-line message naming the first failing rank (``distributed.collective``, ``Run._check``).
 
 The run folder. A run holds ``RUNDIR/.lock`` locked (``fcntl.flock``, advisory, exclusive) from
-before it reads anything until it ends, resume included; with P ranks only rank 0 holds it. A second
+before it reads anything until it ends, resume included, and deletes it then (``RunLock``); with P
+ranks only rank 0 holds it. A second
 run on the same folder stops at once with one line naming the holder (pid, host, start time,
 command: what the holder wrote into the lock file). Under the lock, the ``.tmp-*`` temporaries that
 a process killed mid-write left behind are removed. ``--overwrite`` replaces nothing up front: the
@@ -387,34 +388,57 @@ class RunLockedError(ValueError):
 
 class RunLock:
     """An exclusive advisory lock on ``run_dir/.lock`` (fcntl.flock, never waits), held until
-    :meth:`release` or the end of the process. The holder writes who it is into the file (one JSON
-    line: pid, host, started, command) so that a second run can say who holds it. The lock file is
-    written in place, never through atomic_write: replacing its inode would let two processes each
-    hold a lock on a different file."""
+    :meth:`release` (or the end of the process, whatever ends it). The holder writes who it is into
+    the file (one JSON line: pid, host, started, command) so that a second run can say who holds it,
+    and deletes the file when it releases it, so a finished run folder holds only the run.
+
+    Deleting a lock file is safe with one more check: a process that opened the file just before
+    the holder deleted it may lock that deleted file; so after locking, the lock is kept only if
+    the path still names the very file locked, else it starts over. The lock file is written in
+    place, never through atomic_write (a new inode would be a second, independent lock)."""
 
     def __init__(self, run_dir):
-        path = Path(run_dir) / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise checkpoint.NotARegularFileError(f"{path}: the lock file is not a regular file")
+        self.path = path = Path(run_dir) / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunLockedError(f"{run_dir} is in use by another training run ({_holder(os.pread(fd, 4096, 0))}); "
-                                     f"wait for it to end, or train into another --out") from None
-            info = {"pid": os.getpid(), "host": socket.gethostname(),
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "command": _command_line()}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.path, self.fd = path, fd
+                if self._lock(fd, run_dir):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)                     # the holder deleted it as it ended: take the new one
+        self.fd = fd
+
+    def _lock(self, fd, run_dir) -> bool:
+        """Lock ``fd``; False when its file is no longer at ``self.path``."""
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise checkpoint.NotARegularFileError(f"{self.path}: the lock file is not a regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(f"{run_dir} is in use by another training run ({_holder(os.pread(fd, 4096, 0))}); "
+                                 f"wait for it to end, or train into another --out") from None
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            return False
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": _command_line()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+        return True
 
     def release(self):
+        """Delete the lock file (still holding the lock), then let go of it."""
         if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
             os.close(self.fd)                # closing the descriptor releases the flock
             self.fd = None
 
@@ -581,19 +605,17 @@ class Run:
 
     def close(self, failed=False):
         """Release the run folder (root); after a failed set-up, remove the folder if this run made it
-        and nothing but the lock file is in it."""
+        and it is empty."""
         if self.lock is None:
             return
         run_dir = self.lock.path.parent
-        if failed and self._created:
-            try:
-                if [p.name for p in run_dir.iterdir()] == [LOCK]:
-                    self.lock.path.unlink()
-                    run_dir.rmdir()
-            except OSError:
-                pass
         self.lock.release()
         self.lock = None
+        if failed and self._created:
+            try:
+                run_dir.rmdir()                        # only when it is empty
+            except OSError:
+                pass
 
     def _restore(self, meta, arrays):
         state, path, m = meta["train"], self.ckpt_path, self.model

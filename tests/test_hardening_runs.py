@@ -222,14 +222,31 @@ def test_out_that_is_a_file_gives_one_line(tmp_path, capsys):
 def test_a_locked_run_folder_names_its_holder(old_run, capsys):
     lock = RunLock(old_run)          # another open file description: flock conflicts even in-process
     try:
+        info = json.loads((old_run / LOCK).read_text())
+        assert info["pid"] == os.getpid() and set(info) == {"pid", "host", "started", "command"}
         for args in (["train", *TINY, "--overwrite", "--out", old_run], ["train", "--resume", old_run]):
             code, _, err = cli(capsys, *args)
             assert code == 1 and one_line(err) and "in use by another training run" in err
             assert f"pid {os.getpid()} on {socket.gethostname()} since " in err
     finally:
         lock.release()
-    info = json.loads((old_run / LOCK).read_text())
-    assert set(info) == {"pid", "host", "started", "command"}
+    assert not (old_run / LOCK).exists()     # a released lock leaves only the run in the folder
+
+
+def test_a_lock_file_deleted_by_its_holder_is_not_a_lock(tmp_path):
+    """B opened the lock file just before its holder A deleted it on release; C then made a new one
+    and holds it. B's flock on the deleted file succeeds, but B must not count it as the lock."""
+    a = RunLock(tmp_path)
+    stale = os.open(a.path, os.O_RDWR)
+    a.release()
+    c = RunLock(tmp_path)
+    b = RunLock.__new__(RunLock)
+    b.path = tmp_path / LOCK
+    try:
+        assert b._lock(stale, tmp_path) is False
+    finally:
+        os.close(stale)
+        c.release()
 
 
 def train_subprocess(run, *extra, stdout=subprocess.DEVNULL):
@@ -309,7 +326,7 @@ def test_kill_9_mid_checkpoint_then_start_or_resume_cleans_temporaries(tmp_path,
     else:
         code, _, err = cli(capsys, "train", "--resume", run, "--quiet")
     assert code == 0, err
-    assert tmp_names(run) == []
+    assert tmp_names(run) == [] and sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "model.npz"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == (1 if at == 1 else 4)
 
 

@@ -24,7 +24,7 @@ from minivae.kernels import get_backend
 
 
 def backend_name(argv):
-    return argv[argv.index("--backend") + 1] if "--backend" in argv else "auto"   # the CLI default
+    return argv[argv.index("--backend") + 1] if "--backend" in argv else "numpy"
 
 
 def on_step(argv, n, action):
