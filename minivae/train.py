@@ -64,10 +64,9 @@ same one-line message naming the first failing rank (``distributed.collective``,
 
 The run folder. A run holds ``RUNDIR/.lock`` locked (``fcntl.flock``, advisory, exclusive) from
 before it reads anything until it ends, resume included, and deletes it then (``RunLock``); with P
-ranks only rank 0 holds it. A second
-run on the same folder stops at once with one line naming the holder (pid, host, start time,
-command: what the holder wrote into the lock file). Under the lock, the ``.tmp-*`` temporaries that
-a process killed mid-write left behind are removed. ``--overwrite`` replaces nothing up front: the
+ranks only rank 0 holds it. A second run on the same folder stops at once with one line naming the
+holder (pid, host, start time, command: what the holder wrote into the lock file). Under the lock,
+the ``.tmp-*`` temporaries that a process killed mid-write left behind are removed. ``--overwrite`` replaces nothing up front: the
 new run validates everything (config, data, model, backend) first, and its first checkpoint
 replaces the old ``model.npz`` and ``metrics.jsonl`` (the old pictures go then too), so a typo in
 ``--data-dir`` loses nothing. A fresh run whose set-up fails removes the folder it created.
