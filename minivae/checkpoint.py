@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
 import warnings
 import zipfile
 import zlib
@@ -51,24 +52,101 @@ class CheckpointError(ValueError):
     """A file that is not a readable minivae checkpoint."""
 
 
+TMP_PREFIX = ".tmp-"          # atomic_write's temporaries: TMP_PREFIX + 8 hex digits + "-" + the name
+
+
+class NotARegularFileError(ValueError):
+    """An output path that exists and is not a regular file (a device, FIFO, socket or folder)."""
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def _refuse_special(path, shown):
+    """Raise NotARegularFileError when ``path`` exists (following symlinks) and is not a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise NotARegularFileError(f"{shown}: is {kind}, not a regular file; refusing to replace it "
+                               f"(give the path of a regular file to write)")
+
+
+def _temporary_name(folder, name):
+    """TMP_PREFIX + 8 random hex digits + "-" + ``name``, cut to the file-name limit of ``folder``
+    (NAME_MAX, 255 bytes on Linux), so that a temporary fits whenever the target's name does."""
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    head = f"{TMP_PREFIX}{secrets.token_hex(4)}-"
+    while name and len(os.fsencode(head + name)) > name_max:
+        name = name[:-1]
+    return os.path.join(folder, head + name)
+
+
 def atomic_write(path, write):
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync it, then rename it."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``.
+
+    Every file the package writes goes through here (checkpoints, metrics.jsonl, pictures, IDX files,
+    downloads), so this is the one place that guards the target:
+      * only regular files are replaced: a target that exists and is a device, FIFO, socket or folder
+        raises NotARegularFileError (a ValueError) before anything is written (``--out /dev/null``
+        must not replace the system's /dev/null);
+      * a symlink is followed, never replaced: the file it points to is written (the temporary lives
+        in that file's folder, so the rename stays atomic) and the link is kept; a symlink to a
+        special file is refused like the special file itself; a dangling one creates its target;
+      * the temporary's name fits whenever the target's name does (see ``_temporary_name``).
+    On any exception, Ctrl-C included, the temporary is removed and the target is left as it was; a
+    process killed outright leaves a ``.tmp-*`` file, which ``remove_stale_temporaries`` clears.
+    """
+    shown = os.fspath(path)
+    target = os.path.realpath(shown)                  # follow symlinks: the link itself stays
+    _refuse_special(target, shown)
+    folder, name = os.path.split(target)
+    while True:
+        tmp = _temporary_name(folder, name)
+        try:       # mode 0666 less the umask: the permissions of an ordinary new file
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            break
+        except FileExistsError:                        # 2**-32: draw another name
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        _refuse_special(target, shown)                 # it may have appeared while we wrote
+        os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
+
+
+def remove_stale_temporaries(folder) -> list:
+    """Delete the temporaries of ``atomic_write`` (regular files named ``.tmp-*``) left in ``folder``
+    by a process that was killed mid-write. Only safe while no other process writes there (a run
+    folder, under its lock). Returns the paths removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith(TMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.path)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def save(path, meta: dict, arrays: dict):

@@ -10,6 +10,13 @@
 Exit status: 0 on success; 2 for a bad argument (argparse, one line); 1 for bad input found later
 (a missing or corrupt file, a bad checkpoint, an existing run folder, a diverged run), printed as
 one line ``minivae: error: ...`` without a traceback (set MINIVAE_DEBUG=1 to see it); 130 on Ctrl-C.
+
+Ctrl-C prints the one line ``minivae: interrupted`` (training: where it saved) and exits 130 at any
+point: during start-up, while numpy and numba are imported (this module and the package's
+``__init__`` import nothing heavy at module level, and ``main`` does everything else inside its
+``try``), and during shut-down (``console``, the program's entry point, then answers a Ctrl-C by
+flushing stdout, printing that line and leaving with ``os._exit(130)``: no traceback from atexit
+handlers or threads, no "Exception ignored" message).
 """
 from __future__ import annotations
 
@@ -17,10 +24,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
-
-import numpy as np
 
 from . import __version__
 
@@ -134,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--activation", choices=ACTIVATIONS, default=S, help=f"(default: {d.activation})")
     g.add_argument("--likelihood", choices=LIKELIHOODS, default=S, help=f"p(x|z) per pixel (default: {d.likelihood})")
     g.add_argument("--dtype", choices=DTYPES, default=S, help=f"(default: {d.dtype})")
-    g.add_argument("--backend", choices=BACKENDS, default=S, help=f"(default: {d.backend})")
+    g.add_argument("--backend", choices=BACKENDS, default=S,
+                   help=f"auto: cuda when a GPU is usable, else numba; numpy is the slow reference "
+                        f"(default: {d.backend}; on --resume, the run's own)")
     g = t.add_argument_group("objective")
     g.add_argument("--objective", choices=OBJECTIVES, default=S, help=f"(default: {d.objective})")
     g.add_argument("--samples", type=positive_int, metavar="L", default=S,
@@ -451,6 +459,7 @@ def cmd_plot(args):
         elif kind == "interpolation":
             if len(x) < 2:
                 raise ValueError("the interpolation needs two test images")
+            import numpy as np
             other = np.flatnonzero(y != y[0])
             paths = [plots.save_interpolation(out, model, x[0], x[int(other[0]) if len(other) else 1], shape)]
         else:  # latent
@@ -483,14 +492,21 @@ def _one_line(e) -> str:
     return text
 
 
+INTERRUPTED_LINE = "minivae: interrupted"
+
+
 def main(argv=None) -> int:
-    """Run the command line; returns the exit status (the ``minivae`` script exits with it)."""
-    parser = build_parser()
+    """Run the command line; returns the exit status (``console``, the program, exits with it)."""
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:                      # --help (0) or a bad argument (2)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    from .train import Interrupted
+        parser = build_parser()                  # imports numpy, numba: Ctrl-C may land here
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:                  # --help (0) or a bad argument (2)
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        from .train import Interrupted
+    except KeyboardInterrupt:
+        print(INTERRUPTED_LINE, file=sys.stderr)
+        return EXIT_INTERRUPTED
 
     try:
         threads = getattr(args, "threads", None)
@@ -503,7 +519,7 @@ def main(argv=None) -> int:
         print(f"minivae: {_one_line(e)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("minivae: interrupted", file=sys.stderr)
+        print(INTERRUPTED_LINE, file=sys.stderr)
         return EXIT_INTERRUPTED
     except MemoryError as e:                          # the last resort: sizes are checked up front
         if os.environ.get("MINIVAE_DEBUG"):
@@ -519,5 +535,32 @@ def main(argv=None) -> int:
         return EXIT_ERROR
 
 
+def _interrupted_at_exit(signum, frame):  # pragma: no cover - runs in a subprocess (tests/test_hardening_runs.py)
+    """SIGINT once ``main`` has returned: what is left is shut-down (atexit handlers, threads,
+    finalizers), where a KeyboardInterrupt would print a traceback or "Exception ignored". Flush
+    what was printed, say the one line, leave at once."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or reentrant stream: nothing more to save
+            pass
+    os.write(2, (INTERRUPTED_LINE + "\n").encode())
+    os._exit(EXIT_INTERRUPTED)
+
+
+def console():  # pragma: no cover - runs in a subprocess (tests/test_hardening_runs.py)
+    """The ``minivae`` program (the console script and ``python -m minivae``): ``main`` on sys.argv,
+    then exit with its status. Ctrl-C during shut-down gives the one line and exit 130, as it does
+    during the work (``main``). Not for in-process callers: it changes the SIGINT handler for good."""
+    try:
+        try:
+            code = main()
+        finally:
+            signal.signal(signal.SIGINT, _interrupted_at_exit)
+    except KeyboardInterrupt:                    # between main's return and the handler
+        _interrupted_at_exit(signal.SIGINT, None)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()

@@ -61,12 +61,30 @@ after the last completed step, so ``--resume`` continues bit-identically. A NaN 
 the run without writing: the last good checkpoint stays. With P ranks, a NaN on any rank, or an
 exception in one rank's set-up, step or evaluation, stops every rank at the same point with the
 same one-line message naming the first failing rank (``distributed.collective``, ``Run._check``).
+
+The run folder. A run holds ``RUNDIR/.lock`` locked (``fcntl.flock``, advisory, exclusive) from
+before it reads anything until it ends, resume included, and deletes it then (``RunLock``); with P
+ranks only rank 0 holds it. A second run on the same folder stops at once with one line naming the
+holder (pid, host, start time, command: what the holder wrote into the lock file). Under the lock,
+the ``.tmp-*`` temporaries that a process killed mid-write left behind are removed. ``--overwrite`` replaces nothing up front: the
+new run validates everything (config, data, model, backend) first, and its first checkpoint
+replaces the old ``model.npz`` and ``metrics.jsonl`` (the old pictures go then too), so a typo in
+``--data-dir`` loses nothing. A fresh run whose set-up fails removes the folder it created.
+
+Backend. ``auto`` (the default of ``train``) becomes ``cuda`` when every rank has a usable GPU, else
+``numba`` (minivae.kernels.resolve_backend); the concrete name is what the checkpoint's config, every
+metrics row and the summary say. On ``--resume``, ``auto`` keeps the run's own backend.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+import shlex
 import signal
+import socket
+import stat
 import sys
 import threading
 import time
@@ -89,6 +107,7 @@ CHECKPOINT = "model.npz"
 METRICS = "metrics.jsonl"
 TRAIN_STREAM = 1             # the training generator is default_rng([seed, TRAIN_STREAM])
 EVAL_BINARIZE_SEED = 0xE1    # --binarize dynamic: the one fixed binarization of val/test
+LOCK = ".lock"              # the run folder's lock file (see the module doc)
 RESUMABLE = ("epochs", "data_dir", "backend", "quiet", "plots", "eval_batch_size", "distributed")
 
 
@@ -219,7 +238,7 @@ class TrainConfig:
     lr: float | None = None                 # None: the optimizer's default (adam 1e-3, sgd/adagrad 1e-2)
     momentum: float = 0.9                   # sgd only
     weight_decay: float = 0.0
-    backend: str = "numpy"
+    backend: str = "auto"                   # cuda with a usable GPU, else numba (minivae.kernels)
     seed: int = 0
     dtype: str = "float32"
     samples: int = 1                        # L, Monte Carlo samples per example (elbo)
@@ -485,6 +504,85 @@ def resume_config(run_dir, overrides: dict) -> TrainConfig:
     return replace(saved, resume=str(run_dir), out=str(run_dir), overwrite=False, **changes)
 
 
+class RunLockedError(ValueError):
+    """The run folder is locked by another running ``minivae train``."""
+
+
+class RunLock:
+    """An exclusive advisory lock on ``run_dir/.lock`` (fcntl.flock, never waits), held until
+    :meth:`release` (or the end of the process, whatever ends it). The holder writes who it is into
+    the file (one JSON line: pid, host, started, command) so that a second run can say who holds it,
+    and deletes the file when it releases it, so a finished run folder holds only the run.
+
+    Deleting a lock file is safe with one more check: a process that opened the file just before
+    the holder deleted it may lock that deleted file; so after locking, the lock is kept only if
+    the path still names the very file locked, else it starts over. The lock file is written in
+    place, never through atomic_write (a new inode would be a second, independent lock)."""
+
+    def __init__(self, run_dir):
+        self.path = path = Path(run_dir) / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+            try:
+                if self._lock(fd, run_dir):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)                     # the holder deleted it as it ended: take the new one
+        self.fd = fd
+
+    def _lock(self, fd, run_dir) -> bool:
+        """Lock ``fd``; False when its file is no longer at ``self.path``."""
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise checkpoint.NotARegularFileError(f"{self.path}: the lock file is not a regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(f"{run_dir} is in use by another training run ({_holder(os.pread(fd, 4096, 0))}); "
+                                 f"wait for it to end, or train into another --out") from None
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            return False
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": _command_line()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+        return True
+
+    def release(self):
+        """Delete the lock file (still holding the lock), then let go of it."""
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)                # closing the descriptor releases the flock
+            self.fd = None
+
+
+def _command_line() -> str:
+    """This process's command line, the way it was typed: ``minivae ...`` for the console script
+    and ``python -m minivae`` alike (sys.argv[0] is then minivae/__main__.py)."""
+    if not sys.argv:
+        return ""
+    name = Path(sys.argv[0]).name
+    return shlex.join(["minivae" if name in ("__main__.py", "minivae") else name] + sys.argv[1:])
+
+
+def _holder(raw: bytes) -> str:
+    """The holder's lock-file line as words: "pid 12 on host h since 2026-...Z: minivae train ..."."""
+    try:
+        info = json.loads(raw.decode("utf-8"))
+        return f"pid {info['pid']} on {info['host']} since {info['started']}: {info['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "its lock file does not say which process; it is still running"
+
+
 def write_metrics(path, metrics):
     text = "".join(json.dumps(row) + "\n" for row in metrics)
     checkpoint.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
@@ -544,21 +642,44 @@ class Run:
     def __init__(self, config: TrainConfig, comm):
         config.validate()
         self.comm = comm
+        self.lock = None                     # root's RunLock
+        self._created = False                # root made the folder (removed again if set-up fails)
+        self._replaces = False               # --overwrite: the old run goes at the first checkpoint
+        self.has_checkpoint = False          # this run's own checkpoint exists (written or resumed)
+        try:
+            self._setup(config)
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def _setup(self, config):
+        comm = self.comm
         saved = None
         if config.resume:                    # every rank reads the state; the saved config rules
+            _on_root(comm, lambda: self._claim(Path(config.resume), resume=True), "locking the run folder")
             saved_config, meta, arrays = collective(comm, lambda: read_run(config.resume), "reading the checkpoint")
+            given = {name: getattr(config, name) for name in RESUMABLE}
+            if given["backend"] == "auto":   # no choice made: the run keeps its own backend
+                given["backend"] = saved_config.backend
             config = replace(saved_config, resume=str(config.resume), out=str(config.resume), overwrite=False,
-                             **{name: getattr(config, name) for name in RESUMABLE})
+                             **given)
             config.validate()
             saved = (meta, arrays)
+            self.has_checkpoint = True
+        else:
+            _on_root(comm, lambda: self._claim(config.run_dir(), resume=False,
+                                                   overwrite=config.overwrite), "preparing the run folder")
+        self.backend_auto = config.backend == "auto"
+        if self.backend_auto:                # cuda only when every rank can use a GPU
+            from .kernels import gpu_usable    # never raises: any failure to probe means no GPU
+            gpus = comm.allreduce_sum(np.array([float(gpu_usable())]))[0]
+            config = replace(config, backend="cuda" if gpus == comm.size else "numba")
         self.config = c = config
         # refuse sizes a machine cannot hold (minivae.resources), before any folder is made or data read
         collective(comm, lambda: resources.check_training(c), "checking the memory")
         self.run_dir = config.run_dir()
         self.ckpt_path = self.run_dir / CHECKPOINT
         self.metrics_path = self.run_dir / METRICS
-        if not c.resume:
-            _on_root(comm, self._prepare_folder, "preparing the run folder")
 
         self.dataset = collective(comm, lambda: data_mod.load_dataset(
             c.dataset, c.data_dir, c.binarize, c.val_fraction, c.seed, c.dtype), "loading the data")
@@ -588,15 +709,37 @@ class Run:
                                    "setting up the trainer")
 
     # -- setup ---------------------------------------------------------------------------------
-    def _prepare_folder(self):
-        """Root only: refuse a folder that holds a run (unless --overwrite), create it otherwise."""
-        if holds_run(self.run_dir):
-            if not self.config.overwrite:
-                raise ValueError(f"{self.run_dir} already holds a run ({CHECKPOINT} or {METRICS}); pass "
-                                 f"--resume {self.run_dir} to continue it or --overwrite to replace it")
-            for name in (CHECKPOINT, METRICS):
-                (self.run_dir / name).unlink(missing_ok=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def _claim(self, run_dir, resume, overwrite=False):
+        """Root only: create the folder (a fresh run), lock it, clear stale temporaries, and refuse
+        a folder that holds a run unless --overwrite (which replaces it only at the first checkpoint)."""
+        if resume and not run_dir.is_dir():
+            return                                     # read_run says: no such run folder
+        self._created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ValueError(f"{run_dir}: exists and is not a folder; --out names the run folder") from None
+        self.lock = RunLock(run_dir)
+        checkpoint.remove_stale_temporaries(run_dir)
+        if not resume and holds_run(run_dir):
+            if not overwrite:
+                raise ValueError(f"{run_dir} already holds a run ({CHECKPOINT} or {METRICS}); pass "
+                                 f"--resume {run_dir} to continue it or --overwrite to replace it")
+            self._replaces = True
+
+    def close(self, failed=False):
+        """Release the run folder (root); after a failed set-up, remove the folder if this run made it
+        and it is empty."""
+        if self.lock is None:
+            return
+        run_dir = self.lock.path.parent
+        self.lock.release()
+        self.lock = None
+        if failed and self._created:
+            try:
+                run_dir.rmdir()                        # only when it is empty
+            except OSError:
+                pass
 
     def _restore(self, meta, arrays):
         """Load the state read (and checked) by read_run, after checking what needs the data."""
@@ -633,6 +776,13 @@ class Run:
         m.params[...] = p
 
     # -- checkpoint ----------------------------------------------------------------------------
+    def _kept(self):
+        if self.has_checkpoint:
+            return f"the last good checkpoint (epoch {self.epoch}) is kept in {self.ckpt_path}"
+        if self.config.overwrite:
+            return f"no checkpoint was written (the old run in {self.run_dir}, if any, is kept)"
+        return "no checkpoint was written"
+
     def save(self, step=0, perm=None, partial=None):
         """Write the whole state (root only, agreed by every rank). ``perm``/``partial``: mid-epoch."""
         self.trainer.sync_params()
@@ -649,7 +799,13 @@ class Run:
         def write():
             self.model.save(self.ckpt_path, extra_meta=meta, extra_arrays=arrays)
             write_metrics(self.metrics_path, self.metrics)
+            if self._replaces:               # --overwrite: the old run's pictures go with it
+                from .plots import FILENAMES
+                for name in FILENAMES.values():
+                    (self.run_dir / name).unlink(missing_ok=True)
+                self._replaces = False
         _on_root(self.comm, write, "writing the checkpoint")
+        self.has_checkpoint = True
 
     # -- one epoch -----------------------------------------------------------------------------
     def _minibatch(self, perm, s):
@@ -675,8 +831,7 @@ class Run:
             np.array([bad_here, stop is not None and stop.set], dtype=np.float64))
         if bad:
             bar.close()
-            kept = f"the last good checkpoint (epoch {self.epoch}) is kept in {self.ckpt_path}" \
-                if self.ckpt_path.exists() else "no checkpoint was written"
+            kept = self._kept()
             what = None
             if bad_here:
                 what = f"the step failed ({type(error).__name__}: {error})" if error is not None \
@@ -750,8 +905,7 @@ class Run:
             if self.x_val is not None else None
         eval_time = time.perf_counter() - t1
         if not math.isfinite(test_loss):
-            kept = f"the last good checkpoint (epoch {self.epoch}) is kept in {self.ckpt_path}" \
-                if self.ckpt_path.exists() else "no checkpoint was written"
+            kept = self._kept()
             raise TrainingError(f"the test loss became {test_loss} after epoch {epoch} "
                                 f"(lr {self.optimizer.lr:g}); training stopped and {kept}")
         row = {"epoch": epoch, "train_loss": float(total_loss / total_seen), "test_loss": float(test_loss)}
@@ -775,21 +929,31 @@ class Run:
             return
         # a diverging run overflows on its way to NaN: the NaN check reports it, in one line
         with _StopFlag() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            bar_factory = _progress_factory(verbose, c.epochs)
+            bars = verbose and _is_terminal(sys.stderr)
+            bar_factory = _progress_factory(bars, c.epochs)
             while self.epoch < c.epochs:
                 row = self.run_epoch(stop, bar_factory)
                 self.epoch += 1
                 self.metrics.append(row)
                 self.save()
                 if verbose:
-                    _epoch_line(row, c.epochs)
+                    _epoch_line(row, c.epochs, bars)
                 if stop.set:
                     raise Interrupted(f"interrupted after epoch {self.epoch}; saved to {self.ckpt_path} "
                                       f"(continue with: minivae train --resume {self.run_dir})")
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):             # no isatty, or a closed stream
+        return False
+
+
 def _progress_factory(enabled, epochs):
-    from tqdm.auto import tqdm
+    """Progress bars (tqdm, on stderr) when ``enabled``: only when stderr is a terminal. Under a pipe
+    or in CI a bar would leave a dead ``0%|`` line per epoch in the log; there the per-epoch line
+    (``_epoch_line``) is the only progress output."""
 
     class _Null:
         def update(self, n=1):
@@ -804,26 +968,36 @@ def _progress_factory(enabled, epochs):
     def make(steps, first, epoch):
         if not enabled:
             return _Null()
+        from tqdm.auto import tqdm
         return tqdm(total=steps, initial=first, desc=f"epoch {epoch}/{epochs}", unit="batch",
                     leave=False, mininterval=0.5, dynamic_ncols=True)
     return make
 
 
-def _epoch_line(row, epochs):
-    from tqdm.auto import tqdm
+def _epoch_line(row, epochs, bars=False):
+    """One plain line per epoch on stdout (flushed, so a log shows it at once)."""
     parts = [f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}", f"train {row['train_loss']:.3f}",
              f"test {row['test_loss']:.3f}"]
     if "val_loss" in row:
         parts.append(f"val {row['val_loss']:.3f}")
     parts.append(f"beta {row['beta']:.3g}")
     parts.append(f"{row['train_time_s']:.2f} s")
-    tqdm.write("  ".join(parts), file=sys.stdout)
+    if bars:                                          # between bars: tqdm keeps them intact
+        from tqdm.auto import tqdm
+        tqdm.write("  ".join(parts), file=sys.stdout)
+        sys.stdout.flush()
+    else:
+        print("  ".join(parts), flush=True)
 
 
-def summarize(metrics, run_dir, plots=()):
-    """The numbers of the summary table (a dict; ``format_summary`` prints it)."""
+def summarize(metrics, run_dir, plots=(), backend=None, backend_auto=False):
+    """The numbers of the summary table (a dict; ``format_summary`` prints it). ``backend``: the
+    concrete backend of the run (default: the last metrics row's); ``backend_auto``: chosen by auto."""
+    if backend is None and metrics:
+        backend = metrics[-1].get("backend")
     if not metrics:
-        return {"run_dir": str(run_dir), "epochs": 0, "plots": [str(p) for p in plots]}
+        return {"run_dir": str(run_dir), "epochs": 0, "plots": [str(p) for p in plots],
+                "backend": backend, "backend_auto": bool(backend_auto)}
     key = "val_loss" if "val_loss" in metrics[-1] else "test_loss"
     best = min(metrics, key=lambda r: r[key])
     time_s = sum(r["train_time_s"] for r in metrics)
@@ -836,11 +1010,15 @@ def summarize(metrics, run_dir, plots=()):
         "best_epoch": best["epoch"], "best_by": key, "best_loss": best[key],
         "train_time_s": time_s, "samples_per_s": samples / time_s if time_s > 0 else None,
         "world_size": last["world_size"], "plots": [str(p) for p in plots],
+        "backend": backend, "backend_auto": bool(backend_auto),
     }
 
 
 def format_summary(s) -> str:
     rows = [("run folder", s["run_dir"])]
+    if s.get("backend"):
+        auto = " (chosen by --backend auto: " + ("a GPU is usable)" if s["backend"] == "cuda" else "no usable GPU)")
+        rows.append(("backend", s["backend"] + (auto if s.get("backend_auto") else "")))
     if s["epochs"]:
         rows += [
             ("epochs", str(s["epochs"])),
@@ -870,18 +1048,22 @@ def train(config: TrainConfig, comm=None) -> dict:
     """
     comm = comm if comm is not None else make_comm(config.distributed)
     run = Run(config, comm)
-    run.fit()
-    plots = []
-    if run.config.plots and run.metrics:
-        def draw():
-            from . import plots as plots_mod
-            return plots_mod.save_all(run.run_dir, run.model, run.dataset, run.metrics)
-        try:
-            plots = _on_root(comm, draw, "drawing the pictures") or []
-        except (ValueError, OSError, RuntimeError) as e:
-            if comm.is_root:
-                print(f"minivae: warning: the pictures could not be drawn ({e})", file=sys.stderr)
-    summary = summarize(run.metrics, run.run_dir, plots)
+    try:
+        run.fit()
+        plots = []
+        if run.config.plots and run.metrics:
+            def draw():
+                from . import plots as plots_mod
+                return plots_mod.save_all(run.run_dir, run.model, run.dataset, run.metrics)
+            try:
+                plots = _on_root(comm, draw, "drawing the pictures") or []
+            except (ValueError, OSError, RuntimeError) as e:
+                if comm.is_root:
+                    print(f"minivae: warning: the pictures could not be drawn ({e})", file=sys.stderr)
+    finally:
+        run.close()                          # the lock is held while the pictures are drawn
+    summary = summarize(run.metrics, run.run_dir, plots, backend=run.config.backend,
+                        backend_auto=run.backend_auto)
     if comm.is_root:
         print(format_summary(summary))
     return summary

@@ -24,7 +24,7 @@ if not MNIST.is_dir():
 
 def small(tmp_path, name="run", **kw):
     base = dict(dataset="digits", hidden=(16,), z_dim=2, epochs=2, batch_size=100, quiet=True,
-                plots=False, out=str(tmp_path / name))
+                plots=False, out=str(tmp_path / name), backend="numpy")   # the reference (default: auto)
     base.update(kw)
     return TrainConfig(**base)
 

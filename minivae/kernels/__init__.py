@@ -3,14 +3,43 @@
 Every backend is a class built as ``Backend(spec, dtype)`` with the same methods as
 :class:`minivae.kernels.numpy_.NumpyBackend` (``encode``, ``decode``, ``bound``, ``loss_and_grad``).
 The NumPy backend is the reference; faster ones are tested against it.
+
+``auto`` stands for the fastest backend this machine can run: ``cuda`` when a GPU is usable
+(numba.cuda imports and ``cuda.is_available()``; numba's CUDA simulator is not a GPU and does not
+count), else ``numba``. :func:`resolve_backend` turns it into that concrete name; what is recorded
+(metrics rows, checkpoint configs) is always the concrete name.
 """
 from __future__ import annotations
 
-BACKENDS = ("numpy", "numba", "cuda")
+BACKENDS = ("auto", "numpy", "numba", "cuda")
+CONCRETE_BACKENDS = ("numpy", "numba", "cuda")
+
+
+def gpu_usable() -> bool:
+    """True when numba.cuda can run kernels on a real GPU here (never under NUMBA_ENABLE_CUDASIM)."""
+    try:
+        from numba import config
+        if getattr(config, "ENABLE_CUDASIM", False):
+            return False
+        from .cuda import unavailable_reason
+        return unavailable_reason() is None
+    except Exception:  # noqa: BLE001 - any failure to probe means: no usable GPU
+        return False
+
+
+def resolve_backend(name: str) -> str:
+    """The concrete backend ``name`` stands for: ``auto`` -> cuda or numba, others unchanged."""
+    if name == "auto":
+        return "cuda" if gpu_usable() else "numba"
+    if name not in CONCRETE_BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
 
 
 def get_backend(name: str):
-    """The backend class for ``name``; a clear ValueError/RuntimeError when it cannot be used."""
+    """The backend class for ``name`` (``auto`` included); a clear ValueError/RuntimeError when it
+    cannot be used."""
+    name = resolve_backend(name)
     if name == "numpy":
         from .numpy_ import NumpyBackend
         return NumpyBackend
@@ -20,7 +49,5 @@ def get_backend(name: str):
         except ImportError as e:  # pragma: no cover - numba is a hard dependency
             raise RuntimeError(f"backend 'numba' needs numba: {e}") from None
         return NumbaBackend
-    if name == "cuda":
-        from .cuda import CudaBackend  # raises RuntimeError with the cause when no GPU can be used
-        return CudaBackend
-    raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    from .cuda import CudaBackend  # raises RuntimeError with the cause when no GPU can be used
+    return CudaBackend
