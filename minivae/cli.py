@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate (default: 1e-3 for adam, 1e-2 for sgd and adagrad)")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=S,
                    help="constant; step (times --lr-gamma every --lr-step-epochs epochs); iwae (Burda et al.'s "
-                        "3^i passes at lr 10^(-i/7), i = 0..7, scaled to --epochs) (default: constant)")
+                        "3^i passes at lr 10^(-i/7), i = 0..7: 3280 passes in all) (default: constant)")
     g.add_argument("--lr-step-epochs", type=positive_int, metavar="N", default=S,
                    help=f"step schedule: epochs between decays (default: {d.lr_step_epochs})")
     g.add_argument("--lr-gamma", type=decay_factor, metavar="G", default=S,

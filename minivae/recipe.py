@@ -5,10 +5,9 @@ Learning-rate schedules, the rate of epoch ``e`` (1-based) out of ``E``, from th
     constant   lr
     step       lr * gamma ** floor((e - 1) / step_epochs)
     iwae       Burda et al. (2015), appendix C: stages i = 0 .. 7 of 3^i passes each (3,280 in all), the
-               rate in stage i being lr * 10^(-i/7), so it falls from lr to lr / 10. With E = 3,280 epochs
-               that is the paper's schedule exactly; with fewer (or more) the stages keep their relative
-               lengths: stage i ends at epoch round(E * (3^0 + ... + 3^i) / 3280), and every stage of
-               zero length is skipped (the last stage always runs at lr / 10).
+               rate in stage i being lr * 10^(-i/7), so it falls from lr to lr / 10: epoch 1 is stage 0,
+               epochs 2-4 stage 1, 5-13 stage 2, ..., 1094-3280 stage 7. It is the paper's schedule for
+               E = 3,280; a shorter run stops part of the way through it, a longer one stays at lr / 10.
 
 The decoder's output bias from the data (``init_output_bias="data"``): with the weights of the head
 small at initialization, the head's output is close to its bias, so a bias that makes p(x|z) match the
@@ -34,24 +33,24 @@ IWAE_PASSES = sum(3 ** i for i in range(IWAE_STAGES))     # 3280
 MEAN_CLIP = 1e-3
 
 
-def iwae_stage(epoch: int, epochs: int) -> int:
-    """The stage i (0 .. 7) of ``epoch`` (1-based) when ``epochs`` are split like Burda et al.'s 3^i passes."""
+def iwae_stage(epoch: int) -> int:
+    """The stage i (0 .. 7) of ``epoch`` (1-based) in Burda et al.'s schedule of 3^i passes per stage."""
     cum = 0
     for i in range(IWAE_STAGES):
         cum += 3 ** i
-        if epoch <= round(epochs * cum / IWAE_PASSES):
+        if epoch <= cum:
             return i
     return IWAE_STAGES - 1
 
 
-def lr_at(schedule: str, lr: float, epoch: int, epochs: int, step_epochs: int = 1, gamma: float = 0.1) -> float:
-    """The learning rate of ``epoch`` (1-based) of ``epochs`` under ``schedule`` (see the module doc)."""
+def lr_at(schedule: str, lr: float, epoch: int, step_epochs: int = 1, gamma: float = 0.1) -> float:
+    """The learning rate of ``epoch`` (1-based) under ``schedule`` (see the module doc)."""
     if schedule == "constant":
         return float(lr)
     if schedule == "step":
         return float(lr) * float(gamma) ** ((epoch - 1) // step_epochs)
     if schedule == "iwae":
-        return float(lr) * 10.0 ** (-iwae_stage(epoch, epochs) / (IWAE_STAGES - 1))
+        return float(lr) * 10.0 ** (-iwae_stage(epoch) / (IWAE_STAGES - 1))
     raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
 
 

@@ -580,7 +580,7 @@ class Run:
         # reported mean counts for the rows of the steps it covers.
         flush = getattr(self.trainer, "flush_loss", None)
         unreported = 0                                   # rows of steps whose loss is not in yet
-        self.optimizer.lr = lr_at(c.lr_schedule, self.base_lr, epoch, c.epochs, c.lr_step_epochs, c.lr_gamma)
+        self.optimizer.lr = lr_at(c.lr_schedule, self.base_lr, epoch, c.lr_step_epochs, c.lr_gamma)
         bar = bar_factory(steps, first, epoch)
         t0 = time.perf_counter()
         beta = beta_at(c, epoch, max(first - 1, 0), steps)
