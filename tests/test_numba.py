@@ -205,6 +205,21 @@ def test_bias_act_and_backward_colsum(dtype, act):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_bias_act_propagates_nan_and_inf_like_numpy(dtype, act):
+    """A NaN weight must give NaN on every backend (numba's relu once mapped NaN to 0, so a broken
+    checkpoint evaluated as finite on numba and NaN on numpy)."""
+    a0 = np.array([[np.nan, -np.inf, np.inf, -1.0, 0.0, 2.0]], dtype=dtype)
+    b = np.zeros(6, dtype=dtype)
+    h_ref, _ = activation_forward(a0 + b, act)
+    h = a0.copy()
+    cpu.bias_act_(h, b, cpu.ACT_CODES[act])
+    np.testing.assert_array_equal(np.isnan(h), np.isnan(h_ref))
+    finite = ~np.isnan(h_ref)
+    np.testing.assert_allclose(h[finite], h_ref[finite], rtol=TOL[dtype], atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_reparam_and_kl(dtype):
     rng = np.random.default_rng(5)
     for L, n, Z in [(1, 1, 1), (3, 4, 2)]:

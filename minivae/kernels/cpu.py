@@ -405,7 +405,7 @@ def bias_act_(a, b, act):
         elif act == 1:
             for c in range(O):
                 v = a[r, c] + b[c]
-                a[r, c] = v if v > zero else zero
+                a[r, c] = zero if v < zero else v      # NaN stays NaN, as numpy's maximum(v, 0)
         elif act == 2:
             for c in range(O):
                 a[r, c] = tanh_(a[r, c] + b[c])
