@@ -401,7 +401,7 @@ def _archive_cases(tmp_path, small_model, good):
     put("too many members", write_zip(tmp_path / "many.npz", m + [(f"x{i}.npy", npy_of(np.zeros(1)))
                                                                   for i in range(70)]), "zip members")
     put("no meta", write_zip(tmp_path / "nometa.npz", m[1:]), "no 'meta' entry")
-    put("no params", write_zip(tmp_path / "noparams.npz", m[:1]), "no model config or parameters")
+    put("no params", write_zip(tmp_path / "noparams.npz", m[:1]), "no 'params' entry")
     put("meta a float", write_zip(tmp_path / "mf.npz", [("meta.npy", npy_of(np.zeros(3)))] + m[1:]), "not text")
     put("meta an array of text", write_zip(tmp_path / "ma.npz", [("meta.npy", npy_of(np.array(["{}", "{}"])))]
                                            + m[1:]), "not text")
