@@ -528,6 +528,27 @@ def test_a_huge_config_with_a_matching_header_is_refused_before_anything_is_allo
     assert peak.bytes < 1 << 20
 
 
+def test_a_deflate_bomb_matching_the_config_is_refused_before_it_is_inflated(tmp_path, small_model):
+    """A config of 6 M parameters whose params member is 48 MB of zeros deflated to ~50 kB: the
+    header matches the config, but no array minivae writes inflates 64 times."""
+    config = _config(small_model, hidden=[1 << 19], dec_hidden=[3])
+    size = 7 * (1 << 19) + ((1 << 19) + 1) * 4 + 3 * 3 + 4 * 6
+    head = npy_bytes(_header(shape=f"({size},)"))
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("meta.npy", npy_of(np.array(meta_text(small_model, config=config))))
+        with z.open("params.npy", "w", force_zip64=True) as f:
+            f.write(head)
+            block = bytes(1 << 20)
+            for i in range(0, 8 * size, len(block)):
+                f.write(block[:min(len(block), 8 * size - i)])
+    assert path.stat().st_size < 1 << 20
+    with Peak() as peak, pytest.raises(CheckpointError, match="would inflate") as e:
+        VAE.load(path)
+    one_line(e.value, path)
+    assert peak.bytes < 4 << 20
+
+
 def test_parameters_must_be_finite(tmp_path, small_model):
     p = small_model.params.copy()
     p[3] = np.nan
