@@ -885,3 +885,16 @@ def test_odd_meta_fields_give_one_line_errors_in_the_cli(tmp_path, capsys, case,
     assert code in (0, 1) and "Traceback" not in err
     if code == 1:
         assert err.startswith("minivae: error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("step", [777, 1 << 16, None], ids=["small", "64k", "whole"])
+def test_the_bounded_content_digest_is_the_digest_of_the_content(step):
+    """Inflating in bounded pieces hashes exactly the content, whatever the chunks of the stream."""
+    content = np.random.default_rng(5).integers(0, 3, 300_000, dtype=np.uint8).tobytes() + bytes(3 << 20)
+    gz = gzip.compress(content, compresslevel=9, mtime=0)
+    d = data_mod._Digests()
+    step = step or len(gz)
+    for i in range(0, len(gz), step):
+        d.update(gz[i:i + step])
+    import hashlib
+    assert d.idx_ok and d.matches({"gz": "0" * 64, "idx": hashlib.sha256(content).hexdigest()})
