@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import hashlib
 import json
-import math
 import os
 import struct
 import threading
@@ -860,7 +860,6 @@ def test_the_content_digest_does_not_inflate_without_bound(monkeypatch):
     with Peak() as peak:
         d.update(gz_stream(b"", 8 << 20))
     assert not d.idx_ok and peak.bytes < 4 << 20
-    assert math.isfinite(peak.bytes)
 
 
 # ==============================================================================================
@@ -896,5 +895,4 @@ def test_the_bounded_content_digest_is_the_digest_of_the_content(step):
     step = step or len(gz)
     for i in range(0, len(gz), step):
         d.update(gz[i:i + step])
-    import hashlib
     assert d.idx_ok and d.matches({"gz": "0" * 64, "idx": hashlib.sha256(content).hexdigest()})
