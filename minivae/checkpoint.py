@@ -305,11 +305,12 @@ class Archive:
         return meta
 
 
-def parse_json(text, error):
-    """Strict JSON: no NaN/Infinity, no duplicate keys, bounded integers and nesting.
-
-    ``error(message)`` builds the exception to raise."""
+def parse_json(text, error, allow_nan=False):
+    """Strict JSON: no NaN/Infinity (unless ``allow_nan``), no duplicate keys, bounded integers
+    and nesting. ``error(message)`` builds the exception to raise."""
     def constant(token):
+        if allow_nan:
+            return float(token)
         raise ValueError(f"{token} is not a JSON number")
 
     def pairs(items):
@@ -327,7 +328,7 @@ def parse_json(text, error):
 
     def real(s):
         f = float(s)
-        if not math.isfinite(f):
+        if not math.isfinite(f) and not allow_nan:
             raise ValueError(f"the number {s[:20]} is out of range")
         return f
 

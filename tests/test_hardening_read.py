@@ -896,3 +896,18 @@ def test_the_bounded_content_digest_is_the_digest_of_the_content(step):
     for i in range(0, len(gz), step):
         d.update(gz[i:i + step])
     assert d.idx_ok and d.matches({"gz": "0" * 64, "idx": hashlib.sha256(content).hexdigest()})
+
+
+@pytest.mark.parametrize("content, words", [
+    ("[1, 2]\n", "line 1 is not a JSON object"),
+    ('{"epoch": 1, "train_loss": 1.0}\n{oops\n', "line 2 is not JSON"),
+    ("[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
+    ('{"epoch": 1, "test_loss": 1.0, "epoch": 2}\n', "duplicate key"),
+])
+def test_a_bad_metrics_file_beside_a_model_is_a_one_line_error(tmp_path, capsys, content, words):
+    VAE(64, 2, hidden=(4,)).save(tmp_path / "model.npz", extra_meta={"dataset": "digits"})
+    (tmp_path / "metrics.jsonl").write_text(content)
+    code = main(["plot", str(tmp_path / "model.npz"), "--kind", "curves", "--out", str(tmp_path / "c.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("minivae: error: ") and err.count("\n") == 1, err
+    assert "metrics.jsonl" in err and words in err
