@@ -15,8 +15,8 @@ Reading treats the file as untrusted and checks before it allocates (:class:`Arc
        a shape of non-negative integers, and a size that agrees with what the zip directory
        declares. A caller that knows what to expect (``load(path, expect=...)``, e.g. the model
        from its config) gives the exact shape and dtype of each member it wants; other members
-       are skipped unread. Without ``expect``, a deflated member may promise at most MAX_RATIO
-       times its compressed size;
+       are skipped unread. A deflated array may inflate to at most MAX_RATIO times its compressed
+       size (or 1 MiB): minivae writes its arrays stored, and floats do not compress that well;
     4. only then each wanted member is read, in chunks, never past what its header promised.
 Every failure is a :class:`CheckpointError` with a one-line message that names the file.
 """
@@ -42,7 +42,7 @@ MAX_MEMBERS = 64                  # a checkpoint holds params, a few optimizer a
 MAX_META_BYTES = 64 << 20         # the meta text (UTF-32 in the .npy: 16 M characters)
 MAX_JSON_DEPTH = 32
 MAX_INT_DIGITS = 64               # the generator state holds 128-bit integers (39 digits)
-MAX_RATIO = 64                    # what a deflated member not fixed by ``expect`` may inflate to
+MAX_RATIO = 64                    # what a deflated array may inflate to, times its compressed size
 NUMERIC_KINDS = "biuf"            # bool, signed and unsigned integers, floats
 _CHUNK = 1 << 20
 _MAX_NPY_HEADER = 16 + 65536      # magic, length and a header dict (numpy writes < 10000 bytes)
@@ -336,11 +336,10 @@ class Archive:
                 shown = tuple("n" if e is None else e for e in expect.shape)
                 raise self._error(f"member {name!r} has shape {m.shape} and dtype {m.dtype}, "
                                   f"{expect.source} {shown} {want}")
-        if expect is None or any(e is None for e in expect.shape):
-            if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > max(
-                    MAX_RATIO * info.compress_size, _CHUNK):
-                raise self._error(f"member {name!r} would inflate {info.compress_size} bytes to "
-                                  f"{info.file_size}, more than minivae reads")
+        if name != "meta" and info.compress_type == zipfile.ZIP_DEFLATED and \
+                info.file_size > max(MAX_RATIO * info.compress_size, _CHUNK):
+            raise self._error(f"member {name!r} would inflate {info.compress_size} bytes to "
+                              f"{info.file_size}, more than minivae reads")
         try:
             with self._zip.open(info) as f:
                 f.read(m.header_size)
@@ -384,11 +383,12 @@ class Archive:
         return meta
 
 
-def parse_json(text, error):
-    """Strict JSON: no NaN/Infinity, no duplicate keys, bounded integers and nesting.
-
-    ``error(message)`` builds the exception to raise."""
+def parse_json(text, error, allow_nan=False):
+    """Strict JSON: no NaN/Infinity (unless ``allow_nan``), no duplicate keys, bounded integers
+    and nesting. ``error(message)`` builds the exception to raise."""
     def constant(token):
+        if allow_nan:
+            return float(token)
         raise ValueError(f"{token} is not a JSON number")
 
     def pairs(items):
@@ -406,7 +406,7 @@ def parse_json(text, error):
 
     def real(s):
         f = float(s)
-        if not math.isfinite(f):
+        if not math.isfinite(f) and not allow_nan:
             raise ValueError(f"the number {s[:20]} is out of range")
         return f
 

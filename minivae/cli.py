@@ -440,10 +440,18 @@ def _metrics(meta, ckpt_text):
         return metrics
     path = _checkpoint_path(ckpt_text).parent / "metrics.jsonl"
     if path.is_file():
-        try:
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON lines ({e})") from None
+        from .checkpoint import MAX_META_BYTES, parse_json
+        if path.stat().st_size > MAX_META_BYTES:
+            raise ValueError(f"{path}: larger than any metrics file minivae writes ({MAX_META_BYTES} bytes)")
+        rows = []
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if line.strip():
+                row = parse_json(line, lambda msg: ValueError(f"{path}: line {i} is not JSON ({msg})"),
+                                 allow_nan=True)               # a diverged validation loss is NaN
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}: line {i} is not a JSON object")
+                rows.append(row)
+        return rows
     return []
 
 

@@ -452,13 +452,15 @@ class _Digests:
     def update(self, chunk):
         self.gz.update(chunk)
         try:
-            while self.idx_ok and chunk:
-                out = self._inflate.decompress(chunk, _CHUNK)
+            while self.idx_ok:
+                out = self._inflate.decompress(chunk, _CHUNK)      # at most _CHUNK bytes at a time
                 self._inflated += len(out)
                 if self._inflated > MAX_IDX_BYTES:
                     self.idx_ok = False
                 self.idx.update(out)
                 chunk = self._inflate.unconsumed_tail
+                if not chunk and len(out) < _CHUNK:                 # input used up, output drained
+                    break
         except zlib.error:
             self.idx_ok = False
 

@@ -289,15 +289,10 @@ class VAE:
         checked every field and bounded its size, so an absurd config is refused before anything
         is allocated. CheckpointError says what is wrong."""
         spec, dtype = spec_from_config(config)
-        c = config
-        seed = c.get("seed", 0)
-        backend = backend or c.get("backend", "numpy")
-        try:
-            return cls(spec.x_dim, spec.z_dim, hidden=spec.hidden, activation=spec.activation,
-                       likelihood=spec.likelihood, dtype=dtype, seed=seed, backend=backend,
-                       dec_hidden=spec.dec_hidden, var_floor=spec.var_floor)
-        except (KeyError, TypeError) as e:
-            raise checkpoint.CheckpointError(f"checkpoint config is incomplete or malformed ({e})") from None
+        return cls(spec.x_dim, spec.z_dim, hidden=spec.hidden, activation=spec.activation,
+                   likelihood=spec.likelihood, dtype=dtype, seed=config.get("seed", 0),
+                   backend=backend or config.get("backend", "numpy"), dec_hidden=spec.dec_hidden,
+                   var_floor=spec.var_floor)
 
     @classmethod
     def load(cls, path, backend=None):
@@ -317,12 +312,7 @@ class VAE:
             checked["config"] = meta["config"]
             return {"params": checkpoint.Expect((spec.layout.size,), dtype, source="the config implies")}
 
-        try:
-            meta, arrays = checkpoint.load(path, expect=expect)
-        except checkpoint.CheckpointError as e:
-            if "no 'params' entry" in str(e):
-                raise checkpoint.CheckpointError(f"{path}: checkpoint has no model config or parameters") from None
-            raise
+        meta, arrays = checkpoint.load(path, expect=expect)      # refuses a missing 'params' entry
         p = arrays["params"]
         if not np.isfinite(p).all():
             raise checkpoint.CheckpointError(f"{path}: the parameters contain NaN or inf")
@@ -343,9 +333,9 @@ CONFIG_KEYS = ("x_dim", "z_dim", "hidden", "dec_hidden", "activation", "likeliho
 
 
 def _config_int(name, v, lo=1, hi=MAX_WIDTH):
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
         raise checkpoint.CheckpointError(f"config {name} must be an integer in [{lo}, {hi}], got {v!r}")
-    return v
+    return int(v)
 
 
 def spec_from_config(config):
@@ -357,12 +347,12 @@ def spec_from_config(config):
         raise checkpoint.CheckpointError(f"checkpoint config is not a JSON object ({type(config).__name__})")
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
-        raise checkpoint.CheckpointError(f"checkpoint config is incomplete (no {', '.join(missing)})")
+        raise checkpoint.CheckpointError(f"checkpoint config is incomplete or malformed (no {', '.join(missing)})")
     x_dim, z_dim = (_config_int(k, config[k]) for k in ("x_dim", "z_dim"))
     widths = {}
     for key in ("hidden", "dec_hidden"):
         v = config[key]
-        if not isinstance(v, list) or len(v) > MAX_LAYERS:
+        if not isinstance(v, (list, tuple)) or len(v) > MAX_LAYERS:
             raise checkpoint.CheckpointError(f"config {key} must be a list of at most {MAX_LAYERS} "
                                              f"widths, got {str(v)[:80]}")
         widths[key] = tuple(_config_int(f"{key} width", h) for h in v)
@@ -372,7 +362,7 @@ def spec_from_config(config):
     if config["dtype"] not in DTYPES:
         raise checkpoint.CheckpointError(f"config dtype must be one of {', '.join(DTYPES)}, got {config['dtype']!r}")
     seed = config.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise checkpoint.CheckpointError(f"config seed must be a non-negative integer, got {seed!r}")
     if not isinstance(config.get("backend", "numpy"), str):
         raise checkpoint.CheckpointError(f"config backend must be a string, got {config['backend']!r}")
@@ -393,7 +383,7 @@ def spec_from_config(config):
     try:
         spec = ModelSpec(x_dim, z_dim, widths["hidden"], widths["dec_hidden"], config["activation"],
                          config["likelihood"], float(var_floor))
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:
         raise checkpoint.CheckpointError(f"checkpoint config is malformed ({e})") from None
     if spec.layout.size != enc + dec:        # the count above is the layout's, by construction
         raise checkpoint.CheckpointError("checkpoint config: inconsistent parameter count")
