@@ -80,7 +80,7 @@ def check_model(model, x, eps, h=DEFAULT_H, tol=DEFAULT_TOL, **loss_kwargs):
     if model.dtype != np.float64:
         raise ValueError("gradient checks need a float64 model (dtype='float64')")
     x = np.asarray(x, dtype=np.float64)
-    eps = np.asarray(eps, dtype=np.float64)
+    eps = _as_float64_eps(eps)
     _, analytic = model.loss_and_grad(x, eps=eps, **loss_kwargs)
     analytic = analytic.copy()
     numeric = numerical_grad(lambda: model.loss_and_grad(x, eps=eps, **loss_kwargs)[0], model.params, h)
@@ -89,6 +89,13 @@ def check_model(model, x, eps, h=DEFAULT_H, tol=DEFAULT_TOL, **loss_kwargs):
         sl = slice(slot.offset, slot.offset + slot.size)
         out.append(TensorCheck(name, slot.shape, rel_error(analytic[sl], numeric[sl]), tol))
     return out
+
+
+def _as_float64_eps(eps):
+    """eps in float64: one array, or (S > 1 stochastic layers) a tuple of one array per layer."""
+    if isinstance(eps, (list, tuple)):
+        return tuple(np.asarray(e, dtype=np.float64) for e in eps)
+    return np.asarray(eps, dtype=np.float64)
 
 
 def format_report(checks, title=None) -> str:
@@ -251,32 +258,17 @@ def check_pieces(rng, tol=PIECE_TOL):
 # ----------------------------------------------------------------------------------------------
 
 def preactivations(model, x, eps):
-    """Every hidden pre-activation ``a = h W + b`` of one pass (encoder on x, decoder on z), as a list.
+    """Every hidden pre-activation ``a = h W + b`` of one pass (every inference and generative block), as a list.
 
-    Computed with the reference math of layers.py from ``model.params``, whatever the backend.
+    Computed with the reference math (kernels/numpy_.py) from ``model.params``, whatever the backend.
+    ``eps`` as ``model.loss_and_grad`` takes it (for S > 1, one array per stochastic layer).
     """
-    from .distributions import reparam_forward
-    from .layers import activation_forward, linear_forward
-    layout, act = model.layout, model.spec.activation
-    enc = layout.layer_views(model.params, "enc")
-    dec = layout.layer_views(model.params, "dec")
+    from .kernels.numpy_ import NumpyBackend
     x = np.asarray(x, dtype=model.dtype)
-    eps = np.asarray(eps, dtype=model.dtype)
-    eps = eps[None] if eps.ndim == 2 else eps
-    out, h = [], x
-    for W, b in enc[:-1]:
-        a, _ = linear_forward(h, W, b)
-        out.append(a)
-        h, _ = activation_forward(a, act)
-    head, _ = linear_forward(h, *enc[-1])
-    Z = model.spec.z_dim
-    z, _ = reparam_forward(head[:, :Z], head[:, Z:], eps)
-    h = z.reshape(-1, Z)
-    for W, b in dec[:-1]:
-        a, _ = linear_forward(h, W, b)
-        out.append(a)
-        h, _ = activation_forward(a, act)
-    return out
+    eps = model._eps(eps, x.shape[0], 1)
+    f = NumpyBackend(model.spec, model.dtype).forward(model.params, x, eps)
+    blocks = [ql["block"] for ql in f["q"]] + [pl["block"] for pl in f["p"][2:]] + [f["dec"]]
+    return [ac[0] for mlp_caches, _ in blocks for _, ac in mlp_caches]
 
 
 def kink_distance(model, x, eps, free_bits=0.0):
@@ -317,8 +309,7 @@ def resolvable(model, x, eps, tol=DEFAULT_TOL, h=DEFAULT_H, margin=10.0, **loss_
     zeros) or if its largest entry times ``tol`` is ``margin`` times above :func:`fd_resolution`.
     Tiny tensors appear e.g. behind two negative leaky_relu units (slope 0.01^2) with beta = 0.
     """
-    loss, g = model.loss_and_grad(np.asarray(x, dtype=np.float64), eps=np.asarray(eps, dtype=np.float64),
-                                  **loss_kwargs)
+    loss, g = model.loss_and_grad(np.asarray(x, dtype=np.float64), eps=_as_float64_eps(eps), **loss_kwargs)
     res = fd_resolution(loss, h)
     for slot in model.layout.slots.values():
         scale = float(np.max(np.abs(g[slot.offset:slot.offset + slot.size])))
