@@ -449,3 +449,16 @@ def test_sample_and_reconstruct_go_through_every_layer():
     assert m.reconstruct(x).shape == (5, 6)
     mu, lv = m.encode(x)
     assert mu.shape == lv.shape == (5, 3)
+
+
+def test_minivae_gradcheck_covers_two_layers():
+    """`minivae gradcheck` (run_suite) prints and passes every two-layer case and the new pieces."""
+    lines = []
+    assert gradcheck.run_suite(out=lines.append) is True
+    text = "\n".join(lines)
+    for lik, o, est in gradcheck.stack_suite_cases():
+        assert f"S=2 {lik} / {o} ({est}" in text and f"S=2 {lik} {o} {est}" in text
+    for piece in ("log N(z; mu, logvar) dz", "log N(z; mu, logvar) dlogvar", "log p(z) dz",
+                  "log q dlogvar (L, n, Z)", "stack_elbo_loss dmid"):
+        assert f"piece {piece}" in text
+    assert "FAIL" not in text
