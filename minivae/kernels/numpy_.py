@@ -156,16 +156,16 @@ class NumpyBackend:
         f = self.forward(params, x, eps)
         S = self.S
         if objective == "elbo":
-            if S == 1:                                                   # §6 step 1 (ELBO)
+            if S == 1:                                                   # B1 (ELBO, §6)
                 kl = dist.kl_forward(f["mu"], f["logvar"])                # (n, Z)
                 loss, dll, dkl = obj.elbo_loss(f["ll"], kl, beta, free_bits, kl_active)
                 up = dict(dll=dll, dlogp=[None], dlogq=[None], dkl=dkl)
-            else:                                                        # §11.3 step 1 (ELBO)
+            else:                                                        # B1 (ELBO, §11.2)
                 mid, kl = self._elbo_parts(f)
                 loss, dll, dmid, dkl = obj.stack_elbo_loss(f["ll"], mid, kl, beta)
                 up = dict(dll=dll, dlogp=[dmid] * (S - 1) + [None], dlogq=[-dmid] * (S - 1) + [None], dkl=dkl)
             grads = self.backward(f, params, **up)
-        else:                                                            # §6 / §11.3 step 1 (IWAE)
+        else:                                                            # B1 (IWAE, §5.2, §11.2)
             logw = self.log_weights(f, beta)
             loss, dlogw = obj.iwae_loss(logw)                             # dlogw: (k, n)
             grads = self.backward(f, params, **self._iwae_upstream(dlogw, beta))
@@ -183,7 +183,7 @@ class NumpyBackend:
         return dict(dll=dlogw, dlogp=[beta * dlogw] * self.S, dlogq=[-beta * dlogw] * self.S, dkl=None)
 
     def backward(self, f, params, dll, dlogp, dlogq, dkl=None, q_stopped=False):
-        """Vector-Jacobian product of the loss w.r.t. every block's parameters.   §6 steps 2-9, §11.3
+        XX
 
         Upstream gradients, each (L, n) or None when the term is absent: ``dll`` of log p(x|z_1);
         ``dlogp[l-1]`` of log p(z_l|z_{l+1}) (log p(z_S) for l = S); ``dlogq[l-1]`` of log q(z_l|z_{l-1});
