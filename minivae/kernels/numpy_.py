@@ -183,7 +183,7 @@ class NumpyBackend:
         return dict(dll=dlogw, dlogp=[beta * dlogw] * self.S, dlogq=[-beta * dlogw] * self.S, dkl=None)
 
     def backward(self, f, params, dll, dlogp, dlogq, dkl=None, q_stopped=False):
-        XX
+        """Vector-Jacobian product of the loss w.r.t. every block's parameters.   §6 B2-B9, §11.3
 
         Upstream gradients, each (L, n) or None when the term is absent: ``dll`` of log p(x|z_1);
         ``dlogp[l-1]`` of log p(z_l|z_{l+1}) (log p(z_S) for l = S); ``dlogq[l-1]`` of log q(z_l|z_{l-1});
