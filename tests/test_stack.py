@@ -8,6 +8,7 @@ bound rises with k on average; the ELBO is the mean log-weight up to the top lay
 DReG's generative gradient is IWAE's exactly and its inference gradient is unbiased for IWAE's.
 The skips (``assume``) are those of tests/test_gradients.py: kinks and unresolvable tensors.
 """
+import json
 import math
 
 import numpy as np
@@ -462,3 +463,81 @@ def test_minivae_gradcheck_covers_two_layers():
                   "log q dlogvar (L, n, Z)", "stack_elbo_loss dmid"):
         assert f"piece {piece}" in text
     assert "FAIL" not in text
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation, training and the command for S > 1 (numpy backend)
+# ----------------------------------------------------------------------------------------------
+
+def test_evaluate_a_two_layer_model():
+    from minivae import evaluate as ev
+    m = VAE(6, (3, 2), hidden=(5,), activation="tanh", dtype="float64", seed=4)
+    x = gradcheck.make_inputs("bernoulli", 9, 6, np.random.default_rng(4))
+    r = ev.evaluate(m, x, iw_samples=7, batch_size=20, chunk=3)
+    # the ELBO is the model's with the documented eps; IW does not depend on the chunk size
+    eps = ev.eval_eps(9, (3, 2), "float64")
+    assert isinstance(eps, tuple) and [e.shape for e in eps] == [(9, 3), (9, 2)]
+    assert r["elbo"] == pytest.approx(m.elbo(x, eps).mean(), rel=1e-12)
+    iw3 = ev.iw_log_likelihood_per_example(m, x, 7, chunk=3)
+    iw7 = ev.iw_log_likelihood_per_example(m, x, 7, chunk=7, batch_size=7)
+    np.testing.assert_allclose(iw3, iw7, rtol=1e-12)
+    assert r["iw_log_likelihood"] == pytest.approx(iw3.mean(), rel=1e-12)
+    # K = 1: the IWAE bound of the example's own draw
+    g = ev.example_rng(0, 0).standard_normal((1, 5))
+    one = m.iwae_bound(x[:1], (g[None, :, :3], g[None, :, 3:]))
+    assert ev.iw_log_likelihood_per_example(m, x[:1], 1)[0] == pytest.approx(one[0], rel=1e-12)
+    # active units per layer; layer 1 is Var_i mu_1, and nothing depends on the batch size
+    assert len(r["active_units_per_layer"]) == 2 and r["active_units"] == sum(r["active_units_per_layer"])
+    assert len(r["latent_variance"]) == 5
+    np.testing.assert_allclose(r["latent_variance"][:3], np.var(m.encode(x)[0], axis=0, ddof=1), rtol=1e-10)
+    r2 = ev.evaluate(m, x, iw_samples=7, batch_size=50, chunk=3)
+    np.testing.assert_allclose(r2["latent_variance"], r["latent_variance"], rtol=1e-12)
+
+
+def test_layer_means_estimate_the_posterior_mean_of_the_upper_layer():
+    """E_q[z_2|x] = E_{z_1 ~ q(z_1|x)}[mu_2(z_1)]: the 16-draw estimate against a 20000-draw one."""
+    from minivae import evaluate as ev
+    m = VAE(6, (3, 2), hidden=(5,), activation="tanh", dtype="float64", seed=4)
+    x = gradcheck.make_inputs("bernoulli", 2, 6, np.random.default_rng(4))
+    est = ev.layer_means(m, x)[1]                                               # (2, 2)
+    mu1, lv1 = m.encode(x)
+    z1 = mu1 + np.exp(0.5 * lv1) * np.random.default_rng(1).standard_normal((20000, 2, 3))
+    mu2 = m.backend.encode_up(m.params, z1.reshape(-1, 3), 2)[0].reshape(20000, 2, 2)
+    sd = mu2.std(axis=0) / math.sqrt(ev.ACTIVE_UNIT_SAMPLES)
+    assert np.all(np.abs(est - mu2.mean(axis=0)) < 5 * sd)
+
+
+def test_train_evaluate_sample_and_plot_a_two_layer_iwae_with_dreg(tmp_path, capsys):
+    from minivae.cli import main
+    run = tmp_path / "run"
+    code = main(["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "64", "--z-dim", "4", "2",
+                 "--hidden", "16", "--hidden", "8", "--activation", "tanh", "--objective", "iwae", "--k", "2",
+                 "--estimator", "dreg", "--quiet", "--out", str(run)])
+    assert code == 0, capsys.readouterr().err
+    m = VAE.load(run / "model.npz")
+    assert m.z_dims == (4, 2) and m.hidden == ((16,), (8,)) and m.dec_hidden == ((16,), (8,))
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--iw-samples", "5", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["active_units_per_layer"]) == 2 and math.isfinite(r["iw_log_likelihood"])
+    assert main(["evaluate", str(run), "--iw-samples", "0"]) == 0
+    assert "of 4, " in capsys.readouterr().out
+    for name in ("manifold.png", "samples.png", "reconstructions.png"):      # top layer of 2: manifold
+        assert (run / name).is_file()
+    assert main(["sample", str(run), "--out", str(tmp_path / "s.png")]) == 0
+    # resuming keeps the two-layer config
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet", "--no-plots"]) == 0
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--z-dim", "4", "2", "--hidden", "8", "--hidden", "8", "--hidden", "8"], "one tuple of widths per stochastic layer"),
+    (["--z-dim", "4", "2", "--backend", "numba"], "supports one stochastic layer only"),
+    (["--z-dim", "4", "2", "--free-bits", "0.1"], "--free-bits applies to models with one stochastic layer only"),
+    (["--estimator", "dreg"], "--estimator dreg applies to --objective iwae only"),
+])
+def test_bad_stack_options_are_one_line(tmp_path, capsys, args, words):
+    from minivae.cli import main
+    code = main(["train", "--dataset", "digits", "--epochs", "1", "--quiet", "--no-plots",
+                 "--out", str(tmp_path / "r")] + args)
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and words in err, err
