@@ -401,7 +401,8 @@ def cmd_plot(args):
         paths = [plots.save_samples(out, model.sample(64, seed=0), shape)]
     elif kind == "manifold":
         if model.z_dims[-1] != 2:
-            raise ValueError(f"the manifold needs a top layer of 2 dimensions, the model has z_dim = {model.z_dim}")
+            raise ValueError(f"the manifold needs z_dim = 2 (for a stack, a top layer of 2), the model has "
+                             f"z_dim = {model.z_dim}")
         paths = [plots.save_manifold(out, model, shape)]
     else:
         ds, x = load_split(args, model, meta, "test")
