@@ -541,3 +541,17 @@ def test_bad_stack_options_are_one_line(tmp_path, capsys, args, words):
                  "--out", str(tmp_path / "r")] + args)
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.parametrize("name", ["numba", "cuda"])
+def test_the_fused_backends_refuse_a_stack_with_one_line(name):
+    """Built directly from a spec (as the trainers and the simulator tests do), not only through VAE."""
+    from minivae.kernels import get_backend
+    from minivae.model import ModelSpec
+    spec = ModelSpec(6, (3, 2), (4,))
+    try:
+        cls = get_backend(name)
+    except (RuntimeError, ImportError) as e:       # no GPU here: the VAE-level check still applies
+        pytest.skip(str(e))
+    with pytest.raises(ValueError, match=rf"backend '{name}' supports one stochastic layer only"):
+        cls(spec, "float64")

@@ -24,3 +24,10 @@ def get_backend(name: str):
         from .cuda import CudaBackend  # raises RuntimeError with the cause when no GPU can be used
         return CudaBackend
     raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def require_one_stochastic_layer(name: str, spec):
+    """The fused backends implement one stochastic layer; a stack (docs/math.md §11) gets one line."""
+    if spec.n_stochastic > 1:
+        raise ValueError(f"backend {name!r} supports one stochastic layer only; a model with "
+                         f"z_dim={spec.z_dims} needs backend 'numpy'")
