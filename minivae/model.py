@@ -11,7 +11,7 @@ import numpy as np
 
 from . import checkpoint
 from . import distributions as dist
-from .kernels import get_backend
+from .kernels import make_backend
 from .layers import ACTIVATIONS
 from .objectives import check_estimator, check_objective
 from .params import ParamLayout
@@ -192,11 +192,7 @@ class VAE:
         self.layout = self.spec.layout
         self._params = self.layout.init(self.rng, self.dtype)
         self.backend_name = backend
-        cls = get_backend(backend)
-        if self.spec.n_stochastic > 1 and backend != "numpy":
-            raise ValueError(f"backend {backend!r} supports one stochastic layer only; a model with "
-                             f"z_dim={self.spec.z_dims} needs backend 'numpy'")
-        self.backend = cls(self.spec, self.dtype)
+        self.backend = make_backend(backend, self.spec, self.dtype)
 
     # -- configuration ------------------------------------------------------------------------
     def __getattr__(self, name):
@@ -321,8 +317,8 @@ class VAE:
         x = self.check_x(x)
         eps = self._eps(eps, x.shape[0], samples)
         kw = {} if estimator == "reparam" else dict(estimator=estimator)
-        if kw and self.backend_name != "numpy":
-            raise ValueError(f"estimator {estimator!r} is implemented on backend 'numpy' only")
+        if estimator not in getattr(self.backend, "estimators", ("reparam",)):
+            raise ValueError(f"estimator {estimator!r} is not implemented on backend {self.backend_name!r}")
         return self.backend.loss_and_grad(self._params, x, eps, beta=beta, objective=objective,
                                           free_bits=free_bits, grad=grad, **kw)
 

@@ -89,7 +89,6 @@ def test_hidden_given_once_applies_to_every_block_and_dec_hidden_overrides():
     (dict(z_dim=(3, 2), hidden=((4,), (3,), (2,))), r"one tuple of widths per stochastic layer \(2\)"),
     (dict(z_dim=(3, 2), dec_hidden=((4,),)), r"dec_hidden must give one tuple of widths per stochastic layer"),
     (dict(z_dim=(3, 2), hidden=((4,), (0,))), "hidden must be a sequence of positive integers"),
-    (dict(z_dim=(3, 2), backend="numba"), "backend 'numba' supports one stochastic layer only"),
 ])
 def test_bad_stack_configuration_is_refused(kwargs, match):
     args = dict(x_dim=4, z_dim=2, hidden=(3,))
@@ -531,7 +530,7 @@ def test_train_evaluate_sample_and_plot_a_two_layer_iwae_with_dreg(tmp_path, cap
 
 @pytest.mark.parametrize("args,words", [
     (["--z-dim", "4", "2", "--hidden", "8", "--hidden", "8", "--hidden", "8"], "one tuple of widths per stochastic layer"),
-    (["--z-dim", "4", "2", "--backend", "numba"], "supports one stochastic layer only"),
+    (["--z-dim", "4", "2", "--backend", "cuda"], "--backend cuda supports one stochastic layer only"),
     (["--z-dim", "4", "2", "--free-bits", "0.1"], "--free-bits applies to models with one stochastic layer only"),
     (["--estimator", "dreg"], "--estimator dreg applies to --objective iwae only"),
 ])
@@ -555,3 +554,39 @@ def test_the_fused_backends_refuse_a_stack_with_one_line(name):
         pytest.skip(str(e))
     with pytest.raises(ValueError, match=rf"backend '{name}' supports one stochastic layer only"):
         cls(spec, "float64")
+
+
+# ----------------------------------------------------------------------------------------------
+# the numba backend for S > 1 (kernels/cpu_stack.py) against its oracle, the NumPy reference
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gemm", ["blas", "custom"])
+@pytest.mark.parametrize("likelihood,activation", [("bernoulli", "tanh"), ("gaussian", "relu"),
+                                                   ("continuous_bernoulli", "softplus"), ("bernoulli", "leaky_relu")])
+def test_numba_stack_matches_the_numpy_reference(monkeypatch, gemm, likelihood, activation):
+    from minivae.kernels import config
+    from minivae.kernels.cpu_stack import NumbaStackBackend
+    monkeypatch.setattr(config, "GEMM", gemm)
+    monkeypatch.setattr(config, "MB", 3)
+    monkeypatch.setattr(config, "NB", 5)
+    z = (4, 3, 2)
+    kw = dict(hidden=((7, 5), (6,), ()), activation=activation, likelihood=likelihood, seed=1)
+    ref = VAE(9, z, backend="numpy", dtype="float64", **kw)
+    fast = VAE(9, z, backend="numba", dtype="float64", **kw)
+    assert isinstance(fast.backend, NumbaStackBackend) and np.array_equal(ref.params, fast.params)
+    rng = np.random.default_rng(2)
+    x = gradcheck.make_inputs(likelihood, 6, 9, rng)
+    eps = stack_eps(rng, 3, 6, z)
+    for objective, estimator in (("elbo", "reparam"), ("iwae", "reparam"), ("iwae", "dreg")):
+        lr, gr = ref.loss_and_grad(x, eps=eps, objective=objective, beta=0.7, estimator=estimator)
+        gr = gr.copy()
+        lf, gf = fast.loss_and_grad(x, eps=eps, objective=objective, beta=0.7, estimator=estimator)
+        assert lf == pytest.approx(lr, rel=1e-12)
+        assert gradcheck.rel_error(gf, gr) < 1e-12, (objective, estimator)
+    np.testing.assert_allclose(fast.iwae_bound(x, eps), ref.iwae_bound(x, eps), rtol=1e-12)
+    np.testing.assert_allclose(fast.sample(5, seed=0), ref.sample(5, seed=0), rtol=1e-12, atol=1e-14)
+    # float32 follows the float64 numbers to float32 rounding
+    f32 = VAE(9, z, backend="numba", dtype="float32", **kw)
+    l32, g32 = f32.loss_and_grad(x, eps=eps, objective="iwae", beta=0.7)
+    l64, g64 = ref.loss_and_grad(x, eps=eps, objective="iwae", beta=0.7)
+    assert l32 == pytest.approx(l64, rel=1e-4) and gradcheck.rel_error(g32, g64) < 1e-3

@@ -31,3 +31,13 @@ def require_one_stochastic_layer(name: str, spec):
     if spec.n_stochastic > 1:
         raise ValueError(f"backend {name!r} supports one stochastic layer only; a model with "
                          f"z_dim={spec.z_dims} needs backend 'numpy'")
+
+
+def make_backend(name: str, spec, dtype):
+    """The backend object for ``spec``: ``get_backend(name)(spec, dtype)``, except that a stack of
+    stochastic layers (S > 1) on 'numba' gets the unfused kernels/cpu_stack.py (docs/math.md §11)."""
+    cls = get_backend(name)
+    if name == "numba" and spec.n_stochastic > 1:
+        from .cpu_stack import NumbaStackBackend
+        cls = NumbaStackBackend
+    return cls(spec, dtype)

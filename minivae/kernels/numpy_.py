@@ -24,6 +24,7 @@ from ..layers import linear_backward, linear_forward, mlp_backward, mlp_forward
 
 class NumpyBackend:
     name = "numpy"
+    estimators = ("reparam", "dreg")          # objectives.ESTIMATORS this backend implements
 
     def __init__(self, spec, dtype):
         self.spec = spec               # ModelSpec: x_dim, z_dim(s), hidden, dec_hidden, activation, ...
