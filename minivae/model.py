@@ -11,7 +11,7 @@ import numpy as np
 
 from . import checkpoint
 from . import distributions as dist
-from .kernels import make_backend
+from .kernels import get_backend, stack_class
 from .layers import ACTIVATIONS
 from .objectives import check_estimator, check_objective
 from .params import ParamLayout
@@ -192,7 +192,10 @@ class VAE:
         self.layout = self.spec.layout
         self._params = self.layout.init(self.rng, self.dtype)
         self.backend_name = backend
-        self.backend = make_backend(backend, self.spec, self.dtype)
+        cls = get_backend(backend)
+        if self.spec.n_stochastic > 1:
+            cls = stack_class(backend, cls)
+        self.backend = cls(self.spec, self.dtype)
 
     # -- configuration ------------------------------------------------------------------------
     def __getattr__(self, name):

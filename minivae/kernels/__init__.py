@@ -33,11 +33,11 @@ def require_one_stochastic_layer(name: str, spec):
                          f"z_dim={spec.z_dims} needs backend 'numpy'")
 
 
-def make_backend(name: str, spec, dtype):
-    """The backend object for ``spec``: ``get_backend(name)(spec, dtype)``, except that a stack of
-    stochastic layers (S > 1) on 'numba' gets the unfused kernels/cpu_stack.py (docs/math.md §11)."""
-    cls = get_backend(name)
-    if name == "numba" and spec.n_stochastic > 1:
+def stack_class(name: str, cls):
+    """The class that builds backend ``name`` for a stack of stochastic layers (S > 1, docs/math.md §11):
+    on 'numba', the unfused kernels/cpu_stack.py; otherwise ``cls`` itself (numpy runs stacks, the
+    fused backends refuse them with one line)."""
+    if name == "numba":
         from .cpu_stack import NumbaStackBackend
-        cls = NumbaStackBackend
-    return cls(spec, dtype)
+        return NumbaStackBackend
+    return cls

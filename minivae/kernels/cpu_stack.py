@@ -20,7 +20,7 @@ from .numpy_ import NumpyBackend
 
 
 class NumbaStackBackend(NumpyBackend):
-    """NumpyBackend with the MLP blocks in Numba kernels; built by ``kernels.make_backend`` for
+    """NumpyBackend with the MLP blocks in Numba kernels; built through ``kernels.stack_class`` for
     backend 'numba' and S > 1."""
     name = "numba"
 
