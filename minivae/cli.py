@@ -139,9 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=unit_interval, metavar="F", default=S,
                    help=f"fraction of train held out for validation (default: {d.val_fraction})")
     g = t.add_argument_group("model")
-    g.add_argument("--z-dim", type=positive_int, metavar="Z", default=S, help=f"latent dimensions (default: {d.z_dim})")
-    g.add_argument("--hidden", type=positive_int, nargs="+", metavar="H", default=S,
-                   help=f"hidden layer widths of the encoder; the decoder mirrors them (default: {d.hidden[0]})")
+    g.add_argument("--z-dim", type=positive_int, nargs="+", metavar="Z", default=S,
+                   help=f"latent dimensions; several values, bottom to top, make a stack of stochastic "
+                        f"layers, e.g. --z-dim 100 50 (default: {d.z_dim})")
+    g.add_argument("--hidden", type=positive_int, nargs="+", action="append", metavar="H", default=S,
+                   help=f"hidden layer widths of the encoder; the decoder mirrors them. Given once: every "
+                        f"block; given once per stochastic layer: one per block (default: {d.hidden[0]})")
     g.add_argument("--activation", choices=ACTIVATIONS, default=S, help=f"(default: {d.activation})")
     g.add_argument("--likelihood", choices=LIKELIHOODS, default=S, help=f"p(x|z) per pixel (default: {d.likelihood})")
     g.add_argument("--init-output-bias", choices=OUTPUT_BIAS_INITS, default=S,
@@ -155,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=OBJECTIVES, default=S, help=f"(default: {d.objective})")
     g.add_argument("--samples", type=positive_int, metavar="L", default=S,
                    help=f"Monte Carlo samples per example for the ELBO (default: {d.samples})")
+    g.add_argument("--estimator", choices=("reparam", "dreg"), default=S,
+                   help="gradient estimator: dreg is the doubly reparameterized IWAE gradient, "
+                        f"--objective iwae only (default: {d.estimator})")
     g.add_argument("--k", type=positive_int, metavar="K", default=S,
                    help=f"importance samples per example for --objective iwae (default: {d.k})")
     g.add_argument("--beta", type=nonneg_float, default=S, help=f"weight of the KL term (default: {d.beta:g})")
@@ -300,8 +306,12 @@ def cmd_train(args):
     if launched > 1 and not given.get("distributed", False):
         raise ValueError(f"started as one of {launched} MPI processes without --distributed: each would train "
                          "its own copy into the same folder; add --distributed (or run one process)")
-    if "hidden" in given:
-        given["hidden"] = tuple(given["hidden"])
+    if "hidden" in given:        # action=append: once for every block, or once per stochastic layer
+        h = given["hidden"]
+        given["hidden"] = tuple(h[0]) if len(h) == 1 else tuple(tuple(b) for b in h)
+    if "z_dim" in given:
+        z = given["z_dim"]
+        given["z_dim"] = z[0] if len(z) == 1 else tuple(z)
     if "resume" in given:
         if "out" in given and Path(given["out"]).resolve() != Path(given["resume"]).resolve():
             raise ValueError("--resume continues the run in its own folder; leave out --out or give the same folder")
@@ -399,6 +409,8 @@ def cmd_evaluate(args):
     if args.json:
         keys = ("elbo", "elbo_se", "iw_log_likelihood", "iw_log_likelihood_se", "iw_samples", "active_units",
                 "recon_error", "recon_error_se", "n", "dataset", "split", "seed")
+        if model.n_stochastic > 1:
+            keys += ("active_units_per_layer",)
         print(json.dumps({k: _json_number(r[k]) for k in keys}, allow_nan=False))
     else:
         def pm(key, fmt):
@@ -408,7 +420,9 @@ def cmd_evaluate(args):
                 ("ELBO", f"{pm('elbo', '.3f')} nats/example (one sample, analytic KL)")]
         if r["iw_log_likelihood"] is not None:
             rows.append((f"log p(x), K={r['iw_samples']}", f"{pm('iw_log_likelihood', '.3f')} nats/example"))
-        rows += [("active units", f"{r['active_units']} of {model.z_dim} (Var_x E_q[z_j] > 1e-2)"),
+        units = (f"{r['active_units']} of {model.z_dim}" if model.n_stochastic == 1 else
+                 ", ".join(f"{a} of {z}" for a, z in zip(r["active_units_per_layer"], model.z_dims)) + " (per layer)")
+        rows += [("active units", f"{units} (Var_x E_q[z_j] > 1e-2)"),
                  ("reconstruction error", f"{pm('recon_error', '.4f')} (squared error summed over pixels)")]
         w = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
@@ -470,8 +484,9 @@ def cmd_plot(args):
     elif kind == "samples":
         paths = [plots.save_samples(out, model.sample(64, seed=0), shape)]
     elif kind == "manifold":
-        if model.z_dim != 2:
-            raise ValueError(f"the manifold needs z_dim = 2, the model has z_dim = {model.z_dim}")
+        if model.z_dims[-1] != 2:
+            raise ValueError(f"the manifold needs z_dim = 2 (for a stack, a top layer of 2), the model has "
+                             f"z_dim = {model.z_dim}")
         paths = [plots.save_manifold(out, model, shape)]
     else:
         ds, x = load_split(args, model, meta, "test")

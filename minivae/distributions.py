@@ -29,8 +29,14 @@ def reparam_forward(mu, logvar, eps):
 
 
 def reparam_backward(dz, cache):
-    """dmu = sum_L dz;  dlogvar = sum_L dz * eps * std / 2.   §3.1"""
+    """dmu = sum_L dz;  dlogvar = sum_L dz * eps * std / 2.   §3.1
+
+    When mu, logvar carry the sample axis themselves, (L, n, Z) as for z_l given z_{l-1} in a stack
+    of stochastic layers (§11), nothing is summed: dmu = dz, dlogvar = dz * eps * std / 2.
+    """
     std, eps = cache
+    if std.ndim == dz.ndim:
+        return dz, 0.5 * std * (dz * eps)
     dmu = dz.sum(axis=0)
     dlogvar = 0.5 * std * (dz * eps).sum(axis=0)
     return dmu, dlogvar
@@ -62,6 +68,47 @@ def log_posterior_eps(logvar, eps):
     logvar: (n, Z), eps: (L, n, Z) -> (L, n). Its gradient with eps held fixed is d/dlogvar = -1/2.
     """
     return -0.5 * ((eps * eps).sum(axis=-1) + (LOG_2PI + logvar).sum(axis=-1))
+
+
+def log_prior_backward(dlogp, z):
+    """dz = dlogp * (-z).   dlogp: (...), z: (..., Z) -> (..., Z).   §3.3"""
+    return dlogp[..., None] * (-z)
+
+
+def log_posterior_eps_backward(dlogq, logvar):
+    """dlogvar = -1/2 dlogq, summed over the sample axis when logvar has none.   §3.3
+
+    dlogq: (L, n); logvar: (n, Z) or (L, n, Z) -> like logvar. eps is held fixed.
+    """
+    g = -0.5 * dlogq[..., None]                         # (L, n, 1)
+    if logvar.ndim < g.ndim:
+        g = g.sum(axis=0)                                # (n, 1)
+    return np.broadcast_to(g, logvar.shape).astype(logvar.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# log N(z; mu, diag(exp(logvar))) as a function of all three: the conditionals p(z_l | z_{l+1})
+# of a stack, and log q(z_l | z_{l-1}) with its parameters stopped under DReG            §11.1
+# ----------------------------------------------------------------------------------------------
+
+def gauss_logpdf(z, mu, logvar):
+    """log N(z; mu, exp(logvar)) summed over Z:  -1/2 sum((z - mu)^2 e^-logvar + logvar + log 2pi).
+
+    z, mu, logvar: broadcastable to (..., Z) -> (...).   §11.1
+    """
+    r = z - mu
+    return -0.5 * (r * r * np.exp(-logvar) + logvar + LOG_2PI).sum(axis=-1)
+
+
+def gauss_logpdf_backward(dlogp, z, mu, logvar):
+    """With u = (z - mu) e^-logvar:  dz = -dlogp u,  dmu = dlogp u,  dlogvar = dlogp ((z - mu) u - 1) / 2.
+
+    dlogp: (...); z, mu, logvar: (..., Z) (the same shape) -> dz, dmu, dlogvar (..., Z).   §11.1
+    """
+    g = dlogp[..., None]
+    r = z - mu
+    u = r * np.exp(-logvar)
+    return -g * u, g * u, 0.5 * g * (r * u - 1.0)
 
 
 # ----------------------------------------------------------------------------------------------

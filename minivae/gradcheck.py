@@ -80,7 +80,7 @@ def check_model(model, x, eps, h=DEFAULT_H, tol=DEFAULT_TOL, **loss_kwargs):
     if model.dtype != np.float64:
         raise ValueError("gradient checks need a float64 model (dtype='float64')")
     x = np.asarray(x, dtype=np.float64)
-    eps = np.asarray(eps, dtype=np.float64)
+    eps = _as_float64_eps(eps)
     _, analytic = model.loss_and_grad(x, eps=eps, **loss_kwargs)
     analytic = analytic.copy()
     numeric = numerical_grad(lambda: model.loss_and_grad(x, eps=eps, **loss_kwargs)[0], model.params, h)
@@ -89,6 +89,13 @@ def check_model(model, x, eps, h=DEFAULT_H, tol=DEFAULT_TOL, **loss_kwargs):
         sl = slice(slot.offset, slot.offset + slot.size)
         out.append(TensorCheck(name, slot.shape, rel_error(analytic[sl], numeric[sl]), tol))
     return out
+
+
+def _as_float64_eps(eps):
+    """eps in float64: one array, or (S > 1 stochastic layers) a tuple of one array per layer."""
+    if isinstance(eps, (list, tuple)):
+        return tuple(np.asarray(e, dtype=np.float64) for e in eps)
+    return np.asarray(eps, dtype=np.float64)
 
 
 def format_report(checks, title=None) -> str:
@@ -232,6 +239,44 @@ def check_iwae_loss(rng, k=4, n=3, h=DEFAULT_H, tol=PIECE_TOL):
     return [_vjp_check("iwae_loss dlogw", lambda: iwae_loss(logw)[0], logw, 1.0, dlogw, h, tol)]
 
 
+def check_gauss_logpdf(rng, L=2, n=3, z_dim=2, h=DEFAULT_H, tol=PIECE_TOL):
+    """gauss_logpdf / gauss_logpdf_backward (§11.1): dz, dmu, dlogvar."""
+    from .distributions import gauss_logpdf, gauss_logpdf_backward
+    z, mu, lv = (rng.standard_normal((L, n, z_dim)) for _ in range(3))
+    g = rng.standard_normal((L, n))
+    dz, dmu, dlv = gauss_logpdf_backward(g, z, mu, lv)
+    f = lambda: gauss_logpdf(z, mu, lv)  # noqa: E731
+    return [_vjp_check("log N(z; mu, logvar) dz", f, z, g, dz, h, tol),
+            _vjp_check("log N(z; mu, logvar) dmu", f, mu, g, dmu, h, tol),
+            _vjp_check("log N(z; mu, logvar) dlogvar", f, lv, g, dlv, h, tol)]
+
+
+def check_log_prior_and_posterior(rng, L=2, n=3, z_dim=2, h=DEFAULT_H, tol=PIECE_TOL):
+    """log_prior / log_prior_backward and log_posterior_eps / log_posterior_eps_backward (§3.3)."""
+    from .distributions import log_posterior_eps, log_posterior_eps_backward, log_prior, log_prior_backward
+    z = rng.standard_normal((L, n, z_dim))
+    eps = rng.standard_normal((L, n, z_dim))
+    g = rng.standard_normal((L, n))
+    out = [_vjp_check("log p(z) dz", lambda: log_prior(z), z, g, log_prior_backward(g, z), h, tol)]
+    for name, shape in (("log q dlogvar", (n, z_dim)), ("log q dlogvar (L, n, Z)", (L, n, z_dim))):
+        lv = rng.standard_normal(shape)
+        out.append(_vjp_check(name, lambda: log_posterior_eps(lv, eps), lv, g,
+                              log_posterior_eps_backward(g, lv), h, tol))
+    return out
+
+
+def check_stack_elbo_loss(rng, L=2, n=3, z_dim=2, beta=0.7, h=DEFAULT_H, tol=PIECE_TOL):
+    """stack_elbo_loss (§11.2): dll, dmid, dkl."""
+    from .objectives import stack_elbo_loss
+    ll, mid = rng.standard_normal((L, n)), rng.standard_normal((L, n))
+    kl = rng.uniform(0.0, 2.0, size=(L, n, z_dim))
+    _, dll, dmid, dkl = stack_elbo_loss(ll, mid, kl, beta)
+    f = lambda: stack_elbo_loss(ll, mid, kl, beta)[0]  # noqa: E731
+    return [_vjp_check("stack_elbo_loss dll", f, ll, 1.0, dll, h, tol),
+            _vjp_check("stack_elbo_loss dmid", f, mid, 1.0, dmid, h, tol),
+            _vjp_check("stack_elbo_loss dkl", f, kl, 1.0, dkl, h, tol)]
+
+
 def check_pieces(rng, tol=PIECE_TOL):
     """Every paired function alone, in float64: the checks ``run_suite`` prints under "pieces"."""
     from .distributions import LIKELIHOODS
@@ -243,6 +288,8 @@ def check_pieces(rng, tol=PIECE_TOL):
     for lik in LIKELIHOODS:
         checks += check_loglik(lik, rng, tol=tol)
     checks += check_elbo_loss(rng, tol=tol) + check_iwae_loss(rng, tol=tol)
+    checks += (check_gauss_logpdf(rng, tol=tol) + check_log_prior_and_posterior(rng, tol=tol)
+               + check_stack_elbo_loss(rng, tol=tol))
     return checks
 
 
@@ -251,32 +298,17 @@ def check_pieces(rng, tol=PIECE_TOL):
 # ----------------------------------------------------------------------------------------------
 
 def preactivations(model, x, eps):
-    """Every hidden pre-activation ``a = h W + b`` of one pass (encoder on x, decoder on z), as a list.
+    """Every hidden pre-activation ``a = h W + b`` of one pass (every inference and generative block), as a list.
 
-    Computed with the reference math of layers.py from ``model.params``, whatever the backend.
+    Computed with the reference math (kernels/numpy_.py) from ``model.params``, whatever the backend.
+    ``eps`` as ``model.loss_and_grad`` takes it (for S > 1, one array per stochastic layer).
     """
-    from .distributions import reparam_forward
-    from .layers import activation_forward, linear_forward
-    layout, act = model.layout, model.spec.activation
-    enc = layout.layer_views(model.params, "enc")
-    dec = layout.layer_views(model.params, "dec")
+    from .kernels.numpy_ import NumpyBackend
     x = np.asarray(x, dtype=model.dtype)
-    eps = np.asarray(eps, dtype=model.dtype)
-    eps = eps[None] if eps.ndim == 2 else eps
-    out, h = [], x
-    for W, b in enc[:-1]:
-        a, _ = linear_forward(h, W, b)
-        out.append(a)
-        h, _ = activation_forward(a, act)
-    head, _ = linear_forward(h, *enc[-1])
-    Z = model.spec.z_dim
-    z, _ = reparam_forward(head[:, :Z], head[:, Z:], eps)
-    h = z.reshape(-1, Z)
-    for W, b in dec[:-1]:
-        a, _ = linear_forward(h, W, b)
-        out.append(a)
-        h, _ = activation_forward(a, act)
-    return out
+    eps = model._eps(eps, x.shape[0], 1)
+    f = NumpyBackend(model.spec, model.dtype).forward(model.params, x, eps)
+    blocks = [ql["block"] for ql in f["q"]] + [pl["block"] for pl in f["p"][2:]] + [f["dec"]]
+    return [ac[0] for mlp_caches, _ in blocks for _, ac in mlp_caches]
 
 
 def kink_distance(model, x, eps, free_bits=0.0):
@@ -317,8 +349,7 @@ def resolvable(model, x, eps, tol=DEFAULT_TOL, h=DEFAULT_H, margin=10.0, **loss_
     zeros) or if its largest entry times ``tol`` is ``margin`` times above :func:`fd_resolution`.
     Tiny tensors appear e.g. behind two negative leaky_relu units (slope 0.01^2) with beta = 0.
     """
-    loss, g = model.loss_and_grad(np.asarray(x, dtype=np.float64), eps=np.asarray(eps, dtype=np.float64),
-                                  **loss_kwargs)
+    loss, g = model.loss_and_grad(np.asarray(x, dtype=np.float64), eps=_as_float64_eps(eps), **loss_kwargs)
     res = fd_resolution(loss, h)
     for slot in model.layout.slots.values():
         scale = float(np.max(np.abs(g[slot.offset:slot.offset + slot.size])))
@@ -332,6 +363,7 @@ def resolvable(model, x, eps, tol=DEFAULT_TOL, h=DEFAULT_H, margin=10.0, **loss_
 # ----------------------------------------------------------------------------------------------
 
 SUITE_X_DIM, SUITE_Z_DIM, SUITE_N, SUITE_HIDDEN = 6, 3, 4, (5, 4)
+SUITE_STACK_Z, SUITE_STACK_HIDDEN = (3, 2), ((5, 4), (3,))     # the two-layer cases (§11)
 
 
 def suite_cases():
@@ -351,12 +383,22 @@ def suite_cases():
     return cases
 
 
+def stack_suite_cases():
+    """(likelihood, objective, estimator) of every two-layer case: each likelihood x objective with
+    the reparameterization gradient, and IWAE with DReG (its generative part: the dec* tensors)."""
+    from .distributions import LIKELIHOODS
+    from .objectives import OBJECTIVES
+    return ([(lik, o, "reparam") for lik in LIKELIHOODS for o in OBJECTIVES]
+            + [(lik, "iwae", "dreg") for lik in LIKELIHOODS])
+
+
 def _suite_point(model, likelihood, samples, free_bits, rng, loss_kwargs, tol, tries=50):
     """x, eps (and the free-bits floor) for one case, redrawn until the loss is smooth around them
     and every tensor's gradient is large enough for central differences to resolve."""
     for _ in range(tries):
         x = make_inputs(likelihood, SUITE_N, model.spec.x_dim, rng)
-        eps = rng.standard_normal((samples, SUITE_N, model.spec.z_dim))
+        eps = tuple(rng.standard_normal((samples, SUITE_N, z)) for z in model.spec.z_dims)
+        eps = eps[0] if len(eps) == 1 else eps
         fb = free_bits
         if fb == "mid":
             # halfway between the two smallest per-dimension KLs: one dimension is floored, others not
@@ -389,6 +431,24 @@ def run_model_cases(backend="numpy", seed=0, tol=DEFAULT_TOL):
                  f"(backend {backend}, float64)")
         name = f"{lik} {objective} {act}" + (" free_bits" if fb else "")
         results.append((title, name, checks))
+    if backend != "numpy":          # stacks of stochastic layers run on the numpy backend only
+        return results
+    for lik, objective, estimator in stack_suite_cases():
+        model = VAE(SUITE_X_DIM, SUITE_STACK_Z, hidden=SUITE_STACK_HIDDEN, activation="tanh", likelihood=lik,
+                    dtype="float64", seed=seed, backend=backend)
+        kw = dict(beta=0.7, objective=objective, estimator=estimator)
+        samples = 3 if objective == "elbo" else 4
+        x, eps, _ = _suite_point(model, lik, samples, 0.0, rng, kw, tol)
+        checks = check_model(model, x, eps, tol=tol, **kw)
+        what = ""
+        if estimator == "dreg":       # its inference part is no derivative of the loss (§12)
+            checks = [c for c in checks if c.name.startswith("dec")]
+            what = ", generative tensors"
+        s = "L" if objective == "elbo" else "k"
+        title = (f"S=2 {lik} / {objective} ({estimator}{what}): tanh, z_dim={SUITE_STACK_Z}, "
+                 f"hidden={SUITE_STACK_HIDDEN}, x_dim={SUITE_X_DIM}, n={SUITE_N}, {s}={samples}, beta=0.7 "
+                 f"(backend {backend}, float64)")
+        results.append((title, f"S=2 {lik} {objective} {estimator}", checks))
     return results
 
 

@@ -2,6 +2,7 @@
 
 Shape legend: L (or k) samples, n examples, Z latent dims.
     ll      : (L, n)   log p(x|z_l), summed over pixels
+    mid     : (L, n)   S > 1: sum_{l<S} log p(z_l|z_{l+1}) - log q(z_l|z_{l-1})   (§11)
     kl      : (n, Z)   analytic KL per dimension
     logp_z  : (L, n)   log N(z_l; 0, I)
     logq    : (L, n)   log q(z_l|x)
@@ -14,11 +15,17 @@ import math
 import numpy as np
 
 OBJECTIVES = ("elbo", "iwae")
+ESTIMATORS = ("reparam", "score", "dreg")
 
 
 def check_objective(objective: str):
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+
+
+def check_estimator(estimator: str):
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
 
 
 def elbo_per_example(ll, kl, beta=1.0):
@@ -77,3 +84,32 @@ def iwae_loss(logw):
     bound = iwae_per_example(logw)                             # (n,)
     wt = np.exp(logw - (bound + math.log(k))[None, :])         # (k, n) normalized weights, columns sum to 1
     return float(-bound.mean()), -wt / n
+
+
+# ----------------------------------------------------------------------------------------------
+# S > 1 stochastic layers (§11): the ELBO keeps the top layer's KL analytic
+# ----------------------------------------------------------------------------------------------
+
+def stack_elbo_per_example(ll, mid, kl_top, beta=1.0):
+    """ELBO_i = 1/L sum_l [ll_li + beta (mid_li - sum_j KL_lij)].   ll, mid: (L, n); kl_top: (L, n, Z_S).  §11.2"""
+    return (ll + beta * (mid - kl_top.sum(axis=-1))).mean(axis=0)
+
+
+def stack_elbo_loss(ll, mid, kl_top, beta=1.0):
+    """loss = -1/(nL) sum_li [ll + beta (mid - sum_j KL_top)], and dll, dmid (L, n), dkl (L, n, Z_S).  §11.2"""
+    L, n = ll.shape
+    loss = -float(stack_elbo_per_example(ll, mid, kl_top, beta).mean())
+    c = 1.0 / (n * L)
+    return (loss, np.full_like(ll, -c), np.full_like(mid, -beta * c),
+            np.full_like(kl_top, beta * c))
+
+
+def dreg_weights(logw, beta=1.0):
+    """The upstream of the inference network's path gradient under DReG:  §12
+
+    dlogw_inf = -((1 - beta) w~ + beta w~^2) / n,   w~ = softmax_l(log w_li)   (k, n)
+    (= -w~^2 / n for beta = 1, Tucker et al. 2018). The generative network keeps IWAE's -w~/n.
+    """
+    k, n = logw.shape
+    wt = np.exp(logw - logsumexp(logw, axis=0)[None, :])           # (k, n), columns sum to 1
+    return -((1.0 - beta) * wt + beta * wt * wt) / n

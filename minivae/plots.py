@@ -149,13 +149,16 @@ def manifold_grid(model, n=15):
     """
     from scipy.stats import norm
 
-    if model.z_dim != 2:
-        raise ValueError(f"the latent manifold needs a 2-D latent space, the model has z_dim = {model.z_dim}")
+    if model.z_dims[-1] != 2:
+        raise ValueError(f"the latent manifold needs a 2-D latent space (the top layer), the model has "
+                         f"z_dim = {model.z_dim}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise ValueError(f"n must be an integer >= 2, got {n!r}")
     z_axis = norm.ppf((np.arange(n) + 0.5) / n)                         # (n,) increasing
     z1, z2 = np.meshgrid(z_axis, z_axis[::-1])                          # row 0 = largest z2
     z = np.stack([z1.ravel(), z2.ravel()], axis=1)                      # (n*n, 2), row-major tiles
+    if model.n_stochastic > 1:                 # the grid is z_S; down through the means of p(z_l|z_{l+1})
+        z = model.backend.generate_down(model.params, np.ascontiguousarray(z, dtype=model.dtype))
     return z_axis, _decode_mean(model, z)
 
 
@@ -320,7 +323,7 @@ def save_all(run_dir, model, dataset, metrics, n_latent=5000):
     paths.append(save_reconstructions(run_dir / FILENAMES["reconstructions"], x[:n_rec],
                                       model.reconstruct(x[:n_rec]), shape, n=n_rec))
     paths.append(save_samples(run_dir / FILENAMES["samples"], model.sample(64, seed=0), shape))
-    if model.z_dim == 2:
+    if model.z_dims[-1] == 2:
         paths.append(save_manifold(run_dir / FILENAMES["manifold"], model, shape,
                                    n=15 if shape[0] * shape[1] > 100 else 12))
     if len(x) >= 2:

@@ -76,11 +76,23 @@ def check(nbytes, what):
 
 # -- the estimates (Python ints throughout: no overflow, whatever the flags say) --------------------
 
+def _blocks(spec):
+    """(fan_in, hidden widths, head width) of every MLP block in the order of the flat layout:
+    enc, enc2, ..., encS, decS, ..., dec2, dec (docs/math.md §1, §11), from the spec's integers alone."""
+    Z, S = spec.z_dims, spec.n_stochastic
+    blocks = [(spec.x_dim if l == 1 else Z[l - 2], spec.enc_blocks[l - 1], 2 * Z[l - 1]) for l in range(1, S + 1)]
+    blocks += [(Z[l - 1], spec.dec_blocks[l - 1], spec.head_width if l == 1 else 2 * Z[l - 2])
+               for l in range(S, 0, -1)]
+    return blocks
+
+
 def _layers(spec):
-    """(fan_in, fan_out) of every layer, encoder then decoder (the order of params.ParamLayout)."""
-    dims = [spec.x_dim, *spec.hidden, 2 * spec.z_dim]
-    dec = [spec.z_dim, *spec.dec_hidden, spec.head_width]
-    return list(zip(dims[:-1], dims[1:])) + list(zip(dec[:-1], dec[1:]))
+    """(fan_in, fan_out) of every layer, in the order of params.ParamLayout."""
+    out = []
+    for fan_in, widths, head in _blocks(spec):
+        dims = [fan_in, *widths, head]
+        out += list(zip(dims[:-1], dims[1:]))
+    return out
 
 
 def parameter_count(spec) -> int:
@@ -97,8 +109,11 @@ def model_bytes(spec, itemsize) -> int:
 def pass_bytes(spec, itemsize, n, samples=1, backward=True) -> int:
     """The buffers of one pass of n examples with L = ``samples`` draws of eps (see the module doc)."""
     R = int(samples) * int(n)
-    enc = int(n) * (spec.x_dim + sum(spec.hidden) + 2 * spec.z_dim)
-    dec = R * (3 * spec.z_dim + sum(spec.dec_hidden) + spec.head_width + spec.x_dim)
+    Z = spec.z_dims
+    # q(z_1|x) runs on the n rows; the blocks above it, and every generative block, on the R rows
+    enc = int(n) * (spec.x_dim + sum(spec.enc_blocks[0]) + 2 * Z[0])
+    enc += R * sum(sum(w) + 2 * z for w, z in zip(spec.enc_blocks[1:], Z[1:]))
+    dec = R * (3 * sum(Z) + sum(sum(w) for w in spec.dec_blocks) + spec.head_width + spec.x_dim + 2 * sum(Z[:-1]))
     factor = BACKWARD_FACTOR if backward else FORWARD_FACTOR
     return factor * (enc + dec) * itemsize + 4 * 8 * R            # + the float64 ll, log w, dlogw rows
 

@@ -157,9 +157,10 @@ class HostTrainer:
     """One optimizer step on host arrays: loss_and_grad into a preallocated buffer, the all-reduce of
     the gradient (the mean over ranks), then the optimizer's in-place update.   §6, §8"""
 
-    def __init__(self, backend, params, optimizer, comm, objective="elbo", free_bits=0.0):
+    def __init__(self, backend, params, optimizer, comm, objective="elbo", free_bits=0.0, estimator="reparam"):
         self.backend, self.params, self.optimizer, self.comm = backend, params, optimizer, comm
         self.objective, self.free_bits = objective, free_bits
+        self.est_kw = {} if estimator == "reparam" else {"estimator": estimator}   # numpy backend only
         self.grad = np.empty_like(params)                     # (P,) reused every step
         self.error = None      # the exception of the last step on this rank (with more than one rank)
 
@@ -172,6 +173,7 @@ class HostTrainer:
         kw = {}
         if self.free_bits > 0 and self.comm.size > 1:
             kw["kl_active"] = self._kl_active(xb)
+        kw.update(self.est_kw)
         loss = float("nan")
         if self.error is None:
             try:
@@ -211,12 +213,14 @@ class HostTrainer:
         pass
 
 
-def make_trainer(model, optimizer, comm, objective, free_bits):
+def make_trainer(model, optimizer, comm, objective, free_bits, estimator="reparam"):
     """The backend's own trainer when it has one (``backend.make_trainer``), else HostTrainer."""
     factory = getattr(model.backend, "make_trainer", None)
-    if factory is not None:
+    if factory is not None and estimator == "reparam":
         return factory(model.params, optimizer, comm, objective, free_bits)
-    return HostTrainer(model.backend, model.params, optimizer, comm, objective, free_bits)
+    if estimator not in getattr(model.backend, "estimators", ("reparam",)):
+        raise ValueError(f"--estimator {estimator} is not implemented on --backend {model.backend_name}")
+    return HostTrainer(model.backend, model.params, optimizer, comm, objective, free_bits, estimator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,8 +235,8 @@ class TrainConfig:
     out: str | None = None                  # the run folder (default runs/<dataset>)
     epochs: int = 10
     batch_size: int = 128                   # global minibatch, over all ranks
-    z_dim: int = 20
-    hidden: tuple = (400,)
+    z_dim: int | tuple = 20                 # a tuple (Z_1, ..., Z_S): S stochastic layers (§11)
+    hidden: tuple = (400,)                  # widths of every block, or one tuple per stochastic layer
     activation: str = "relu"
     likelihood: str = "bernoulli"
     optimizer: str = "adam"
@@ -249,6 +253,7 @@ class TrainConfig:
     dtype: str = "float32"
     samples: int = 1                        # L, Monte Carlo samples per example (elbo)
     objective: str = "elbo"
+    estimator: str = "reparam"              # "dreg": doubly reparameterized IWAE gradient (§12)
     k: int = 5                              # importance samples per example (iwae)
     beta: float = 1.0
     warmup: float = 0.0                     # epochs of linear KL warm-up (0: none)
@@ -268,26 +273,46 @@ class TrainConfig:
         from .kernels import BACKENDS
         from .layers import ACTIVATIONS
         from .model import DTYPES
-        from .objectives import OBJECTIVES
+        from .model import ModelSpec
+        from .objectives import ESTIMATORS, OBJECTIVES
         from .optim import OPTIMIZERS
         from .recipe import LR_SCHEDULES, OUTPUT_BIAS_INITS
 
         choices = {"lr_schedule": LR_SCHEDULES, "init_output_bias": OUTPUT_BIAS_INITS, "dataset": data_mod.DATASETS, "activation": ACTIVATIONS, "likelihood": LIKELIHOODS,
                    "optimizer": OPTIMIZERS, "backend": BACKENDS, "dtype": DTYPES,
-                   "objective": OBJECTIVES, "binarize": data_mod.BINARIZE}
+                   "objective": OBJECTIVES, "estimator": ESTIMATORS, "binarize": data_mod.BINARIZE}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
-        for name in ("epochs", "batch_size", "z_dim", "samples", "k", "eval_batch_size", "lr_step_epochs"):
+        for name in ("epochs", "batch_size", "samples", "k", "eval_batch_size", "lr_step_epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         hidden = tuple(self.hidden) if not isinstance(self.hidden, (int, np.integer)) else (self.hidden,)
-        if not hidden or any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in hidden):
+        if hidden and all(isinstance(h, (list, tuple)) for h in hidden):   # one tuple per stochastic layer
+            hidden = tuple(tuple(h) for h in hidden)
+            flat = [h for block in hidden for h in block]
+        else:
+            flat = hidden
+        if not hidden or any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in flat):
             raise ValueError(f"hidden must be one or more positive integers, got {self.hidden!r}")
-        self.hidden = tuple(int(h) for h in hidden)
+        self.hidden = tuple(int(h) for h in hidden) if flat is hidden else tuple(tuple(int(h) for h in b) for b in hidden)
+        spec = ModelSpec(1, self.z_dim, self.hidden)       # z_dim and per-layer hidden: the model's checks
+        self.z_dim = spec.z_dim
+        if spec.n_stochastic > 1 and self.free_bits > 0:
+            raise ValueError("--free-bits applies to models with one stochastic layer only")
+        if spec.n_stochastic > 1 and self.backend == "cuda":
+            raise ValueError(f"--backend {self.backend} supports one stochastic layer only; "
+                             f"--z-dim {' '.join(map(str, spec.z_dims))} needs --backend numpy or numba")
+        if self.estimator == "score":
+            raise ValueError("--estimator score is not implemented in this version")
+        if self.estimator == "dreg" and self.objective != "iwae":
+            raise ValueError("--estimator dreg applies to --objective iwae only")
+        if self.estimator != "reparam" and not (self.backend in ("numpy", "auto") or
+                                                (self.backend == "numba" and spec.n_stochastic > 1)):
+            raise ValueError(f"--estimator {self.estimator} runs on --backend numpy (or numba for a stack) only")
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not (_finite(self.lr_gamma) and 0 < self.lr_gamma <= 1):
@@ -310,7 +335,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["hidden"] = list(self.hidden)
+        d["hidden"] = [list(h) if isinstance(h, tuple) else h for h in self.hidden]
+        if isinstance(self.z_dim, tuple):
+            d["z_dim"] = list(self.z_dim)
         return d
 
     @classmethod
@@ -320,7 +347,9 @@ class TrainConfig:
         if unknown:
             raise checkpoint.CheckpointError(f"training config has unknown fields {sorted(unknown)}")
         c = cls(**d)
-        c.hidden = tuple(c.hidden)
+        c.hidden = tuple(tuple(h) if isinstance(h, list) else h for h in c.hidden)
+        if isinstance(c.z_dim, list):
+            c.z_dim = tuple(c.z_dim)
         return c
 
     def run_dir(self) -> Path:
@@ -338,6 +367,18 @@ class TrainConfig:
 
     def eps_samples(self) -> int:
         return self.k if self.objective == "iwae" else self.samples
+
+
+def auto_backend(config: TrainConfig, gpu: bool) -> str:
+    """What ``--backend auto`` becomes for this run: the fastest backend that runs its math. cuda (with a
+    GPU on every rank) and the fused numba kernels run one stochastic layer with the reparameterized
+    gradient; a stack runs on numba's stack kernels (kernels/cpu_stack.py); another estimator on one
+    layer needs the numpy reference."""
+    from .model import ModelSpec
+    stack = ModelSpec(1, config.z_dim, config.hidden).n_stochastic > 1
+    if config.estimator != "reparam" and not stack:
+        return "numpy"
+    return "cuda" if gpu and not stack else "numba"
 
 
 def _finite(v) -> bool:
@@ -509,7 +550,7 @@ def resume_config(run_dir, overrides: dict) -> TrainConfig:
             continue
         if name in RESUMABLE:
             changes[name] = value
-        elif name == "hidden" and tuple(value) == tuple(saved.hidden):
+        elif name == "hidden" and tuple(tuple(v) if isinstance(v, list) else v for v in value) == tuple(saved.hidden):
             continue
         elif getattr(saved, name) != value:
             flag = "--" + name.replace("_", "-")
@@ -686,7 +727,7 @@ class Run:
         if self.backend_auto:                # cuda only when every rank can use a GPU
             from .kernels import gpu_usable    # never raises: any failure to probe means no GPU
             gpus = comm.allreduce_sum(np.array([float(gpu_usable())]))[0]
-            config = replace(config, backend="cuda" if gpus == comm.size else "numba")
+            config = replace(config, backend=auto_backend(config, gpus == comm.size))
         self.config = c = config
         # refuse sizes a machine cannot hold (minivae.resources), before any folder is made or data read
         collective(comm, lambda: resources.check_training(c), "checking the memory")
@@ -721,7 +762,8 @@ class Run:
         self.partial = None                  # the interrupted epoch: perm, step, sums
         if saved is not None:
             collective(comm, lambda: self._restore(*saved), "restoring the training state")
-        self.trainer = collective(comm, lambda: make_trainer(m, self.optimizer, comm, c.objective, c.free_bits),
+        self.trainer = collective(comm, lambda: make_trainer(m, self.optimizer, comm, c.objective, c.free_bits,
+                                                             c.estimator),
                                    "setting up the trainer")
 
     # -- setup ---------------------------------------------------------------------------------
@@ -834,8 +876,12 @@ class Run:
             xb = data_mod.dynamic_binarize(self.x_train[idx], self.rng)[lo:hi]
         else:
             xb = self.x_train[idx[lo:hi]]
-        eps = self.rng.standard_normal((c.eps_samples(), b, c.z_dim), dtype=m.dtype)  # (L, b, Z)
         weight = None if b % comm.size == 0 else hi - lo
+        if m.n_stochastic > 1:                   # one (L, b, Z_l) draw per layer, bottom to top
+            eps = tuple(np.ascontiguousarray(self.rng.standard_normal((c.eps_samples(), b, Z), dtype=m.dtype)[:, lo:hi])
+                        for Z in m.z_dims)
+            return np.ascontiguousarray(xb), eps, weight
+        eps = self.rng.standard_normal((c.eps_samples(), b, c.z_dim), dtype=m.dtype)  # (L, b, Z)
         return np.ascontiguousarray(xb), np.ascontiguousarray(eps[:, lo:hi]), weight
 
     def _check(self, loss, stop, epoch, s, steps, bar):

@@ -51,3 +51,20 @@ def get_backend(name: str):
         return NumbaBackend
     from .cuda import CudaBackend  # raises RuntimeError with the cause when no GPU can be used
     return CudaBackend
+
+
+def require_one_stochastic_layer(name: str, spec):
+    """The fused backends implement one stochastic layer; a stack (docs/math.md §11) gets one line."""
+    if spec.n_stochastic > 1:
+        raise ValueError(f"backend {name!r} supports one stochastic layer only; a model with "
+                         f"z_dim={spec.z_dims} needs backend 'numpy'")
+
+
+def stack_class(name: str, cls):
+    """The class that builds backend ``name`` for a stack of stochastic layers (S > 1, docs/math.md §11):
+    on 'numba', the unfused kernels/cpu_stack.py; otherwise ``cls`` itself (numpy runs stacks, the
+    fused backends refuse them with one line)."""
+    if resolve_backend(name) == "numba":
+        from .cpu_stack import NumbaStackBackend
+        return NumbaStackBackend
+    return cls

@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from . import config
+from . import config, require_one_stochastic_layer
 from .. import threads  # noqa: F401  (sets OMP_WAIT_POLICY before the first prange)
 from ..layers import LEAKY_SLOPE
 from ..distributions import LIKELIHOODS, _CB_TAYLOR
@@ -940,6 +940,7 @@ class NumbaBackend:
     max_workspaces = 4       # (n, L) shapes kept; evaluation's last short batch adds one more
 
     def __init__(self, spec, dtype):
+        require_one_stochastic_layer("numba", spec)
         self.spec = spec
         self.layout = spec.layout
         self.dtype = np.dtype(dtype)

@@ -56,6 +56,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import distributions as dist
+from . import require_one_stochastic_layer
 from .. import objectives as obj
 
 
@@ -179,6 +180,7 @@ class CudaBackend:
     max_workspaces = 4
 
     def __init__(self, spec, dtype, config=None):
+        require_one_stochastic_layer("cuda", spec)
         reason = unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"backend 'cuda' is unavailable: {reason}")
