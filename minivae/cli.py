@@ -388,6 +388,8 @@ def _json_number(v):
 def cmd_evaluate(args):
     """Print the evaluation as a table or one JSON line (always valid JSON: non-finite numbers are
     null); a non-finite figure is then a failure (one line on stderr, exit 1)."""
+    import numpy as np
+
     from .evaluate import evaluate, nonfinite, save_per_example
 
     if args.per_example is not None:           # before a long evaluation, not after it
