@@ -3,8 +3,6 @@
 The names below are imported on first use (PEP 562): ``import minivae`` itself loads nothing heavy,
 so that the ``minivae`` command answers a Ctrl-C during its start-up with one line (minivae.cli).
 """
-import importlib
-
 __version__ = "0.1.0"
 __all__ = ["VAE", "ModelSpec", "gradcheck", "__version__"]
 
@@ -12,11 +10,12 @@ _LAZY = {"VAE": ".model", "ModelSpec": ".model", "gradcheck": None}
 
 
 def __getattr__(name):
+    from importlib import import_module
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _LAZY[name] is None:                          # a submodule
-        return importlib.import_module(f".{name}", __name__)
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        return import_module(f".{name}", __name__)
+    value = getattr(import_module(_LAZY[name], __name__), name)
     globals()[name] = value
     return value
 

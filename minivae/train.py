@@ -66,10 +66,11 @@ The run folder. A run holds ``RUNDIR/.lock`` locked (``fcntl.flock``, advisory, 
 before it reads anything until it ends, resume included, and deletes it then (``RunLock``); with P
 ranks only rank 0 holds it. A second run on the same folder stops at once with one line naming the
 holder (pid, host, start time, command: what the holder wrote into the lock file). Under the lock,
-the ``.tmp-*`` temporaries that a process killed mid-write left behind are removed. ``--overwrite`` replaces nothing up front: the
-new run validates everything (config, data, model, backend) first, and its first checkpoint
-replaces the old ``model.npz`` and ``metrics.jsonl`` (the old pictures go then too), so a typo in
-``--data-dir`` loses nothing. A fresh run whose set-up fails removes the folder it created.
+the ``.tmp-*`` temporaries that a process killed mid-write left behind are removed. ``--overwrite``
+replaces nothing up front: the new run validates everything (config, data, model, backend) first,
+and its first checkpoint replaces the old ``model.npz`` and ``metrics.jsonl`` (the old pictures go
+then too), so a typo in ``--data-dir`` loses nothing. A fresh run whose set-up fails removes the
+folder it created.
 
 Backend. ``auto`` (the default of ``train``) becomes ``cuda`` when every rank has a usable GPU, else
 ``numba`` (minivae.kernels.resolve_backend); the concrete name is what the checkpoint's config, every

@@ -306,8 +306,8 @@ def atomic_write(path, write):
     real(path, killing)
 checkpoint.atomic_write = atomic_write
 sys.argv = ["minivae"] + sys.argv[2:]
-from minivae.cli import console
-console()
+from minivae.__main__ import entry
+entry()
 """
 
 
@@ -341,12 +341,21 @@ def before_minivae(err):
     return f"{os.sep}minivae{os.sep}" not in err
 
 
+# what pip writes for ``minivae = minivae.__main__:entry`` (setup.cfg)
+CONSOLE_SCRIPT = """import re
+import sys
+from minivae.__main__ import entry
+if __name__ == "__main__":
+    sys.argv[0] = "minivae"
+    sys.exit(entry())
+"""
+
+
 @pytest.mark.parametrize("entry", ["module", "console script"])
 def test_ctrl_c_during_start_up(tmp_path, entry):
     """SIGINT at fixed, seeded delays from the start: while minivae, numpy, numba import, the data
     loads, the backend compiles or loads its kernels, or (the last delays) training runs."""
-    head = [PY, "-m", "minivae"] if entry == "module" else \
-        [PY, "-c", "import sys; from minivae.cli import console; sys.argv[0] = 'minivae'; console()"]
+    head = [PY, "-m", "minivae"] if entry == "module" else [PY, "-c", CONSOLE_SCRIPT]
     delays = np.sort(np.random.default_rng(20261201 + len(entry)).uniform(0.05, 1.5, size=5))
     lines = 0
     for i, delay in enumerate(delays):
@@ -355,7 +364,10 @@ def test_ctrl_c_during_start_up(tmp_path, entry):
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=300)
-        if proc.returncode == 130 and one_line(err, "minivae: interrupted"):
+        # -SIGINT: CPython ends by SIGINT (as a shell shows it: 130) once a KeyboardInterrupt has
+        # passed through code that an extension ran with PyRun_String (a Cython module's init),
+        # even when minivae caught it; what matters is the one line and no traceback
+        if proc.returncode in (130, -signal.SIGINT) and one_line(err, "minivae: interrupted"):
             lines += 1
         else:
             assert before_minivae(err), (delay, proc.returncode, err)
@@ -366,8 +378,8 @@ SLOW_EXIT = """
 import atexit, sys, time
 atexit.register(time.sleep, 60)          # a slow shut-down: an atexit handler still running
 sys.argv = ["minivae"] + sys.argv[1:]
-from minivae.cli import console
-console()
+from minivae.__main__ import entry
+entry()
 """
 
 

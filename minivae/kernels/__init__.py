@@ -32,7 +32,7 @@ def resolve_backend(name: str) -> str:
     if name == "auto":
         return "cuda" if gpu_usable() else "numba"
     if name not in CONCRETE_BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(CONCRETE_BACKENDS)} (or auto)")
     return name
 
 
