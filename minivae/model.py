@@ -11,7 +11,7 @@ import numpy as np
 
 from . import checkpoint, checks, resources
 from . import distributions as dist
-from .kernels import BACKENDS, get_backend, stack_class
+from .kernels import BACKENDS, get_backend, resolve_backend, stack_class
 from .layers import ACTIVATIONS
 from .objectives import check_estimator, check_objective
 from .params import ParamLayout
@@ -195,10 +195,13 @@ class VAE:
         self.rng = np.random.default_rng(seed)
         self.layout = self.spec.layout
         self._params = self.layout.init(self.rng, self.dtype)
-        self.backend_name = backend
-        cls = get_backend(backend)
+        name = resolve_backend(backend)          # "auto" -> the concrete name the config records
+        if backend == "auto" and name == "cuda" and self.spec.n_stochastic > 1:
+            name = "numba"                       # the stack's fastest backend
+        self.backend_name = name
+        cls = get_backend(name)
         if self.spec.n_stochastic > 1:
-            cls = stack_class(backend, cls)
+            cls = stack_class(name, cls)
         self.backend = cls(self.spec, self.dtype)
 
     # -- configuration ------------------------------------------------------------------------
