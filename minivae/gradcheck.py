@@ -245,6 +245,21 @@ def check_sq_error(rng, n=3, x_dim=4, h=DEFAULT_H, tol=PIECE_TOL):
                        dlogits, h, tol)]
 
 
+def check_score(rng, L=3, n=4, z_dim=2, h=DEFAULT_H, tol=PIECE_TOL):
+    """score_backward (§5.4): d/d(mu, logvar) of sum w log q(z|x) with z held fixed."""
+    from .distributions import reparam_forward
+    from .estimators import log_q_fixed_z, score_backward
+    mu = rng.standard_normal((n, z_dim))
+    logvar = rng.standard_normal((n, z_dim))
+    eps = rng.standard_normal((L, n, z_dim))
+    w = rng.standard_normal((L, n))
+    z, _ = reparam_forward(mu, logvar, eps)          # drawn once, then held fixed
+    dmu, dlogvar = score_backward(w, eps, logvar)
+    f = lambda: log_q_fixed_z(z, mu, logvar)  # noqa: E731
+    return [_vjp_check("score dmu", f, mu, w, dmu, h, tol),
+            _vjp_check("score dlogvar", f, logvar, w, dlogvar, h, tol)]
+
+
 def check_pieces(rng, tol=PIECE_TOL):
     """Every paired function alone, in float64: the checks ``run_suite`` prints under "pieces"."""
     from .distributions import LIKELIHOODS
@@ -256,7 +271,7 @@ def check_pieces(rng, tol=PIECE_TOL):
     for lik in LIKELIHOODS:
         checks += check_loglik(lik, rng, tol=tol)
     checks += check_elbo_loss(rng, tol=tol) + check_iwae_loss(rng, tol=tol)
-    checks += check_sq_error(rng, tol=tol)
+    checks += check_sq_error(rng, tol=tol) + check_score(rng, tol=tol)
     return checks
 
 

@@ -13,7 +13,7 @@ from . import checkpoint
 from . import distributions as dist
 from .kernels import get_backend
 from .layers import ACTIVATIONS
-from .objectives import check_objective
+from .objectives import check_estimator, check_objective
 from .params import ParamLayout
 
 DTYPES = ("float32", "float64")
@@ -168,22 +168,29 @@ class VAE:
 
     # -- the math, delegated to the backend ----------------------------------------------------
     def loss_and_grad(self, x, eps=None, beta=1.0, objective="elbo", samples=1, free_bits=0.0,
-                      grad=None):
+                      grad=None, estimator="reparam"):
         """Batch mean of the negative bound (nats/example) and its gradient, shaped like ``params``.
 
         ``eps``: (n, Z) or (L, n, Z); drawn from the model's generator when None (``samples`` = L,
         or k for IWAE). ``beta`` weights the KL (ELBO) or log p(z) - log q(z|x) (IWAE).
         ``free_bits`` is a per-dimension floor on the batch-mean KL (ELBO only).  docs/math.md §5-§6
+        ``estimator``: how the encoder's gradient is estimated, "reparam" (the pathwise derivative of
+        the loss) or "score" (REINFORCE, §5.4: ELBO, numpy backend); the loss is the same.
         """
         check_objective(objective)
+        check_estimator(estimator)
+        if estimator != "reparam":
+            from .estimators import check_estimator_use
+            check_estimator_use(estimator, objective, self.backend_name)
         _check_number("beta", beta, lo=0.0)
         _check_number("free_bits", free_bits, lo=0.0)
         if free_bits > 0 and objective != "elbo":
             raise ValueError("free_bits applies to the ELBO objective only")
         x = self.check_x(x)
         eps = self._eps(eps, x.shape[0], samples)
+        kw = {} if estimator == "reparam" else {"estimator": estimator}
         return self.backend.loss_and_grad(self._params, x, eps, beta=beta, objective=objective,
-                                          free_bits=free_bits, grad=grad)
+                                          free_bits=free_bits, grad=grad, **kw)
 
     def elbo(self, x, eps=None, samples=1):
         """Per-example ELBO (analytic KL, beta = 1), shape (n,).  §5.1"""
