@@ -178,3 +178,48 @@ def test_bad_z_is_a_clear_error():
 
 def test_exported():
     assert minivae.Autoencoder is Autoencoder and "Autoencoder" in minivae.__all__
+
+
+# ----------------------------------------------------------------------------------------------
+# the numba backend against the NumPy reference
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gemm, tiles", [("blas", (16, 64)), ("custom", (3, 5))])
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-12), ("float32", 2e-5)])
+@pytest.mark.parametrize("activation, hidden", [("relu", (7, 5)), ("tanh", ()), ("softplus", (4,)),
+                                                ("leaky_relu", (6,))])
+def test_numba_matches_numpy(monkeypatch, gemm, tiles, dtype, rtol, activation, hidden):
+    from minivae.kernels import config
+    monkeypatch.setattr(config, "GEMM", gemm)
+    monkeypatch.setattr(config, "MB", tiles[0])
+    monkeypatch.setattr(config, "NB", tiles[1])
+    ref = Autoencoder(9, 3, hidden=hidden, activation=activation, dtype=dtype, seed=1)
+    fast = Autoencoder(9, 3, hidden=hidden, activation=activation, dtype=dtype, seed=1, backend="numba")
+    rng = np.random.default_rng(0)
+    for n in (5, 1, 5):                       # a second shape, then the first workspace again
+        x = rng.random((n, 9)).astype(dtype)
+        lr, gr = ref.loss_and_grad(x)
+        grad = np.full_like(fast.params, np.nan)
+        lf, gf = fast.loss_and_grad(x, grad=grad)
+        assert gf is grad
+        assert lf == pytest.approx(lr, rel=rtol)
+        assert np.abs(gf - gr).max() <= rtol * np.abs(gr).max()
+        atol = 10 * np.finfo(dtype).eps
+        np.testing.assert_allclose(fast.encode(x), ref.encode(x), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(fast.reconstruct(x), ref.reconstruct(x), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(fast.sq_error(x), ref.sq_error(x), rtol=rtol, atol=atol)
+        z = 3 * rng.standard_normal((4, 3))
+        np.testing.assert_allclose(fast.decode(z), ref.decode(z), rtol=rtol, atol=atol)
+
+
+def test_numba_gradient_check_suite_cases():
+    for _, _, checks in gradcheck.run_ae_cases(backend="numba"):
+        assert_all_ok(checks)
+
+
+def test_numba_checkpoint_loads_on_either_backend(tmp_path):
+    fast = Autoencoder(6, 2, hidden=(5,), dtype="float64", backend="numba", seed=4)
+    fast.save(tmp_path / "ae.npz")
+    ref = Autoencoder.load(tmp_path / "ae.npz", backend="numpy")
+    x = np.random.default_rng(0).random((3, 6))
+    assert ref.loss_and_grad(x)[0] == pytest.approx(fast.loss_and_grad(x)[0], rel=1e-12)
