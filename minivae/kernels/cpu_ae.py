@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 from . import config
-from .cpu import ACT_CODES, exp_nonpos, mlp_bwd_, mlp_fwd_
+from .cpu import ACT_CODES, NumbaBackend, exp_nonpos, mlp_bwd_, mlp_fwd_
 
 
 @njit(cache=True, error_model="numpy")
@@ -76,6 +76,7 @@ class AEWorkspace:
 class AENumbaBackend:
     """Same interface and numbers as AENumpyBackend (§11), computed by the fused kernels."""
     name = "numba"
+    update_kernels = NumbaBackend.update_kernels      # the fused one-pass optimizers (§8)
     max_workspaces = 4
 
     def __init__(self, spec, dtype):
