@@ -274,8 +274,8 @@ def test_train_ae_writes_checkpoint_metrics_and_pictures(ae_run):
 def test_resume_ae_is_bit_identical(tmp_path):
     from minivae.cli import main
     full, part = tmp_path / "full", tmp_path / "part"
-    assert main(AE_RUN + ["--out", full, "--no-plots"]) == 0
-    assert main([a if a != "3" else "2" for a in AE_RUN] + ["--out", part, "--no-plots"]) == 0
+    assert main(AE_RUN + ["--out", str(full), "--no-plots"]) == 0
+    assert main([a if a != "3" else "2" for a in AE_RUN] + ["--out", str(part), "--no-plots"]) == 0
     assert main(["train", "--resume", str(part), "--epochs", "3", "--quiet", "--no-plots"]) == 0
     a = Autoencoder.load(full / "model.npz")
     b = Autoencoder.load(part / "model.npz")
