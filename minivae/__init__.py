@@ -4,9 +4,9 @@ The names below are imported on first use (PEP 562): ``import minivae`` itself l
 so that the ``minivae`` command answers a Ctrl-C during its start-up with one line (minivae.cli).
 """
 __version__ = "0.1.0"
-__all__ = ["VAE", "ModelSpec", "gradcheck", "__version__"]
+__all__ = ["VAE", "ModelSpec", "Autoencoder", "gradcheck", "__version__"]
 
-_LAZY = {"VAE": ".model", "ModelSpec": ".model", "gradcheck": None}
+_LAZY = {"VAE": ".model", "ModelSpec": ".model", "Autoencoder": ".autoencoder", "gradcheck": None}
 
 
 def __getattr__(name):

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=unit_interval, metavar="F", default=S,
                    help=f"fraction of train held out for validation (default: {d.val_fraction})")
     g = t.add_argument_group("model")
+    g.add_argument("--model", choices=("vae", "ae"), default=S,
+                   help="vae, or ae: the deterministic autoencoder, trained on the squared error "
+                        f"(numpy or numba; no likelihood or objective options) (default: {d.model})")
     g.add_argument("--z-dim", type=positive_int, nargs="+", metavar="Z", default=S,
                    help=f"latent dimensions; several values, bottom to top, make a stack of stochastic "
                         f"layers, e.g. --z-dim 100 50 (default: {d.z_dim})")
@@ -330,10 +333,10 @@ def _checkpoint_path(text) -> Path:
 def load_checkpoint(text, backend=None):
     """(model, meta) from a model.npz or a run folder."""
     from . import checkpoint
-    from .model import VAE
+    from .autoencoder import load_model
 
     path = _checkpoint_path(text)
-    model = VAE.load(path, backend=backend)
+    model = load_model(path, backend=backend)
     meta, _ = checkpoint.load(path)
     return model, meta
 
@@ -402,6 +405,8 @@ def cmd_evaluate(args):
         raise ValueError(f"{args.checkpoint}: {bad_params} of the model's {model.params.size} parameters are "
                          "NaN or inf; there is nothing to evaluate")
     ds, x = load_split(args, model, meta, args.split)
+    if _is_ae(model):
+        return _evaluate_ae(args, model, ds, x)
     with np.errstate(all="ignore"):           # a NaN result is reported below, in one line
         r = evaluate(model, x, iw_samples=args.iw_samples, batch_size=args.batch_size, chunk=args.chunk,
                      seed=args.seed, per_example=args.per_example is not None)
@@ -436,10 +441,52 @@ def cmd_evaluate(args):
     return 0
 
 
+def _is_ae(model) -> bool:
+    from .autoencoder import Autoencoder
+    return isinstance(model, Autoencoder)
+
+
+def _evaluate_ae(args, model, ds, x):
+    """An Autoencoder has no ELBO, no log p(x) and no posterior: its reconstruction error only, with its
+    standard error, the per-example values (``--per-example``: array ``recon_error``) and the same
+    refusal of non-finite results as a VAE's."""
+    import numpy as np
+
+    from .evaluate import save_per_example, standard_error
+    bs = args.batch_size
+    with np.errstate(all="ignore"):
+        errs = np.concatenate([model.sq_error(x[lo:lo + bs]).astype(np.float64) for lo in range(0, len(x), bs)])
+    err = float(errs.mean())
+    se = standard_error(float(((errs - err) ** 2).sum()), len(errs)) if np.isfinite(err) else None
+    if args.per_example is not None:
+        save_per_example(args.per_example, {"recon_error": errs})
+    if args.json:
+        print(json.dumps({"elbo": None, "iw_log_likelihood": None, "iw_samples": 0, "active_units": None,
+                          "recon_error": _json_number(err), "recon_error_se": _json_number(se), "n": len(x),
+                          "dataset": ds.name, "split": args.split, "seed": args.seed, "model": "ae"},
+                         allow_nan=False))
+    else:
+        rows = [("dataset", f"{ds.name} ({args.split}, {len(x)} examples)"),
+                ("model", "autoencoder: the ELBO, log p(x) and active units need a VAE"),
+                ("reconstruction error", f"{err:.4f}" + (f" +/- {se:.4f}" if se is not None else "")
+                 + " (squared error summed over pixels)")]
+        w = max(len(k) for k, _ in rows)
+        print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+    if not np.isfinite(err):
+        raise ValueError("the evaluation is not finite (recon_error: NaN or inf); the model's "
+                         "parameters or outputs are not finite numbers")
+    return 0
+
+
+_NO_PRIOR = "an autoencoder has no prior to sample from; see its decoded grid: minivae plot CKPT --kind manifold"
+
+
 def cmd_sample(args):
     from .plots import save_samples
 
     model, meta = load_checkpoint(args.checkpoint)
+    if _is_ae(model):
+        raise ValueError(_NO_PRIOR)
     images = model.sample(args.n, seed=args.seed, mean=not args.draw)
     path = save_samples(args.out, images, image_shape(model, meta),
                         title="draws from p(x|z)" if args.draw else "samples from the prior (mean of p(x|z))")
@@ -484,7 +531,14 @@ def cmd_plot(args):
             raise ValueError(f"{args.checkpoint}: no training metrics to draw")
         paths = [plots.save_curves(out, metrics)]
     elif kind == "samples":
+        if _is_ae(model):
+            raise ValueError(_NO_PRIOR)
         paths = [plots.save_samples(out, model.sample(64, seed=0), shape)]
+    elif kind == "manifold" and _is_ae(model):
+        if model.z_dim != 2:
+            raise ValueError(f"the decoded grid needs z_dim = 2, the model has z_dim = {model.z_dim}")
+        _, x = load_split(args, model, meta, "test")
+        paths = [plots.save_code_grid(out, model, model.encode(x[:5000]), shape)]
     elif kind == "manifold":
         if model.z_dims[-1] != 2:
             raise ValueError(f"the manifold needs z_dim = 2 (for a stack, a top layer of 2), the model has "
@@ -505,8 +559,8 @@ def cmd_plot(args):
             other = np.flatnonzero(y != y[0])
             paths = [plots.save_interpolation(out, model, x[0], x[int(other[0]) if len(other) else 1], shape)]
         else:  # latent
-            mu, _ = model.encode(x[:5000])
-            paths = [plots.save_latent_scatter(out, mu, y[:5000])]
+            what = "codes" if _is_ae(model) else "posterior means"
+            paths = [plots.save_latent_scatter(out, plots._codes(model, x[:5000]), y[:5000], what=what)]
     for path in paths:
         print(path)
     return 0

@@ -246,20 +246,8 @@ class VAE:
 
     # -- input checks -------------------------------------------------------------------------
     def check_x(self, x) -> np.ndarray:
-        x = checks.real_array("x", x)
-        if x.ndim != 2:
-            raise ValueError(f"x must be a 2-D array (n, {self.spec.x_dim}), got {x.ndim}-D shape {x.shape}")
-        if x.shape[1] != self.spec.x_dim:
-            raise ValueError(f"x must have {self.spec.x_dim} columns (x_dim), got shape {x.shape}")
-        if x.shape[0] == 0:
-            raise ValueError("x must have at least one row")
-        x = np.ascontiguousarray(x, dtype=self.dtype)
-        if not np.isfinite(x).all():
-            raise ValueError("x must be finite: it contains NaN or inf")
-        if self.spec.likelihood != "gaussian" and (x.min() < 0 or x.max() > 1):
-            raise ValueError(f"x must lie in [0, 1] for the {self.spec.likelihood} likelihood, "
-                             f"got values in [{x.min():g}, {x.max():g}]")
-        return x
+        unit = None if self.spec.likelihood == "gaussian" else f"the {self.spec.likelihood} likelihood"
+        return check_x(x, self.spec.x_dim, self.dtype, unit)
 
     def _eps(self, eps, n, samples, backward=False):
         """eps as the backend takes it, of the model dtype, C-contiguous: (L, n, Z) for S = 1; for S > 1 a
@@ -327,8 +315,10 @@ class VAE:
         ``eps``: (n, Z) or (L, n, Z); for S > 1 a sequence of S such arrays, one per stochastic layer;
         drawn from the model's generator when None (``samples`` = L, or k for IWAE). ``beta`` weights
         the KL (ELBO) or log p(z) - log q(z|x) (IWAE). ``free_bits`` is a per-dimension floor on the
-        batch-mean KL (ELBO, S = 1 only). ``estimator``: "reparam" (the gradient of the loss) or
-        "dreg" (IWAE only: doubly reparameterized inference-network gradient).  docs/math.md §5-§6, §11-§12
+        batch-mean KL (ELBO, S = 1 only). ``estimator``: how the inference network's gradient is
+        estimated, "reparam" (the pathwise derivative of the loss), "score" (REINFORCE, §5.4: ELBO,
+        S = 1, numpy backend) or "dreg" (IWAE only: doubly reparameterized, §12); the loss is the same.
+        docs/math.md §5-§6, §11-§12
         ``grad``: None (a new array), or a writable, C-contiguous 1-D array of params' dtype and
         length, not overlapping params, which receives the gradient and is returned.
 
@@ -338,6 +328,9 @@ class VAE:
         """
         check_objective(objective)
         check_estimator(estimator)
+        if estimator != "reparam":
+            from .estimators import check_estimator_use
+            check_estimator_use(estimator, objective, self.backend_name, self.spec.n_stochastic)
         beta = checks.number("beta", beta, lo=0.0)
         free_bits = checks.number("free_bits", free_bits, lo=0.0)
         if free_bits > 0 and objective != "elbo":
@@ -346,8 +339,6 @@ class VAE:
             raise ValueError("free_bits applies to models with one stochastic layer only")
         if estimator == "dreg" and objective != "iwae":
             raise ValueError("estimator 'dreg' applies to the iwae objective only")
-        if estimator == "score":
-            raise ValueError("estimator 'score' is not implemented in this version")
         grad = checks.grad_buffer(grad, self._params)
         x = self.check_x(x)
         eps = self._eps(eps, x.shape[0], samples, backward=True)
@@ -435,6 +426,9 @@ class VAE:
         checked = {}
 
         def expect(meta):
+            if meta.get("kind") == "ae":
+                raise checkpoint.CheckpointError(f"{path}: an Autoencoder checkpoint, not a VAE's; "
+                                                 f"load it with minivae.Autoencoder.load")
             if "config" not in meta:
                 raise checkpoint.CheckpointError(f"{path}: checkpoint has no model config or parameters")
             try:
@@ -532,3 +526,26 @@ def spec_from_config(config):
     if spec.layout.size != count:             # the count above is the layout's, by construction
         raise checkpoint.CheckpointError("checkpoint config: inconsistent parameter count")
     return spec, config["dtype"]
+
+
+def check_x(x, x_dim, dtype, unit_interval_for=None) -> np.ndarray:
+    """x as a C-contiguous (n, x_dim) array of ``dtype``, or a ValueError saying what was expected.
+
+    ``unit_interval_for``: what needs x in [0, 1] (e.g. "the bernoulli likelihood"), None if nothing.
+    Shared by VAE and Autoencoder.
+    """
+    x = checks.real_array("x", x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be a 2-D array (n, {x_dim}), got {x.ndim}-D shape {x.shape}")
+    if x.shape[1] != x_dim:
+        raise ValueError(f"x must have {x_dim} columns (x_dim), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("x must have at least one row")
+    x = np.ascontiguousarray(x, dtype=dtype)
+    if not np.isfinite(x).all():
+        raise ValueError("x must be finite: it contains NaN or inf")
+    if unit_interval_for is not None and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"x must lie in [0, 1] for {unit_interval_for}, "
+                         f"got values in [{x.min():g}, {x.max():g}]")
+    return x
+

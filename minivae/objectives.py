@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 OBJECTIVES = ("elbo", "iwae")
-ESTIMATORS = ("reparam", "score", "dreg")
+ESTIMATORS = ("reparam", "score", "dreg")      # gradient estimators of the encoder's part (§5.4)
 
 
 def check_objective(objective: str):

@@ -88,8 +88,10 @@ def output_bias_from_data(likelihood: str, x, var_floor: float) -> np.ndarray:
 
 def init_output_bias(model, x_train) -> None:
     """Set the decoder head's bias (``dec.head.b``) of ``model`` in place from the training rows."""
+    spec = model.spec
+    likelihood = getattr(spec, "likelihood", "bernoulli")     # an Autoencoder's sigmoid output: log-odds
     bias = model.layout.view(model.params, "dec.head.b")
-    bias[...] = output_bias_from_data(model.likelihood, x_train, model.spec.var_floor)
+    bias[...] = output_bias_from_data(likelihood, x_train, getattr(spec, "var_floor", 0.0))
 
 
 __all__ = ["LR_SCHEDULES", "OUTPUT_BIAS_INITS", "iwae_stage", "lr_at", "output_bias_from_data",

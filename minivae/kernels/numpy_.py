@@ -19,12 +19,13 @@ import numpy as np
 
 from .. import distributions as dist
 from .. import objectives as obj
+from ..estimators import score_backward
 from ..layers import linear_backward, linear_forward, mlp_backward, mlp_forward
 
 
 class NumpyBackend:
     name = "numpy"
-    estimators = ("reparam", "dreg")          # objectives.ESTIMATORS this backend implements
+    estimators = ("reparam", "score", "dreg")   # objectives.ESTIMATORS this backend implements
 
     def __init__(self, spec, dtype):
         self.spec = spec               # ModelSpec: x_dim, z_dim(s), hidden, dec_hidden, activation, ...
@@ -153,14 +154,15 @@ class NumpyBackend:
 
     def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
                       kl_active=None, estimator="reparam"):
-        """Batch mean of the negative bound and its gradient in the flat layout.   §6, §11.3, §12"""
+        """Batch mean of the negative bound and its gradient in the flat layout.   §6, §11.3, §12
+        ``estimator="score"`` (ELBO, S = 1): the encoder's part is the REINFORCE estimate of §5.4."""
         f = self.forward(params, x, eps)
         S = self.S
         if objective == "elbo":
             if S == 1:                                                   # B1 (ELBO, §6)
                 kl = dist.kl_forward(f["mu"], f["logvar"])                # (n, Z)
                 loss, dll, dkl = obj.elbo_loss(f["ll"], kl, beta, free_bits, kl_active)
-                up = dict(dll=dll, dlogp=[None], dlogq=[None], dkl=dkl)
+                up = dict(dll=dll, dlogp=[None], dlogq=[None], dkl=dkl, score=estimator == "score")
             else:                                                        # B1 (ELBO, §11.2)
                 mid, kl = self._elbo_parts(f)
                 loss, dll, dmid, dkl = obj.stack_elbo_loss(f["ll"], mid, kl, beta)
@@ -183,7 +185,7 @@ class NumpyBackend:
         """d(loss)/d(each term) from d(loss)/d(log w): ll 1, every log p beta, every log q -beta."""
         return dict(dll=dlogw, dlogp=[beta * dlogw] * self.S, dlogq=[-beta * dlogw] * self.S, dkl=None)
 
-    def backward(self, f, params, dll, dlogp, dlogq, dkl=None, q_stopped=False):
+    def backward(self, f, params, dll, dlogp, dlogq, dkl=None, q_stopped=False, score=False):
         """Vector-Jacobian product of the loss w.r.t. every block's parameters.   §6 B2-B9, §11.3
 
         Upstream gradients, each (L, n) or None when the term is absent: ``dll`` of log p(x|z_1);
@@ -191,6 +193,8 @@ class NumpyBackend:
         ``dkl`` of the top layer's analytic KL, (n, Z) for S = 1 or (L, n, Z_S).
         ``q_stopped`` (DReG, §12): log q(z_l|z_{l-1}) is log N(z_l; mu_l, logvar_l) with the explicit
         dependence on the inference parameters stopped; its paths through z_l and z_{l-1} are kept.
+        ``score`` (S = 1, §5.4): z_1 is held fixed; the inference block gets the score-function
+        estimate sum dll * log p(x|z) * d log q(z|x)/d(mu, logvar) instead of the path through z_1.
         Returns {prefix: [(dW, db), ...]} for every block.
         """
         s = self.spec
@@ -230,7 +234,10 @@ class NumpyBackend:
                                                                np.broadcast_to(logvar, ql["z"].shape))
                 dzl = dzl + dzq
                 stopped = (_sum_to(dmu_q, mu.shape), _sum_to(dlv_q, logvar.shape))
-            dmu, dlogvar = dist.reparam_backward(dzl, ql["rep"])         # B5
+            if score and l == 1:                                         # B5, §5.4: z_1 held fixed
+                dmu, dlogvar = score_backward(dll * f["ll"], ql["eps"], logvar)
+            else:
+                dmu, dlogvar = dist.reparam_backward(dzl, ql["rep"])     # B5
             if l == S and dkl is not None:                               # B6: analytic KL
                 dmu_kl, dlv_kl = dist.kl_backward(dkl, mu, logvar)
                 dmu, dlogvar = dmu + dmu_kl, dlogvar + dlv_kl
