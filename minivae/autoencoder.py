@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, checks, resources
 from .layers import ACTIVATIONS
 from .model import DTYPES, _int_tuple, check_x
 from .params import ParamLayout
 
 KIND = "ae"                     # meta["kind"] of an Autoencoder checkpoint (a VAE's is "model")
-BACKENDS = ("numpy", "numba")
+BACKENDS = ("numpy", "numba")          # "auto" stands for numba (there are no CUDA kernels for it)
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,17 @@ class AESpec:
         return d
 
 
+def _proxy_spec(spec):
+    """A VAE spec at least as large as the Autoencoder's (its code head is z wide, the VAE's 2z), for
+    the memory estimates of minivae.resources."""
+    from .model import ModelSpec
+    return ModelSpec(spec.x_dim, spec.z_dim, spec.hidden, spec.dec_hidden, spec.activation, "bernoulli")
+
+
 def get_ae_backend(name):
-    """The Autoencoder's backend class for ``name`` (numpy or numba)."""
+    """The Autoencoder's backend class for ``name`` (numpy, numba, or auto: numba)."""
+    if name == "auto":
+        name = "numba"
     if name == "numpy":
         from .kernels.numpy_ae import AENumpyBackend
         return AENumpyBackend
@@ -96,11 +105,16 @@ class Autoencoder:
         if name not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dtype = np.dtype(name)
+        proxy = _proxy_spec(self.spec)
+        resources.check(resources.model_bytes(proxy, self.dtype.itemsize),
+                        f"a model of about {resources.parameter_count(proxy):,} parameters")
+        if seed is not None:               # saved in the config (JSON): an int, not a Generator
+            checks.integer("seed", seed, lo=0)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.layout = self.spec.layout
         self._params = self.layout.init(self.rng, self.dtype)
-        self.backend_name = backend
+        self.backend_name = "numba" if backend == "auto" else backend
         self.backend = get_ae_backend(backend)(self.spec, self.dtype)
 
     # -- configuration ------------------------------------------------------------------------
@@ -120,9 +134,11 @@ class Autoencoder:
 
     @params.setter
     def params(self, value):
-        value = np.asarray(value)
+        value = checks.real_array("params", value)
         if value.shape != self._params.shape:
             raise ValueError(f"params must have shape {self._params.shape}, got {value.shape}")
+        if not np.isfinite(value).all():
+            raise ValueError("params must be finite: they contain NaN or inf")
         self._params[...] = value
 
     def views(self, flat=None) -> dict:
@@ -133,12 +149,18 @@ class Autoencoder:
     def check_x(self, x) -> np.ndarray:
         return check_x(x, self.spec.x_dim, self.dtype, "the Autoencoder (its output is a sigmoid)")
 
+    def _check_memory(self, n):
+        """Refuse a pass of n rows this machine cannot hold (minivae.resources)."""
+        resources.check(resources.pass_bytes(_proxy_spec(self.spec), self.dtype.itemsize, n, 1, True),
+                        f"a pass of {n} examples")
+
     def _z(self, z):
-        z = np.asarray(z)
+        z = checks.real_array("z", z)
         if z.ndim != 2 or z.shape[1] != self.spec.z_dim:
             raise ValueError(f"z must be a 2-D array (m, {self.spec.z_dim}), got shape {z.shape}")
-        if not np.issubdtype(z.dtype, np.number) or np.iscomplexobj(z):
-            raise ValueError(f"z must be a real numeric array, got dtype {z.dtype}")
+        if z.shape[0] == 0:
+            raise ValueError("z must have at least one row")
+        self._check_memory(z.shape[0])
         z = np.ascontiguousarray(z, dtype=self.dtype)
         if not np.isfinite(z).all():
             raise ValueError("z must be finite: it contains NaN or inf")
@@ -148,9 +170,9 @@ class Autoencoder:
     def loss_and_grad(self, x, grad=None):
         """Batch mean of the squared error summed over pixels, 1/n sum_i ||x_hat_i - x_i||^2, and
         its gradient shaped like ``params`` (written into ``grad`` when given).   §13.2"""
+        grad = checks.grad_buffer(grad, self._params)
         x = self.check_x(x)
-        if grad is not None and (grad.shape != self._params.shape or grad.dtype != self.dtype):
-            raise ValueError(f"grad must be a {self.dtype} array of shape {self._params.shape}")
+        self._check_memory(x.shape[0])
         return self.backend.loss_and_grad(self._params, x, grad=grad)
 
     def sq_error(self, x):
@@ -178,36 +200,64 @@ class Autoencoder:
 
     @classmethod
     def from_config(cls, config: dict, backend=None):
-        c = dict(config)
-        try:
-            return cls(c["x_dim"], c["z_dim"], hidden=tuple(c["hidden"]), activation=c["activation"],
-                       dtype=c["dtype"], seed=c.get("seed", 0),
-                       backend=backend or c.get("backend", "numpy"), dec_hidden=tuple(c["dec_hidden"]))
-        except (KeyError, TypeError) as e:
-            raise checkpoint.CheckpointError(f"checkpoint config is incomplete or malformed ({e})") from None
+        """A model built from a saved config, every field checked and its size bounded first (the
+        checks of minivae.model.spec_from_config), so an absurd config is refused before anything
+        is allocated. CheckpointError says what is wrong."""
+        spec = _spec_from_config(config)
+        return cls(spec.x_dim, spec.z_dim, hidden=spec.hidden, activation=spec.activation,
+                   dtype=config["dtype"], seed=config.get("seed", 0),
+                   backend=backend or config.get("backend", "numpy"), dec_hidden=spec.dec_hidden)
 
     @classmethod
     def load(cls, path, backend=None):
-        """Read a checkpoint written by :meth:`save` (or by ``minivae train --model ae``)."""
-        meta, arrays = checkpoint.load(path)
-        if meta.get("kind") != KIND:
-            raise checkpoint.CheckpointError(f"{path}: a VAE checkpoint, not an Autoencoder's; "
-                                             f"load it with minivae.VAE.load")
-        if "config" not in meta or "params" not in arrays:
-            raise checkpoint.CheckpointError(f"{path}: checkpoint has no model config or parameters")
-        model = cls.from_config(meta["config"], backend=backend)
+        """Read a checkpoint written by :meth:`save` (or by ``minivae train --model ae``). The config
+        and the header of ``params`` are checked before the model is built or anything is read."""
+        checked = {}
+
+        def expect(meta):
+            if meta.get("kind") != KIND:
+                raise checkpoint.CheckpointError(f"{path}: a VAE checkpoint, not an Autoencoder's; "
+                                                 f"load it with minivae.VAE.load")
+            if "config" not in meta:
+                raise checkpoint.CheckpointError(f"{path}: checkpoint has no model config or parameters")
+            try:
+                spec = _spec_from_config(meta["config"])
+            except checkpoint.CheckpointError as e:
+                raise checkpoint.CheckpointError(f"{path}: {e}") from None
+            checked["config"] = meta["config"]
+            return {"params": checkpoint.Expect((spec.layout.size,), meta["config"]["dtype"],
+                                                source="the config implies")}
+
+        meta, arrays = checkpoint.load(path, expect=expect)      # refuses a missing 'params' entry
         p = arrays["params"]
-        if p.shape != model.params.shape or p.dtype != model.dtype:
-            raise checkpoint.CheckpointError(
-                f"{path}: parameters have shape {p.shape} and dtype {p.dtype}, the config implies "
-                f"{model.params.shape} {model.dtype}")
+        if not np.isfinite(p).all():
+            raise checkpoint.CheckpointError(f"{path}: the parameters contain NaN or inf")
+        try:
+            model = cls.from_config(checked["config"], backend=backend)
+        except (checkpoint.CheckpointError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"{path}: {e}") from None
         model.params[...] = p
         return model
+
+
+def _spec_from_config(config) -> AESpec:
+    """The AESpec of a saved config, checked like a VAE's (minivae.model.spec_from_config: types,
+    widths, bounded size) before anything is allocated; z_dim must be one integer."""
+    from .model import spec_from_config
+    if not isinstance(config, dict):
+        raise checkpoint.CheckpointError(f"checkpoint config is not a JSON object ({type(config).__name__})")
+    if isinstance(config.get("z_dim"), (list, tuple)):
+        raise checkpoint.CheckpointError("an Autoencoder's config z_dim must be one integer")
+    vae, _ = spec_from_config(dict(config, likelihood="bernoulli"))   # every field checked, size bounded
+    try:
+        return AESpec(vae.x_dim, vae.z_dim, vae.hidden, vae.dec_hidden, vae.activation)
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"checkpoint config is malformed ({e})") from None
 
 
 def load_model(path, backend=None):
     """A VAE or an Autoencoder, whichever the checkpoint holds (by ``meta["kind"]``)."""
     from .model import VAE
-    meta, _ = checkpoint.load(path)
+    meta, _ = checkpoint.load(path, expect=lambda meta: {})         # the header only: no array is read
     cls = Autoencoder if meta.get("kind") == KIND else VAE
     return cls.load(path, backend=backend)

@@ -491,18 +491,26 @@ def _expected_arrays(path, meta):
         if not isinstance(getattr(config, name), (str, type(None))):
             raise fail(f"malformed training config ({name} must be a string or null)")
     for name in ("epochs", "batch_size", "samples", "k", "eval_batch_size", "z_dim"):
-        if getattr(config, name) > MAX_COUNT:
+        v = getattr(config, name)
+        if (max(v) if isinstance(v, tuple) else v) > MAX_COUNT:
             raise fail(f"malformed training config ({name} {getattr(config, name)} is out of range)")
     if config.seed >= 1 << 64:
         raise fail(f"malformed training config (seed {config.seed} is out of range)")
     if "config" not in meta:
         raise fail("checkpoint has no model config or parameters")
     try:
-        spec, dtype = spec_from_config(meta["config"])
+        if config.model == "ae":                 # minivae.Autoencoder: no likelihood
+            from .autoencoder import _spec_from_config
+            spec, dtype = _spec_from_config(meta["config"]), meta["config"]["dtype"]
+            saved = (spec.z_dim, spec.hidden, spec.activation, dtype)
+            wanted = (config.z_dim, config.hidden, config.activation, config.dtype)
+        else:
+            spec, dtype = spec_from_config(meta["config"])
+            saved = (spec.z_dim, spec.hidden, spec.activation, spec.likelihood, dtype)
+            wanted = (config.z_dim, config.hidden, config.activation, config.likelihood, config.dtype)
     except checkpoint.CheckpointError as e:
         raise fail(str(e)) from None
-    saved = (spec.z_dim, spec.hidden, spec.activation, spec.likelihood, dtype)
-    if saved != (config.z_dim, config.hidden, config.activation, config.likelihood, config.dtype):
+    if saved != wanted:
         raise fail("the model config does not match the training config")
     size = spec.layout.size
     names = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}[config.optimizer].state_names
