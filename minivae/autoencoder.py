@@ -230,8 +230,9 @@ class Autoencoder:
 
         meta, arrays = checkpoint.load(path, expect=expect)      # refuses a missing 'params' entry
         p = arrays["params"]
-        if not np.isfinite(p).all():
-            raise checkpoint.CheckpointError(f"{path}: the parameters contain NaN or inf")
+        bad = int((~np.isfinite(p)).sum())
+        if bad:
+            raise checkpoint.CheckpointError(f"{path}: {bad} of the model's {p.size} parameters are NaN or inf")
         try:
             model = cls.from_config(checked["config"], backend=backend)
         except (checkpoint.CheckpointError, ValueError) as e:
