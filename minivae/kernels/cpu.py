@@ -29,10 +29,13 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import config, require_one_stochastic_layer
+from .numba_cache import configure as _configure_cache
 from .. import threads  # noqa: F401  (sets OMP_WAIT_POLICY before the first prange)
 from ..layers import LEAKY_SLOPE
 from ..distributions import LIKELIHOODS, _CB_TAYLOR
 from ..objectives import OBJECTIVES
+
+_configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
 
 ACT_CODES = {"relu": 1, "tanh": 2, "softplus": 3, "leaky_relu": 4}       # 0: identity (the heads)
 LIK_CODES = {name: i for i, name in enumerate(LIKELIHOODS)}              # bernoulli 0, cb 1, gaussian 2

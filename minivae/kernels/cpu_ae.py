@@ -17,7 +17,10 @@ import numpy as np
 from numba import njit
 
 from . import config
+from .numba_cache import configure as _configure_cache
 from .cpu import ACT_CODES, NumbaBackend, exp_nonpos, mlp_bwd_, mlp_fwd_
+
+_configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
 
 
 @njit(cache=True, error_model="numpy")

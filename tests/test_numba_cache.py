@@ -1,0 +1,41 @@
+"""Numba's on-disk cache is keyed by the whole package's source (minivae/kernels/numba_cache.py): a
+cached kernel compiled from one version of the code is never loaded by another, since numba itself
+only watches the file that defines each kernel and a stale cross-module cache crashes the process."""
+import os
+import subprocess
+import sys
+
+from numba.core import config as numba_config
+
+from minivae.kernels import cpu, numba_cache  # noqa: F401  (importing cpu configures the cache)
+
+
+def test_the_cache_folder_is_this_source_versions():
+    assert numba_config.CACHE_DIR == str(numba_cache.cache_dir())
+    assert numba_cache.cache_dir().name == numba_cache.source_hash()
+    assert numba_cache.cache_dir().is_dir()
+
+
+def test_any_edit_of_any_file_changes_the_folder(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "kernels").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "kernels" / "b.py").write_text("y = 2\n")
+    first = numba_cache.source_hash(pkg)
+    assert numba_cache.source_hash(pkg) == first                       # deterministic
+    (pkg / "a.py").write_text("x = 2\n")                                # a file that defines no kernel
+    second = numba_cache.source_hash(pkg)
+    (pkg / "kernels" / "c.py").write_text("")                           # a new file
+    third = numba_cache.source_hash(pkg)
+    assert len({first, second, third}) == 3
+
+
+def test_numba_cache_dir_is_the_base_when_set(tmp_path):
+    code = ("from minivae.kernels import cpu; from numba.core import config; "
+            "from minivae.kernels import numba_cache as c; print(config.CACHE_DIR); print(c.source_hash())")
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "base"), "PATH": "/usr/bin:/bin"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    folder, digest = r.stdout.split()
+    assert folder == str(tmp_path / "base" / digest)
