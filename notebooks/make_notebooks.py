@@ -1,0 +1,185 @@
+"""Write the tutorial notebooks (notebooks/NN_*.ipynb) from the cell sources in this file.
+
+The notebooks are the product: they are committed *with* their outputs, so that they render where
+the repository is browsed. This script is only how their cells were written. It writes them without
+outputs; `make tutorial` (nbclient's `jupyter-execute --inplace`) then runs each one, top to bottom,
+in a fresh kernel. Edit a notebook here, then run both:
+
+    python notebooks/make_notebooks.py [NAME ...] && make tutorial
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+# The first code cell of every notebook: each notebook runs on its own, nothing is imported from
+# another notebook or from a helper file.
+SETUP = '''\
+import numpy as np
+import matplotlib.pyplot as plt
+from threadpoolctl import threadpool_limits
+
+import minivae
+from minivae.data import load_dataset
+from minivae.optim import Adam
+from minivae.plots import image_grid
+
+threadpool_limits(1)      # 8x8 images: one BLAS thread is the fastest (and CI has two cores)
+plt.rcParams.update({"figure.dpi": 72, "image.cmap": "gray", "font.size": 9,
+                     "axes.titlesize": 9, "figure.constrained_layout.use": True})
+
+digits = load_dataset("digits", val_fraction=0)     # scikit-learn's 8x8 digits, grey levels in [0, 1]
+x_train, y_train = digits.x_train, digits.y_train   # (1437, 64)
+x_test, y_test = digits.x_test, digits.y_test       # (360, 64)
+
+
+def fit(model, x, epochs, lr=3e-3, batch=64, seed=0, after_epoch=None, **loss_kwargs):
+    """Adam on shuffled minibatches of x; returns the mean training loss of each epoch."""
+    opt = Adam(model.params.size, dtype=model.dtype, lr=lr)
+    rng = np.random.default_rng(seed)
+    curve = []
+    for epoch in range(epochs):
+        losses = []
+        for idx in np.array_split(rng.permutation(len(x)), len(x) // batch):
+            loss, grad = model.loss_and_grad(x[idx], **loss_kwargs)
+            opt.step(model.params, grad)            # params -= lr * (Adam's step), in place
+            losses.append(loss)
+        curve.append(np.mean(losses))
+        if after_epoch is not None:
+            after_epoch(epoch)
+    return np.array(curve)
+
+
+def show(ax, images, ncols, title=None):
+    """Flat 8x8 images (n, 64) tiled ncols wide, grey levels 0 (black) .. 1 (white)."""
+    grid = image_grid(np.clip(np.asarray(images, dtype=float), 0, 1).reshape(-1, 8, 8), ncols)
+    ax.imshow(grid, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([]); ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+'''
+
+
+def md(text):
+    return new_markdown_cell(text.strip("\n"))
+
+
+def code(text):
+    return new_code_cell(text.strip("\n"))
+
+
+NOTEBOOKS: dict[str, list] = {}
+
+# ------------------------------------------------------------------------------------------------
+NOTEBOOKS["03_stochastic_encoder"] = [
+    md(r"""
+# 3. A stochastic encoder
+
+The VAE's encoder does not return a code: it returns the parameters of a distribution over codes,
+a Gaussian $q(z\mid x) = \mathcal N(\mu(x), \operatorname{diag}(e^{v(x)}))$ with a mean $\mu$ and a
+**log-variance** $v$ per latent dimension (docs/math.md §3). A code is a *sample* from it, drawn by the
+reparameterization $z = \mu + e^{v/2}\,\varepsilon$, $\varepsilon\sim\mathcal N(0, I)$ (§3.1).
+
+This notebook trains a small VAE with a 2-D latent space, draws many $z$ for one input, and checks that
+their spread is the $e^{v}$ the encoder reported.
+"""),
+    code(SETUP),
+    code(r"""
+model = minivae.VAE(x_dim=64, z_dim=2, hidden=(128,), likelihood="bernoulli", seed=0)
+curve = fit(model, x_train, epochs=60)
+print(f"-ELBO per example: first epoch {curve[0]:.1f}, last epoch {curve[-1]:.1f} nats (train)")
+"""),
+    md(r"""
+## Many codes for one input
+
+`model.encode(x)` gives $\mu$ and $v$ = `logvar`, each of shape $(n, Z)$. We draw 2000 values of
+$\varepsilon$ and form $z = \mu + e^{v/2}\varepsilon$ exactly as `reparam_forward` does (§3.1).
+"""),
+    code(r"""
+from minivae.distributions import reparam_forward
+
+x0 = x_test[y_test == 0][:1]                     # one input (the first test "0"), (1, 64)
+mu, logvar = model.encode(x0)                    # (1, 2) each
+eps = np.random.default_rng(1).standard_normal((2000, 1, 2))   # (L, n, Z)
+z, _ = reparam_forward(mu, logvar, eps)          # (L, 1, 2)
+z = z[:, 0]                                      # (2000, 2)
+
+table = np.stack([np.exp(logvar[0]), z.var(axis=0, ddof=1), mu[0], z.mean(axis=0)])
+print("                        z1        z2")
+for name, row in zip(["exp(logvar)", "sample variance", "mu", "sample mean"], table):
+    print(f"{name:16s} {row[0]:9.4f} {row[1]:9.4f}")
+"""),
+    md(r"""
+The sample variance matches $e^{v}$ up to Monte Carlo error (its relative standard error with
+2000 draws is about $\sqrt{2/1999}\approx 3\%$). Below: the cloud of codes for this input over the
+posterior means of the whole test set, with the $1\sigma$ and $2\sigma$ ellipses of $q(z\mid x)$, and the
+images decoded from a few of the codes — every one is a plausible reconstruction.
+"""),
+    code(r"""
+mu_all, _ = model.encode(x_test)
+std = np.exp(0.5 * logvar[0])
+t = np.linspace(0, 2 * np.pi, 200)
+
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), gridspec_kw={"width_ratios": [1.2, 1]})
+ax = axes[0]
+ax.scatter(mu_all[:, 0], mu_all[:, 1], s=4, c="0.75", label="mu(x), test set")
+ax.scatter(z[:, 0], z[:, 1], s=2, alpha=0.3, color="C0", label="z ~ q(z|x0)")
+for k in (1, 2):
+    ax.plot(mu[0, 0] + k * std[0] * np.cos(t), mu[0, 1] + k * std[1] * np.sin(t), "C3", lw=1)
+ax.plot(*mu[0], "C3+", ms=10, label="mu(x0); 1 and 2 sigma")
+ax.set_xlabel("z1"); ax.set_ylabel("z2"); ax.legend(fontsize=7, loc="best")
+ax.set_title("2000 codes drawn for one input")
+
+from minivae.distributions import likelihood_mean
+heads = model.backend.decode(model.params, z[:15].astype(model.dtype))      # (15, 64) logits
+show(axes[1], np.concatenate([x0, likelihood_mean(model.likelihood, heads, 64)]), 4,
+     "x0 (top left), then E[x|z] for 15 of the codes")
+plt.show()
+"""),
+    md(r"""
+## The spread differs from input to input
+
+Each input gets its own $\mu$ and its own variance. Here are eight test inputs, 300 codes each:
+where the encoder is sure, the cloud is tight. Note also that $e^{v}$ is well below 1 (the prior's
+variance): the code carries information about $x$, which is what the KL term of the loss (notebook 5)
+pays for.
+"""),
+    code(r"""
+fig, ax = plt.subplots(figsize=(5, 4))
+ax.scatter(mu_all[:, 0], mu_all[:, 1], s=4, c="0.8")
+rng = np.random.default_rng(2)
+for i, j in enumerate(np.flatnonzero(np.r_[True, np.diff(y_test) != 0])[:8]):
+    m, lv = model.encode(x_test[j:j + 1])
+    zz, _ = reparam_forward(m, lv, rng.standard_normal((300, 1, 2)))
+    ax.scatter(zz[:, 0, 0], zz[:, 0, 1], s=3, alpha=0.4, color=f"C{i}", label=f"digit {y_test[j]}")
+ax.legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5))
+ax.set_xlabel("z1"); ax.set_ylabel("z2"); ax.set_title("q(z|x) for eight inputs (300 draws each)")
+plt.show()
+print("posterior std per input, averaged over the test set:", np.exp(0.5 * model.encode(x_test)[1]).mean(0).round(3))
+"""),
+]
+
+
+# @@ more notebooks above this line
+
+def main(argv):
+    names = argv or list(NOTEBOOKS)
+    unknown = [n for n in names if n not in NOTEBOOKS]
+    if unknown:
+        sys.exit(f"make_notebooks.py: unknown notebook(s) {unknown}; expected some of {list(NOTEBOOKS)}")
+    for name in names:
+        nb = new_notebook(cells=NOTEBOOKS[name], metadata={
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "language_info": {"name": "python"}})
+        nbformat.validate(nb)
+        nbformat.write(nb, HERE / f"{name}.ipynb")
+        print(f"wrote notebooks/{name}.ipynb")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
