@@ -164,6 +164,95 @@ print("posterior std per input, averaged over the test set:", np.exp(0.5 * model
 """),
 ]
 
+# ------------------------------------------------------------------------------------------------
+NOTEBOOKS["04_stochastic_decoder"] = [
+    md(r"""
+# 4. A stochastic decoder
+
+The decoder does not return an image either: it returns the parameters of a distribution over images,
+$p(x\mid z)$, one factor per pixel (docs/math.md §4). With the **Gaussian** likelihood (§4.3) the decoder
+head gives a mean $m$ and a variance $\mathrm{var} = \mathrm{var\_floor} + e^{s}$ for every pixel, and a
+reconstruction is a *sample* $x\sim\mathcal N(m, \operatorname{diag}(\mathrm{var}))$. The picture we
+usually show, the "reconstruction", is only the mean of that distribution.
+
+Below: the mean image, the variance image and several sampled reconstructions of one input, then the
+same for the two other likelihoods of minivae, the **Bernoulli** on logits (§4.1: a pixel is 0 or 1, its
+mean is $\varsigma(\eta)$) and the **continuous Bernoulli** (§4.2: a density on $[0, 1]$ with the same
+logits, normalized by $C(\eta)$).
+"""),
+    code(SETUP),
+    code(r"""
+models = {}
+for likelihood in ("gaussian", "bernoulli", "continuous_bernoulli"):
+    models[likelihood] = minivae.VAE(x_dim=64, z_dim=4, hidden=(128,), likelihood=likelihood, seed=0)
+    curve = fit(models[likelihood], x_train, epochs=60, lr=2e-3)
+    print(f"{likelihood:21s} -ELBO per example: first epoch {curve[0]:8.1f}, last {curve[-1]:8.1f} nats")
+"""),
+    md(r"""
+The three losses are not comparable: the Bernoulli's is a probability of a binary image, the other two are
+densities over grey levels (which can exceed 1, hence negative losses).
+
+## The Gaussian decoder: mean, variance, samples
+
+`model.decode(z)` returns, for the Gaussian likelihood, the mean and the **log**-variance of every pixel.
+We decode the posterior mean $z = \mu(x)$ of one test image and draw six reconstructions from
+$p(x\mid z)$ with `model.reconstruct(x, sample=True)`.
+"""),
+    code(r"""
+gauss = models["gaussian"]
+x0 = x_test[y_test == 3][:1]                         # one test "3", (1, 64)
+mu, logvar = gauss.encode(x0)
+mean, log_var = gauss.decode(mu)                     # (1, 64) each: m and log(var_floor + e^s)
+samples = np.concatenate([gauss.reconstruct(x0, sample=True, seed=s) for s in range(6)])
+
+fig, axes = plt.subplots(1, 4, figsize=(9, 2.6), gridspec_kw={"width_ratios": [1, 1, 1.25, 3]})
+show(axes[0], x0, 1, "input x")
+show(axes[1], mean, 1, "mean m")
+im = axes[2].imshow(np.exp(log_var).reshape(8, 8), cmap="magma", interpolation="nearest")
+axes[2].set_xticks([]); axes[2].set_yticks([]); axes[2].set_title("variance")
+fig.colorbar(im, ax=axes[2], shrink=0.8)
+show(axes[3], samples, 3, "six samples x ~ p(x|z = mu)")
+plt.show()
+print(f"pixel std: min {np.exp(0.5 * log_var).min():.3f}, max {np.exp(0.5 * log_var).max():.3f}")
+"""),
+    md(r"""
+The variance is small on the background, which is black in almost every image, and large on the
+strokes, where the model is unsure whether a pixel is ink. The samples are noisy versions of the mean:
+the Gaussian decoder explains the pixel-level detail it cannot predict as independent noise. (Sampled
+values outside $[0, 1]$ are clipped for display.)
+
+## Bernoulli and continuous Bernoulli
+
+Both decoders output one logit $\eta$ per pixel. Under the **Bernoulli** a sample is a binary image
+with $P(x_d = 1) = \varsigma(\eta_d)$; its mean $\varsigma(\eta)$ is the usual grey "reconstruction". The
+**continuous Bernoulli** is a density on $[0,1]$, $p(x\mid\eta)\propto \varsigma(\eta)^x(1-\varsigma(\eta))^{1-x}$;
+its mean is *not* $\varsigma(\eta)$ but $A'(\eta)$ (§4.2), and its samples are grey levels. Its variance is
+at most $1/12$: it cannot be as sure of a pixel as the Gaussian with a small variance.
+"""),
+    code(r"""
+fig, axes = plt.subplots(3, 2, figsize=(7, 3.6), gridspec_kw={"width_ratios": [2, 6]})
+for row, (likelihood, model) in enumerate(models.items()):
+    mean = model.reconstruct(x0)                                        # E[x | z = mu(x)]
+    samples = np.concatenate([model.reconstruct(x0, sample=True, seed=s) for s in range(6)])
+    show(axes[row, 0], np.concatenate([x0, mean]), 2, f"{likelihood}: x, mean")
+    show(axes[row, 1], samples, 6, "six samples from p(x|z = mu)")
+plt.show()
+"""),
+    md(r"""
+All three means look alike; the samples show what each model believes a pixel is. The Bernoulli's
+binary samples are a poor model of grey levels, which is why its reconstructions are always shown
+as means; the continuous Bernoulli is the right density for grey levels with the same network. See
+docs/math.md §4.2 for its normalizer and §7 for the reconstruction error that compares the three.
+"""),
+    code(r"""
+from minivae.evaluate import reconstruction_sq_error
+
+for likelihood, model in models.items():
+    err = reconstruction_sq_error(model, x_test, model.encode(x_test)[0]).mean()
+    print(f"{likelihood:21s} squared error of the mean reconstruction: {err:.2f} per image (64 pixels)")
+"""),
+]
+
 
 # @@ more notebooks above this line
 
