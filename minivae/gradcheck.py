@@ -74,16 +74,17 @@ class TensorCheck:
 def check_model(model, x, eps, h=DEFAULT_H, tol=DEFAULT_TOL, **loss_kwargs):
     """Compare ``model.loss_and_grad`` with centred differences of its loss, tensor by tensor.
 
-    ``eps`` is fixed, so the loss is a deterministic function of the parameters. Returns a list of
+    ``eps`` is fixed (None for an Autoencoder), so the loss is a deterministic function of the parameters. Returns a list of
     :class:`TensorCheck`, one per named tensor (``enc.0.W``, ``enc.0.b``, ..., ``dec.head.b``).
     """
     if model.dtype != np.float64:
         raise ValueError("gradient checks need a float64 model (dtype='float64')")
     x = np.asarray(x, dtype=np.float64)
-    eps = np.asarray(eps, dtype=np.float64)
-    _, analytic = model.loss_and_grad(x, eps=eps, **loss_kwargs)
+    if eps is not None:          # None: a deterministic model (minivae.Autoencoder) takes no eps
+        loss_kwargs["eps"] = np.asarray(eps, dtype=np.float64)
+    _, analytic = model.loss_and_grad(x, **loss_kwargs)
     analytic = analytic.copy()
-    numeric = numerical_grad(lambda: model.loss_and_grad(x, eps=eps, **loss_kwargs)[0], model.params, h)
+    numeric = numerical_grad(lambda: model.loss_and_grad(x, **loss_kwargs)[0], model.params, h)
     out = []
     for name, slot in model.layout.slots.items():
         sl = slice(slot.offset, slot.offset + slot.size)
@@ -232,6 +233,33 @@ def check_iwae_loss(rng, k=4, n=3, h=DEFAULT_H, tol=PIECE_TOL):
     return [_vjp_check("iwae_loss dlogw", lambda: iwae_loss(logw)[0], logw, 1.0, dlogw, h, tol)]
 
 
+def check_sq_error(rng, n=3, x_dim=4, h=DEFAULT_H, tol=PIECE_TOL):
+    """sq_error_forward / sq_error_backward of the Autoencoder (§11.2) w.r.t. the logits."""
+    from .kernels.numpy_ae import sq_error_backward, sq_error_forward
+    x = rng.random((n, x_dim))
+    logits = 2.0 * rng.standard_normal((n, x_dim))
+    de = rng.standard_normal(n)
+    _, cache = sq_error_forward(x, logits)
+    dlogits = sq_error_backward(de, cache)
+    return [_vjp_check("ae sq_error dlogits", lambda: sq_error_forward(x, logits)[0], logits, de,
+                       dlogits, h, tol)]
+
+
+def check_score(rng, L=3, n=4, z_dim=2, h=DEFAULT_H, tol=PIECE_TOL):
+    """score_backward (§5.4): d/d(mu, logvar) of sum w log q(z|x) with z held fixed."""
+    from .distributions import reparam_forward
+    from .estimators import log_q_fixed_z, score_backward
+    mu = rng.standard_normal((n, z_dim))
+    logvar = rng.standard_normal((n, z_dim))
+    eps = rng.standard_normal((L, n, z_dim))
+    w = rng.standard_normal((L, n))
+    z, _ = reparam_forward(mu, logvar, eps)          # drawn once, then held fixed
+    dmu, dlogvar = score_backward(w, eps, logvar)
+    f = lambda: log_q_fixed_z(z, mu, logvar)  # noqa: E731
+    return [_vjp_check("score dmu", f, mu, w, dmu, h, tol),
+            _vjp_check("score dlogvar", f, logvar, w, dlogvar, h, tol)]
+
+
 def check_pieces(rng, tol=PIECE_TOL):
     """Every paired function alone, in float64: the checks ``run_suite`` prints under "pieces"."""
     from .distributions import LIKELIHOODS
@@ -243,6 +271,7 @@ def check_pieces(rng, tol=PIECE_TOL):
     for lik in LIKELIHOODS:
         checks += check_loglik(lik, rng, tol=tol)
     checks += check_elbo_loss(rng, tol=tol) + check_iwae_loss(rng, tol=tol)
+    checks += check_sq_error(rng, tol=tol) + check_score(rng, tol=tol)
     return checks
 
 
@@ -277,6 +306,28 @@ def preactivations(model, x, eps):
         out.append(a)
         h, _ = activation_forward(a, act)
     return out
+
+
+def ae_preactivations(model, x):
+    """Every hidden pre-activation of an Autoencoder's pass (encoder on x, decoder on z = code), a list."""
+    from .layers import activation_forward, linear_forward
+    layout, act = model.layout, model.spec.activation
+    out, h = [], np.asarray(x, dtype=model.dtype)
+    for part in ("enc", "dec"):
+        layers = layout.layer_views(model.params, part)
+        for W, b in layers[:-1]:
+            a, _ = linear_forward(h, W, b)
+            out.append(a)
+            h, _ = activation_forward(a, act)
+        h, _ = linear_forward(h, *layers[-1])
+    return out
+
+
+def ae_kink_distance(model, x):
+    """The smallest |pre-activation| of an Autoencoder's relu / leaky_relu pass (inf otherwise)."""
+    if model.spec.activation not in _KINKED:
+        return np.inf
+    return min((float(np.min(np.abs(a))) for a in ae_preactivations(model, x) if a.size), default=np.inf)
 
 
 def kink_distance(model, x, eps, free_bits=0.0):
@@ -392,6 +443,30 @@ def run_model_cases(backend="numpy", seed=0, tol=DEFAULT_TOL):
     return results
 
 
+AE_ACTIVATIONS = ("tanh", "relu", "softplus", "leaky_relu")
+
+
+def run_ae_cases(backend="numpy", seed=0, tol=DEFAULT_TOL, tries=50):
+    """[(title, short name, [TensorCheck])]: the Autoencoder's loss_and_grad (§11) in float64, one
+    case per activation, at points away from the kinks of relu / leaky_relu."""
+    from .autoencoder import Autoencoder
+    rng = np.random.default_rng(seed)
+    results = []
+    for act in AE_ACTIVATIONS:
+        model = Autoencoder(SUITE_X_DIM, SUITE_Z_DIM, hidden=SUITE_HIDDEN, activation=act,
+                            dtype="float64", seed=seed, backend=backend)
+        for _ in range(tries):
+            x = rng.random((SUITE_N, SUITE_X_DIM))
+            if ae_kink_distance(model, x) > KINK_MARGIN:
+                break
+        else:
+            raise RuntimeError("could not find a point away from the kinks of the Autoencoder's loss")
+        title = (f"autoencoder (squared error, sigmoid output): {act}, hidden={SUITE_HIDDEN}, "
+                 f"x_dim={SUITE_X_DIM}, z_dim={SUITE_Z_DIM}, n={SUITE_N} (backend {backend}, float64)")
+        results.append((title, f"autoencoder {act}", check_model(model, x, None, tol=tol)))
+    return results
+
+
 def format_summary(rows) -> str:
     """Table of (case, worst rel error, tol, ok) rows."""
     rows = [(c, f"{e:.2e}", f"{t:.0e}", "pass" if ok else "FAIL") for c, e, t, ok in rows]
@@ -403,7 +478,8 @@ def format_summary(rows) -> str:
 
 
 def run_suite(backend="numpy", seed=0, tol=DEFAULT_TOL, out=print) -> bool:
-    """Gradient-check every likelihood x objective on a small float64 model, and every piece alone.
+    """Gradient-check every likelihood x objective on a small float64 model, the Autoencoder, and
+    every piece alone.
 
     Prints, through ``out``, one table per case (tensor, shape, rel error, pass/fail), a table of
     the pieces (checked below min(tol, PIECE_TOL)) and a summary; returns True iff all pass.
@@ -411,7 +487,7 @@ def run_suite(backend="numpy", seed=0, tol=DEFAULT_TOL, out=print) -> bool:
     the model cases run ``loss_and_grad`` of ``backend``.
     """
     summary = []
-    for title, name, checks in run_model_cases(backend, seed, tol):
+    for title, name, checks in run_model_cases(backend, seed, tol) + run_ae_cases(backend, seed, tol):
         out(format_report(checks, title=title))
         out("")
         summary.append((name, max(c.rel_error for c in checks), tol, all(c.ok for c in checks)))

@@ -13,7 +13,7 @@ from . import checkpoint
 from . import distributions as dist
 from .kernels import get_backend
 from .layers import ACTIVATIONS
-from .objectives import check_objective
+from .objectives import check_estimator, check_objective
 from .params import ParamLayout
 
 DTYPES = ("float32", "float64")
@@ -139,22 +139,8 @@ class VAE:
 
     # -- input checks -------------------------------------------------------------------------
     def check_x(self, x) -> np.ndarray:
-        x = np.asarray(x)
-        if x.ndim != 2:
-            raise ValueError(f"x must be a 2-D array (n, {self.spec.x_dim}), got {x.ndim}-D shape {x.shape}")
-        if x.shape[1] != self.spec.x_dim:
-            raise ValueError(f"x must have {self.spec.x_dim} columns (x_dim), got shape {x.shape}")
-        if x.shape[0] == 0:
-            raise ValueError("x must have at least one row")
-        if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
-            raise ValueError(f"x must be a real numeric array, got dtype {x.dtype}")
-        x = np.ascontiguousarray(x, dtype=self.dtype)
-        if not np.isfinite(x).all():
-            raise ValueError("x must be finite: it contains NaN or inf")
-        if self.spec.likelihood != "gaussian" and (x.min() < 0 or x.max() > 1):
-            raise ValueError(f"x must lie in [0, 1] for the {self.spec.likelihood} likelihood, "
-                             f"got values in [{x.min():g}, {x.max():g}]")
-        return x
+        unit = None if self.spec.likelihood == "gaussian" else f"the {self.spec.likelihood} likelihood"
+        return check_x(x, self.spec.x_dim, self.dtype, unit)
 
     def _eps(self, eps, n, samples):
         Z = self.spec.z_dim
@@ -182,22 +168,29 @@ class VAE:
 
     # -- the math, delegated to the backend ----------------------------------------------------
     def loss_and_grad(self, x, eps=None, beta=1.0, objective="elbo", samples=1, free_bits=0.0,
-                      grad=None):
+                      grad=None, estimator="reparam"):
         """Batch mean of the negative bound (nats/example) and its gradient, shaped like ``params``.
 
         ``eps``: (n, Z) or (L, n, Z); drawn from the model's generator when None (``samples`` = L,
         or k for IWAE). ``beta`` weights the KL (ELBO) or log p(z) - log q(z|x) (IWAE).
         ``free_bits`` is a per-dimension floor on the batch-mean KL (ELBO only).  docs/math.md §5-§6
+        ``estimator``: how the encoder's gradient is estimated, "reparam" (the pathwise derivative of
+        the loss) or "score" (REINFORCE, §5.4: ELBO, numpy backend); the loss is the same.
         """
         check_objective(objective)
+        check_estimator(estimator)
+        if estimator != "reparam":
+            from .estimators import check_estimator_use
+            check_estimator_use(estimator, objective, self.backend_name)
         _check_number("beta", beta, lo=0.0)
         _check_number("free_bits", free_bits, lo=0.0)
         if free_bits > 0 and objective != "elbo":
             raise ValueError("free_bits applies to the ELBO objective only")
         x = self.check_x(x)
         eps = self._eps(eps, x.shape[0], samples)
+        kw = {} if estimator == "reparam" else {"estimator": estimator}
         return self.backend.loss_and_grad(self._params, x, eps, beta=beta, objective=objective,
-                                          free_bits=free_bits, grad=grad)
+                                          free_bits=free_bits, grad=grad, **kw)
 
     def elbo(self, x, eps=None, samples=1):
         """Per-example ELBO (analytic KL, beta = 1), shape (n,).  §5.1"""
@@ -264,6 +257,9 @@ class VAE:
     def load(cls, path, backend=None):
         """Read a checkpoint written by :meth:`save` (or by training); ``backend`` overrides the saved one."""
         meta, arrays = checkpoint.load(path)
+        if meta.get("kind") == "ae":
+            raise checkpoint.CheckpointError(f"{path}: an Autoencoder checkpoint, not a VAE's; "
+                                             f"load it with minivae.Autoencoder.load")
         if "config" not in meta or "params" not in arrays:
             raise checkpoint.CheckpointError(f"{path}: checkpoint has no model config or parameters")
         model = cls.from_config(meta["config"], backend=backend)
@@ -274,6 +270,30 @@ class VAE:
                 f"{model.params.shape} {model.dtype}")
         model.params[...] = p
         return model
+
+
+def check_x(x, x_dim, dtype, unit_interval_for=None) -> np.ndarray:
+    """x as a C-contiguous (n, x_dim) array of ``dtype``, or a ValueError saying what was expected.
+
+    ``unit_interval_for``: what needs x in [0, 1] (e.g. "the bernoulli likelihood"), None if nothing.
+    Shared by VAE and Autoencoder.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be a 2-D array (n, {x_dim}), got {x.ndim}-D shape {x.shape}")
+    if x.shape[1] != x_dim:
+        raise ValueError(f"x must have {x_dim} columns (x_dim), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("x must have at least one row")
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise ValueError(f"x must be a real numeric array, got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=dtype)
+    if not np.isfinite(x).all():
+        raise ValueError("x must be finite: it contains NaN or inf")
+    if unit_interval_for is not None and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"x must lie in [0, 1] for {unit_interval_for}, "
+                         f"got values in [{x.min():g}, {x.max():g}]")
+    return x
 
 
 def _check_number(name, v, lo=None):

@@ -14,11 +14,17 @@ import math
 import numpy as np
 
 OBJECTIVES = ("elbo", "iwae")
+ESTIMATORS = ("reparam", "score", "dreg")      # gradient estimators of the encoder's part (§5.4)
 
 
 def check_objective(objective: str):
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+
+
+def check_estimator(estimator: str):
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
 
 
 def elbo_per_example(ll, kl, beta=1.0):

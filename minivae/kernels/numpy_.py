@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import distributions as dist
 from .. import objectives as obj
+from ..estimators import score_backward
 from ..layers import linear_backward, linear_forward, mlp_backward, mlp_forward
 
 
@@ -70,8 +71,9 @@ class NumpyBackend:
         return obj.iwae_per_example(logw)
 
     def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
-                      kl_active=None):
-        """Batch mean of the negative bound and its gradient in the flat layout.   §6"""
+                      kl_active=None, estimator="reparam"):
+        """Batch mean of the negative bound and its gradient in the flat layout.   §6
+        ``estimator="score"`` (ELBO): the encoder's part is the REINFORCE estimate of §5.4."""
         s = self.spec
         f = self.forward(params, x, eps)
         enc_caches, enc_head_cache, rep_cache, dec_caches, dec_head_cache = f["caches"]
@@ -96,7 +98,10 @@ class NumpyBackend:
         dhd, dWd, dbd = linear_backward(dhead.reshape(L * n, -1), dec_head_cache)
         dzf, dec_grads = mlp_backward(dhd, dec_caches)                    # (L*n, Z)
         dz = dzf.reshape(L, n, Z) + dz_prior
-        dmu, dlogvar = dist.reparam_backward(dz, rep_cache)
+        if estimator == "score":      # §5.4: z held fixed, log p(x|z) weights d log q(z|x)/d(mu, logvar)
+            dmu, dlogvar = score_backward(dll * ll, eps, logvar)
+        else:
+            dmu, dlogvar = dist.reparam_backward(dz, rep_cache)
         dmu = dmu + dmu_kl
         dlogvar = dlogvar + dlogvar_kl + dlogvar_q
         dout = np.concatenate([dmu, dlogvar], axis=1)                     # (n, 2Z)
