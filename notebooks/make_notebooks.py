@@ -253,6 +253,81 @@ for likelihood, model in models.items():
 """),
 ]
 
+# ------------------------------------------------------------------------------------------------
+NOTEBOOKS["05_the_loss"] = [
+    md(r"""
+# 5. The loss: reconstruction and KL
+
+The VAE minimizes the negative ELBO, per example (docs/math.md §5.1, with the analytic KL of §3.2):
+
+$$-\mathrm{ELBO}(x) = \underbrace{-\mathbb E_{q(z\mid x)}\big[\log p(x\mid z)\big]}_{\text{reconstruction}}
+\; + \; \beta\,\underbrace{\mathrm{KL}\big(q(z\mid x)\,\Vert\,p(z)\big)}_{\text{regularizer}},\qquad \beta = 1.$$
+
+The first term asks the code to recover $x$; the second pulls every $q(z\mid x)$ towards the prior
+$\mathcal N(0, I)$, which keeps the encoding continuous and the space between codes decodable. This
+notebook plots both terms over training, then changes $\beta$ and looks at the latent space.
+"""),
+    code(SETUP),
+    code(r"""
+from minivae.distributions import kl_forward
+
+eps_test = np.random.default_rng(0).standard_normal((20, len(x_test), 2))   # fixed noise: (L, n, Z)
+
+
+def loss_terms(model, x=x_test, eps=eps_test):
+    # Both terms on the test set, nats per example: (reconstruction, KL).
+    mu, logvar = model.encode(x)
+    kl = kl_forward(mu, logvar).sum(axis=1)                  # (n,) analytic KL, §3.2
+    elbo = model.elbo(x, eps=eps)                            # (n,) mean over L of log p(x|z) - KL, §5.1
+    return float(np.mean(-elbo - kl)), float(np.mean(kl))
+
+
+model = minivae.VAE(x_dim=64, z_dim=2, hidden=(128,), likelihood="bernoulli", seed=0)
+terms = [loss_terms(model)]                                  # before training
+fit(model, x_train, epochs=80, after_epoch=lambda epoch: terms.append(loss_terms(model)))
+terms = np.array(terms)                                      # (epochs + 1, 2)
+
+fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+axes[0].plot(terms[:, 0], label="reconstruction  -E_q log p(x|z)")
+axes[0].plot(terms.sum(axis=1), "k--", lw=1, label="-ELBO (sum)")
+axes[1].plot(terms[:, 1], "C1", label="KL(q(z|x) || p(z))")
+for ax in axes:
+    ax.set_xlabel("epoch"); ax.set_ylabel("nats per example (test)"); ax.legend(); ax.grid(alpha=0.3)
+plt.show()
+print(f"after training: reconstruction {terms[-1, 0]:.1f} + KL {terms[-1, 1]:.1f} = {terms[-1].sum():.1f} nats")
+"""),
+    md(r"""
+At the start the code says nothing about $x$: the KL is near 0 and the reconstruction is poor. Training
+buys reconstruction with KL: each nat of KL is information about $x$ that the code carries, and the
+reconstruction term falls far more than the KL rises.
+
+## What $\beta$ does to the latent space
+
+$\beta < 1$ makes the KL cheap: the codes spread out and the posteriors shrink, towards an
+autoencoder. $\beta > 1$ makes it expensive: the codes huddle at the prior's centre, the classes
+overlap, and the reconstructions blur (the $\beta$-VAE; with $\beta\neq 1$ the objective is no longer a bound,
+§5.1). Far enough, the posterior *collapses*: $q(z\mid x) = p(z)$ for every $x$, the KL is 0, the code says
+nothing and every reconstruction is the average digit. The dashed circle is the prior's 2-sigma circle.
+"""),
+    code(r"""
+betas = (0.1, 1.0, 2.0, 4.0)
+fig, axes = plt.subplots(2, len(betas), figsize=(11, 4.6), gridspec_kw={"height_ratios": [3, 1.2]})
+t = np.linspace(0, 2 * np.pi, 100)
+for col, beta in enumerate(betas):
+    m = minivae.VAE(x_dim=64, z_dim=2, hidden=(128,), likelihood="bernoulli", seed=0)
+    fit(m, x_train, epochs=60, beta=beta)
+    rec, kl = loss_terms(m)
+    mu, logvar = m.encode(x_test)
+    ax = axes[0, col]
+    ax.scatter(mu[:, 0], mu[:, 1], c=y_test, cmap="tab10", s=5, vmin=-0.5, vmax=9.5)
+    ax.plot(2 * np.cos(t), 2 * np.sin(t), "k--", lw=0.8)
+    ax.set_aspect("equal", "datalim")
+    ax.set_title(f"beta = {beta}: recon {rec:.1f}, KL {kl:.1f} nats\nmean posterior std {np.exp(0.5 * logvar).mean():.2f}")
+    show(axes[1, col], m.reconstruct(x_test[:8]), 4, "reconstructions of 8 test digits")
+plt.show()
+"""),
+]
+
 
 # @@ more notebooks above this line
 
