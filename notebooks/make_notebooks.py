@@ -328,6 +328,100 @@ plt.show()
 """),
 ]
 
+# ------------------------------------------------------------------------------------------------
+NOTEBOOKS["06_reparameterization"] = [
+    md(r"""
+# 6. Reparameterization
+
+To train the encoder we need $\nabla_\phi\,\mathbb E_{q_\phi(z\mid x)}[f(z)]$ with $f(z) = \log p(x\mid z)$.
+The expectation is over a distribution that *depends on* $\phi$, so we cannot move the gradient inside
+and differentiate a sample: sampling is not differentiable.
+
+**Without reparameterization** the standard answer is the score function (REINFORCE) identity,
+$\nabla_\phi\mathbb E_q[f(z)] = \mathbb E_q\big[f(z)\,\nabla_\phi\log q_\phi(z\mid x)\big]$: unbiased, needs
+no gradient of $f$, and is very noisy (docs/math.md §5.4).
+
+**With it**, $z = \mu + \sigma\varepsilon$ with $\varepsilon\sim\mathcal N(0, I)$ drawn *outside* the
+parameters (§3.1), so $\nabla_\phi\mathbb E_\varepsilon[f(\mu+\sigma\varepsilon)] =
+\mathbb E_\varepsilon[\nabla_z f\cdot\nabla_\phi z]$: the gradient flows through the sample.
+
+minivae implements both by hand: `model.loss_and_grad(x, eps=..., estimator="score")` is the
+score-function estimate of the encoder's gradient (the KL stays analytic; the decoder's gradient is
+the usual one), and `minivae.estimators.gradient_samples` returns one gradient estimate per draw of
+$\varepsilon$. We compare them on a trained model, for the same batch and the same noise.
+"""),
+    code(SETUP),
+    code(r"""
+from minivae import estimators
+
+model = minivae.VAE(x_dim=64, z_dim=2, hidden=(128,), likelihood="bernoulli", seed=0)
+fit(model, x_train, epochs=40)
+x = x_test[:16]                                               # one batch of 16 test images
+
+S = 2048                                                      # single-sample gradient estimates
+grads = {e: estimators.gradient_samples(model, x, S, estimator=e, seed=1) for e in ("reparam", "score")}
+enc, dec = estimators.part_slice(model, "enc"), estimators.part_slice(model, "dec")
+print("decoder part identical for both estimators:", np.array_equal(grads["reparam"][:, dec], grads["score"][:, dec]))
+for e, g in grads.items():
+    print(f"{e:8s} trace of the covariance of the encoder gradient (one sample): {estimators.total_variance(g[:, enc]):12.4g}")
+"""),
+    md(r"""
+## Same mean, different spread
+
+Both are unbiased estimators of the same gradient: averaged over the 2048 draws, they agree within the
+score estimator's standard error. Left: the distribution of single-sample estimates of one encoder
+parameter's gradient (the one where the reparameterized gradient is largest); right: the mean of
+every encoder coordinate under both estimators, with the score estimate's $\pm2$ standard errors.
+"""),
+    code(r"""
+g_rep, g_sco = grads["reparam"][:, enc], grads["score"][:, enc]
+j = np.argmax(np.abs(g_rep.mean(0)))
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+lo, hi = np.percentile(g_sco[:, j], [0.5, 99.5])
+bins = np.linspace(lo, hi, 80)
+axes[0].hist(g_sco[:, j], bins=bins, alpha=0.6, label="score function", density=True)
+axes[0].hist(g_rep[:, j], bins=bins, alpha=0.8, label="reparameterization", density=True)
+axes[0].axvline(g_rep[:, j].mean(), color="k", lw=1)
+axes[0].set_xlabel(f"gradient of encoder parameter #{j}"); axes[0].legend(); axes[0].set_yticks([])
+
+sel = np.argsort(np.abs(g_rep.mean(0)))[-40:]                # the 40 largest encoder coordinates
+se = g_sco[:, sel].std(0, ddof=1) / np.sqrt(S)
+axes[1].errorbar(g_rep[:, sel].mean(0), g_sco[:, sel].mean(0), yerr=2 * se, fmt="o", ms=3, lw=1)
+lim = np.abs(g_rep[:, sel].mean(0)).max() * 1.2
+axes[1].plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
+axes[1].set_xlabel("mean of reparameterized estimates"); axes[1].set_ylabel("mean of score estimates")
+axes[1].set_title("40 encoder coordinates, +-2 standard errors")
+plt.show()
+se_diff = np.sqrt(g_sco.var(0, ddof=1) / S + g_rep.var(0, ddof=1) / S)
+live = se_diff > 0                                           # coordinates behind a dead ReLU are 0 for both
+z = (g_sco.mean(0) - g_rep.mean(0))[live] / se_diff[live]
+print(f"|difference of means| / standard error over the {z.size} live encoder coordinates: "
+      f"median {np.median(np.abs(z)):.2f} (0.67 expected), share above 3: {np.mean(np.abs(z) > 3):.4f} (0.0027 expected)")
+"""),
+    md(r"""
+## Variance against the number of samples
+
+An $L$-sample estimate is the mean of $L$ independent single-sample ones, so we form it from disjoint
+groups of $L$ rows of the draws above and measure the total variance (the trace of its covariance,
+summed over the encoder's parameters). Both fall like $1/L$, but the score function starts orders of
+magnitude higher: it would need that many times more samples for the same precision.
+"""),
+    code(r"""
+Ls = [1, 2, 4, 8, 16, 32, 64]
+fig, ax = plt.subplots(figsize=(5, 3.4))
+for e, g in grads.items():
+    var = [estimators.total_variance(g[: S // L * L, enc].reshape(S // L, L, -1).mean(axis=1)) for L in Ls]
+    ax.loglog(Ls, var, "o-", label=e)
+    ax.loglog(Ls, var[0] / np.array(Ls), "k:", lw=0.8)
+ax.set_xlabel("samples L per estimate"); ax.set_ylabel("total variance of the encoder gradient")
+ax.set_xticks(Ls, [str(L) for L in Ls]); ax.minorticks_off()
+ax.set_title("dotted: var(L = 1) / L"); ax.legend(); ax.grid(alpha=0.3, which="both")
+plt.show()
+ratio = estimators.total_variance(g_sco) / estimators.total_variance(g_rep)
+print(f"score / reparam variance: {ratio:.0f}x, so the score function needs about {ratio:.0f} times as many samples")
+"""),
+]
+
 
 # @@ more notebooks above this line
 
