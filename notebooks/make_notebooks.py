@@ -74,6 +74,181 @@ def code(text):
 
 
 NOTEBOOKS: dict[str, list] = {}
+# ------------------------------------------------------------------------------------------------
+NOTEBOOKS["01_autoencoder"] = [
+    md(r"""
+# 1. The autoencoder
+
+An autoencoder is trained to reproduce its input from a learned encoding: an encoder MLP maps an image
+$x$ (64 pixels here) to a short code $z$ (2 numbers), a decoder MLP maps $z$ back to an image
+$\hat x = \varsigma(\text{decoder}(z))$ in $[0, 1]$, and the loss is the squared $\ell_2$ distance between
+the input and its reconstruction, summed over pixels and averaged over the batch:
+
+$$\mathcal L = \frac1n\sum_i \lVert \hat x_i - x_i\rVert^2 .$$
+
+Nothing here is random: `minivae.Autoencoder` is deterministic (docs/math.md §11 derives its gradient;
+the layers are those of §2). This is the model the VAE will improve on.
+"""),
+    code(SETUP),
+    code(r"""
+ae = minivae.Autoencoder(x_dim=64, z_dim=2, hidden=(128,), seed=0)
+curve = fit(ae, x_train, epochs=80)
+
+fig, ax = plt.subplots(figsize=(4.5, 2.6))
+ax.plot(np.arange(1, len(curve) + 1), curve)
+ax.set_xlabel("epoch"); ax.set_ylabel("squared error per image"); ax.set_yscale("log"); ax.grid(alpha=0.3)
+plt.show()
+print(f"test squared error per image: {ae.sq_error(x_test).mean():.2f} (64 pixels; "
+      f"predicting the mean image gives {((x_test - x_train.mean(0)) ** 2).sum(1).mean():.2f})")
+"""),
+    md(r"""
+## Reconstructions
+
+Top row: test inputs; bottom row: `ae.reconstruct(x)` = `decode(encode(x))`. Two numbers per image are
+enough to recover the digit's overall shape, not its details.
+"""),
+    code(r"""
+fig, ax = plt.subplots(figsize=(8, 2.2))
+picks = np.concatenate([np.flatnonzero(y_test == d)[:1] for d in range(10)])     # one of each digit
+show(ax, np.concatenate([x_test[picks], ae.reconstruct(x_test[picks])]), 10, "inputs (top) and reconstructions")
+plt.show()
+"""),
+    md(r"""
+## The latent space
+
+Every test image is one point $z = \text{encoder}(x)$. The digits form clusters, but nothing says where
+they should sit, how far apart, or what lies between them; the scale of the codes is whatever training
+happened to produce. The next notebook looks at what the decoder makes of the space between the points.
+"""),
+    code(r"""
+z = ae.encode(x_test)                                                   # (360, 2)
+fig, ax = plt.subplots(figsize=(5, 4))
+sc = ax.scatter(z[:, 0], z[:, 1], c=y_test, cmap="tab10", s=8, vmin=-0.5, vmax=9.5)
+fig.colorbar(sc, ax=ax, ticks=range(10), label="digit")
+ax.set_xlabel("z1"); ax.set_ylabel("z2"); ax.set_title("autoencoder codes of the test set")
+plt.show()
+"""),
+]
+
+# ------------------------------------------------------------------------------------------------
+NOTEBOOKS["02_why_not_satisfying"] = [
+    md(r"""
+# 2. Why the autoencoder was not satisfying
+
+The autoencoder learns codes that make reconstruction easy, and nothing else. The inputs get
+*memorized* in the latent space: similar inputs may get distant codes, and the space between the codes
+decodes to nothing meaningful. So we cannot use its decoder to generate: we do not know which $z$ to feed it.
+
+The VAE (notebooks 3 to 5) trains the same networks with a stochastic encoder and a KL term that pulls
+every code towards the prior $\mathcal N(0, I)$ (docs/math.md §3, §5.1). Here both are trained with the
+same size, 64 → 128 → 2 → 128 → 64, and we decode their latent spaces side by side.
+"""),
+    code(SETUP),
+    code(r"""
+ae = minivae.Autoencoder(x_dim=64, z_dim=2, hidden=(128,), seed=0)
+fit(ae, x_train, epochs=80)
+vae = minivae.VAE(x_dim=64, z_dim=2, hidden=(128,), likelihood="bernoulli", seed=0)
+fit(vae, x_train, epochs=80)
+
+z_ae = ae.encode(x_test)                     # (360, 2) codes
+z_vae, _ = vae.encode(x_test)                # (360, 2) posterior means
+
+
+def decode_vae(z):
+    # E[x|z] of the VAE's Bernoulli decoder: sigmoid of the logits (§4.1).
+    return 1 / (1 + np.exp(-vae.decode(np.asarray(z, dtype=np.float32))))
+
+
+def grid_over(z, n=12):
+    # An n x n grid over the box holding the central 98% of the codes z (n*n, 2), z2 growing upwards.
+    lo, hi = np.percentile(z, [1, 99], axis=0)
+    g1, g2 = np.meshgrid(np.linspace(lo[0], hi[0], n), np.linspace(hi[1], lo[1], n))
+    return np.stack([g1.ravel(), g2.ravel()], axis=1), (lo, hi)
+"""),
+    md(r"""
+## Decoding a grid over the latent space
+
+For each model, a $12\times12$ grid over the box that holds 98% of its test codes (left: the codes, the
+box in black), decoded (right). The autoencoder's codes have an arbitrary scale and leave large empty
+regions between the clusters (and stragglers far outside them); no training image was ever encoded there,
+so whatever the decoder makes of those regions is an accident of training: here, the same few shapes
+stretched over large areas and abrupt borders between them. The VAE's codes fill a region around the
+origin of the size of the prior, with no holes, and its decoded grid changes gradually from digit to digit.
+(On 8x8 digits with two latent dimensions the autoencoder's decoder stays fairly tame: the bottleneck is
+too narrow to memorize much. The VAE's images are blurrier: it pays for its smooth latent space in
+reconstruction, notebook 5.)
+"""),
+    code(r"""
+fig, axes = plt.subplots(2, 2, figsize=(8, 8))
+for row, (name, z, decode) in enumerate((("autoencoder", z_ae, ae.decode), ("VAE", z_vae, decode_vae))):
+    grid, (lo, hi) = grid_over(z)
+    ax = axes[row, 0]
+    ax.scatter(z[:, 0], z[:, 1], c=y_test, cmap="tab10", s=6, vmin=-0.5, vmax=9.5)
+    ax.plot([lo[0], hi[0], hi[0], lo[0], lo[0]], [lo[1], lo[1], hi[1], hi[1], lo[1]], "k", lw=1)
+    ax.set_title(f"{name}: test codes, coloured by digit")
+    show(axes[row, 1], decode(grid.astype(np.float32)), 12, f"{name}: decoded grid over the box")
+plt.show()
+"""),
+    md(r"""
+## Random codes
+
+To *generate*, we need a distribution to draw codes from. The VAE has one by construction, the prior
+$\mathcal N(0, I)$. For the autoencoder the best we can do is a Gaussian fitted to its codes (same mean
+and covariance): some of its draws land between the clusters or outside them, and decode to
+malformed shapes.
+"""),
+    code(r"""
+rng = np.random.default_rng(0)
+z_rand_ae = rng.multivariate_normal(z_ae.mean(0), np.cov(z_ae.T), size=32).astype(np.float32)
+z_rand_vae = rng.standard_normal((32, 2)).astype(np.float32)
+fig, axes = plt.subplots(1, 2, figsize=(9, 2.8))
+show(axes[0], ae.decode(z_rand_ae), 8, "autoencoder: z ~ Gaussian fitted to its codes")
+show(axes[1], decode_vae(z_rand_vae), 8, "VAE: z ~ N(0, I), the prior")
+plt.show()
+"""),
+    md(r"""
+## Interpolating between two codes
+
+Encode two test images, walk along the straight line between their codes and decode every step:
+$z_t = (1 - t)\,z_a + t\,z_b$. Look at how the image changes from step to step: the autoencoder's path
+holds one shape, then switches abruptly, often through digits unrelated to either end; the VAE's path is
+a smooth transition between the two digits.
+"""),
+    code(r"""
+pairs = [(np.flatnonzero(y_test == a)[0], np.flatnonzero(y_test == b)[0]) for a, b in ((0, 1), (2, 7), (4, 3))]
+t = np.linspace(0, 1, 10)[:, None]
+rows = []
+for name, z, decode in (("AE", z_ae, ae.decode), ("VAE", z_vae, decode_vae)):
+    for ia, ib in pairs:
+        path = (1 - t) * z[ia] + t * z[ib]                                   # (10, 2)
+        rows.append(np.concatenate([x_test[ia:ia + 1], decode(path.astype(np.float32)), x_test[ib:ib + 1]]))
+fig, ax = plt.subplots(figsize=(7, 4.8))
+show(ax, np.concatenate(rows), 12, "x_a, 10 steps from z_a to z_b, x_b: AE (top 3 rows), VAE (bottom 3)")
+plt.show()
+"""),
+    md(r"""
+## Similar inputs, distant codes?
+
+For every test image take its nearest neighbour in pixel space (another test image), and compare the
+distance between their codes with the typical distance between two random codes. A ratio near 0 means
+"similar inputs get similar codes"; a ratio near 1 means the code ignores similarity. With only two
+latent dimensions both models keep most neighbours close (a 2-D code cannot afford to scatter them); the
+lecture's "similar inputs may get distant codes" is the regime of wide codes and big networks, where an
+autoencoder can memorize. What separates the two models here is the 10% tail and, above all, the
+space between the codes.
+"""),
+    code(r"""
+d_pix = ((x_test[:, None, :] - x_test[None, :, :]) ** 2).sum(-1)        # (360, 360) pixel distances
+np.fill_diagonal(d_pix, np.inf)
+nn = d_pix.argmin(1)                                                    # nearest neighbour of each image
+for name, z in (("autoencoder", z_ae), ("VAE", z_vae)):
+    d_code = np.sqrt(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1))    # (360, 360) code distances
+    typical = np.median(d_code[np.triu_indices(len(z), 1)])
+    ratio = d_code[np.arange(len(z)), nn] / typical
+    print(f"{name:12s} code distance to the pixel-space nearest neighbour / typical code distance: "
+          f"median {np.median(ratio):.2f}, 90th percentile {np.percentile(ratio, 90):.2f}")
+"""),
+]
 
 # ------------------------------------------------------------------------------------------------
 NOTEBOOKS["03_stochastic_encoder"] = [
