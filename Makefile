@@ -1,16 +1,17 @@
 # make demo  : set up a virtual environment and train on the embedded 8x8 digits (no network needed)
-# make test  : set up the same environment and run the whole test suite
+# make test  : set up the same environment and run the whole test suite (the notebooks included)
+# make tutorial : re-execute every notebook in notebooks/ in place (fresh kernels), refreshing their outputs
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test gradcheck bench clean
+.PHONY: setup demo test tutorial gradcheck bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,mpi]"
+	$(BIN)/python -m pip install -q -e ".[dev,mpi,tutorial]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,6 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
+
+# nbclient's jupyter-execute: each notebook in a new ipykernel of this environment, cells in order,
+# outputs written back into the notebook; JUPYTER_DATA_DIR keeps a kernel spec in your home out of it.
+tutorial: $(STAMP)
+	JUPYTER_DATA_DIR=$(abspath $(VENV))/share/jupyter-tutorial $(BIN)/jupyter-execute --inplace \
+		--kernel_name=python3 --timeout=600 notebooks/[0-9][0-9]_*.ipynb
 
 gradcheck: $(STAMP)
 	$(BIN)/minivae gradcheck

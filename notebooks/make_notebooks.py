@@ -571,7 +571,8 @@ se_diff = np.sqrt(g_sco.var(0, ddof=1) / S + g_rep.var(0, ddof=1) / S)
 live = se_diff > 0                                           # coordinates behind a dead ReLU are 0 for both
 z = (g_sco.mean(0) - g_rep.mean(0))[live] / se_diff[live]
 print(f"|difference of means| / standard error over the {z.size} live encoder coordinates: "
-      f"median {np.median(np.abs(z)):.2f} (0.67 expected), share above 3: {np.mean(np.abs(z) > 3):.4f} (0.0027 expected)")
+      f"median {np.median(np.abs(z)):.2f}, share above 3: {np.mean(np.abs(z) > 3):.4f}")
+# (both estimators saw the same eps, so the standard error of independent means used here is only a guide)
 """),
     md(r"""
 ## Variance against the number of samples
