@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=unit_interval, metavar="F", default=S,
                    help=f"fraction of train held out for validation (default: {d.val_fraction})")
     g = t.add_argument_group("model")
+    g.add_argument("--model", choices=("vae", "ae"), default=S,
+                   help="vae, or ae: the deterministic autoencoder, trained on the squared error "
+                        f"(numpy or numba; no likelihood or objective options) (default: {d.model})")
     g.add_argument("--z-dim", type=positive_int, metavar="Z", default=S, help=f"latent dimensions (default: {d.z_dim})")
     g.add_argument("--hidden", type=positive_int, nargs="+", metavar="H", default=S,
                    help=f"hidden layer widths of the encoder; the decoder mirrors them (default: {d.hidden[0]})")
@@ -277,10 +280,10 @@ def _checkpoint_path(text) -> Path:
 def load_checkpoint(text, backend=None):
     """(model, meta) from a model.npz or a run folder."""
     from . import checkpoint
-    from .model import VAE
+    from .autoencoder import load_model
 
     path = _checkpoint_path(text)
-    model = VAE.load(path, backend=backend)
+    model = load_model(path, backend=backend)
     meta, _ = checkpoint.load(path)
     return model, meta
 
@@ -328,6 +331,8 @@ def cmd_evaluate(args):
 
     model, meta = load_checkpoint(args.checkpoint, backend=args.backend)
     ds, x = load_split(args, model, meta, args.split)
+    if _is_ae(model):
+        return _evaluate_ae(args, model, ds, x)
     r = evaluate(model, x, iw_samples=args.iw_samples, batch_size=args.batch_size, chunk=args.chunk,
                  seed=args.seed)
     r = dict(r, dataset=ds.name, split=args.split)
@@ -347,10 +352,37 @@ def cmd_evaluate(args):
     return 0
 
 
+def _is_ae(model) -> bool:
+    from .autoencoder import Autoencoder
+    return isinstance(model, Autoencoder)
+
+
+def _evaluate_ae(args, model, ds, x):
+    """An Autoencoder has no ELBO, no log p(x) and no posterior: its reconstruction error only."""
+    from .evaluate import mean_sq_error
+    err = mean_sq_error(model, x, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"elbo": None, "iw_log_likelihood": None, "iw_samples": 0, "active_units": None,
+                          "recon_error": err, "n": len(x), "dataset": ds.name, "split": args.split,
+                          "seed": args.seed, "model": "ae"}))
+        return 0
+    rows = [("dataset", f"{ds.name} ({args.split}, {len(x)} examples)"),
+            ("model", "autoencoder: the ELBO, log p(x) and active units need a VAE"),
+            ("reconstruction error", f"{err:.4f} (squared error summed over pixels)")]
+    w = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+    return 0
+
+
+_NO_PRIOR = "an autoencoder has no prior to sample from; see its decoded grid: minivae plot CKPT --kind manifold"
+
+
 def cmd_sample(args):
     from .plots import save_samples
 
     model, meta = load_checkpoint(args.checkpoint)
+    if _is_ae(model):
+        raise ValueError(_NO_PRIOR)
     images = model.sample(args.n, seed=args.seed, mean=not args.draw)
     path = save_samples(args.out, images, image_shape(model, meta),
                         title="draws from p(x|z)" if args.draw else "samples from the prior (mean of p(x|z))")
@@ -384,7 +416,14 @@ def cmd_plot(args):
             raise ValueError(f"{args.checkpoint}: no training metrics to draw")
         paths = [plots.save_curves(out, metrics)]
     elif kind == "samples":
+        if _is_ae(model):
+            raise ValueError(_NO_PRIOR)
         paths = [plots.save_samples(out, model.sample(64, seed=0), shape)]
+    elif kind == "manifold" and _is_ae(model):
+        if model.z_dim != 2:
+            raise ValueError(f"the decoded grid needs z_dim = 2, the model has z_dim = {model.z_dim}")
+        _, x = load_split(args, model, meta, "test")
+        paths = [plots.save_code_grid(out, model, model.encode(x[:5000]), shape)]
     elif kind == "manifold":
         if model.z_dim != 2:
             raise ValueError(f"the manifold needs z_dim = 2, the model has z_dim = {model.z_dim}")
@@ -403,8 +442,8 @@ def cmd_plot(args):
             other = np.flatnonzero(y != y[0])
             paths = [plots.save_interpolation(out, model, x[0], x[int(other[0]) if len(other) else 1], shape)]
         else:  # latent
-            mu, _ = model.encode(x[:5000])
-            paths = [plots.save_latent_scatter(out, mu, y[:5000])]
+            what = "codes" if _is_ae(model) else "posterior means"
+            paths = [plots.save_latent_scatter(out, plots._codes(model, x[:5000]), y[:5000], what=what)]
     for path in paths:
         print(path)
     return 0

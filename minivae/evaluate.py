@@ -92,6 +92,20 @@ def mean_elbo(model, x, seed=0, batch_size=DEFAULT_BATCH_SIZE, comm=None, eps=No
     return float(total / count)
 
 
+def mean_sq_error(model, x, batch_size=DEFAULT_BATCH_SIZE, comm=None, split="given") -> float:
+    """An Autoencoder's 1/n sum_i ||x_hat_i - x_i||^2 over all rows of ``x`` (sharded over ``comm``),
+    the loss it trains on (docs/math.md §11)."""
+    rows = shard(len(x), comm)
+    xs = x[rows]
+
+    def local_sum():
+        return float(sum(model.sq_error(xs[lo:lo + batch_size]).astype(np.float64).sum()
+                         for lo in range(0, len(xs), batch_size)))
+    local = local_sum() if comm is None else collective(comm, local_sum, f"evaluating the {split} split")
+    total, count = _reduce_sum(comm, [local, len(xs)])
+    return float(total / count)
+
+
 def example_rng(seed, index) -> np.random.Generator:
     """The importance-sampling stream of example ``index``: independent of batching and sharding."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(int(index),))))

@@ -95,9 +95,22 @@ def _tile_centers(count, size, pad=1):
     return [i * (size + pad) + (size - 1) / 2 for i in range(count)]
 
 
+def _is_ae(model) -> bool:
+    """A deterministic minivae.Autoencoder (no likelihood, no prior), rather than a VAE."""
+    return not hasattr(model.spec, "likelihood")
+
+
+def _codes(model, x):
+    """Where x sits in the latent space: the posterior means of a VAE, the codes of an Autoencoder."""
+    return model.encode(x) if _is_ae(model) else model.encode(x)[0]
+
+
 def _decode_mean(model, z):
-    """E[x|z] for latent points z (m, Z): the decoder head through the likelihood's mean."""
+    """E[x|z] for latent points z (m, Z): the decoder head through the likelihood's mean
+    (an Autoencoder's decoder output x_hat itself)."""
     z = np.ascontiguousarray(z, dtype=model.dtype)
+    if _is_ae(model):
+        return model.decode(z)
     head = model.backend.decode(model.params, z)                    # (m, K)
     return dist.likelihood_mean(model.likelihood, head, model.x_dim)
 
@@ -183,6 +196,46 @@ def save_manifold(path, model, image_shape, n=15, dpi=DPI):
     return _save(fig, path)
 
 
+def code_grid(model, codes, n=15, lo=1.0, hi=99.0):
+    """An Autoencoder's decoded grid: there is no prior to take quantiles of, so the grid spans the
+    [lo, hi] percentiles of the ``codes`` (m, 2) of some data, per axis.
+
+    Returns z1_axis (n,), z2_axis (n,) increasing, and means (n*n, D): tile (r, c), row-major, is
+    the decoding of z = (z1_axis[c], z2_axis[n - 1 - r]), so z2 grows upwards.
+    """
+    codes = np.asarray(codes, dtype=np.float64)
+    if model.z_dim != 2 or codes.ndim != 2 or codes.shape[1] != 2 or len(codes) == 0:
+        raise ValueError(f"the code grid needs a 2-D latent space and codes of shape (m, 2), "
+                         f"got z_dim = {model.z_dim} and codes of shape {codes.shape}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    a = np.percentile(codes, [lo, hi], axis=0)                          # (2, 2): rows lo, hi
+    z1_axis = np.linspace(a[0, 0], a[1, 0], n)
+    z2_axis = np.linspace(a[0, 1], a[1, 1], n)
+    z1, z2 = np.meshgrid(z1_axis, z2_axis[::-1])
+    z = np.stack([z1.ravel(), z2.ravel()], axis=1)
+    return z1_axis, z2_axis, _decode_mean(model, z)
+
+
+def save_code_grid(path, model, codes, image_shape, n=15, dpi=DPI):
+    """The Autoencoder's counterpart of the manifold: an n x n grid spanning the codes' range
+    (1st to 99th percentile per axis), each tile the decoding of its grid point."""
+    h, w = _shape(image_shape)
+    z1_axis, z2_axis, means = code_grid(model, codes, n)
+    images = _images(means, (h, w), "decoded grid")
+    fig = _figure(n * CELL_IN * 0.6 + 1.0, n * CELL_IN * 0.6 + 1.0, dpi)
+    ax = fig.add_subplot()
+    _show_grid(ax, image_grid(images, n))
+    ticks = sorted({0, n // 2, n - 1})
+    ax.set_xticks([_tile_centers(n, w)[i] for i in ticks], [f"{z1_axis[i]:.2f}" for i in ticks], fontsize=7)
+    ax.set_yticks([_tile_centers(n, h)[i] for i in ticks], [f"{z2_axis[::-1][i]:.2f}" for i in ticks],
+                  fontsize=7)
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    ax.set_title("autoencoder: decoded grid over the codes' range", fontsize=9)
+    return _save(fig, path)
+
+
 def interpolate(model, xa, xb, steps=10):
     """Decoded means along the line between the posterior means of xa and xb.
 
@@ -193,7 +246,7 @@ def interpolate(model, xa, xb, steps=10):
     x = np.concatenate([np.atleast_2d(xa), np.atleast_2d(xb)])
     if len(x) != 2:
         raise ValueError(f"xa and xb must each be one image, got {len(x)} rows together")
-    mu, _ = model.encode(x)                                             # posterior means (2, Z)
+    mu = _codes(model, x)                                               # posterior means (2, Z)
     t = np.linspace(0.0, 1.0, steps)                                    # (steps,)
     z = (1.0 - t[:, None]) * mu[0] + t[:, None] * mu[1]                 # (steps, Z)
     return t, _decode_mean(model, z)
@@ -213,7 +266,8 @@ def save_interpolation(path, model, xa, xb, image_shape, steps=10, dpi=DPI):
     _show_grid(ax, image_grid(row, steps + 2))
     labels = ["x_a"] + [f"{v:.2g}" for v in t] + ["x_b"]
     ax.set_xticks(_tile_centers(steps + 2, w), labels, fontsize=7)
-    ax.set_title("interpolation between posterior means (t from 0 to 1)", fontsize=9)
+    what = "codes" if _is_ae(model) else "posterior means"
+    ax.set_title(f"interpolation between {what} (t from 0 to 1)", fontsize=9)
     return _save(fig, path)
 
 
@@ -230,9 +284,9 @@ def principal_axes(mu, k=2):
     return centred @ axes.T, ratio
 
 
-def save_latent_scatter(path, mu, labels=None, dpi=DPI):
-    """The posterior means coloured by label: z1 vs z2 when Z = 2, the first two principal axes
-    when Z > 2, z1 against the label when Z = 1."""
+def save_latent_scatter(path, mu, labels=None, dpi=DPI, what="posterior means"):
+    """The posterior means (``what``: an Autoencoder's "codes") coloured by label: z1 vs z2 when
+    Z = 2, the first two principal axes when Z > 2, z1 against the label when Z = 1."""
     mu = np.asarray(mu, dtype=np.float64)
     if mu.ndim != 2 or len(mu) == 0:
         raise ValueError(f"mu must be a non-empty 2-D array (n, Z), got shape {mu.shape}")
@@ -243,16 +297,16 @@ def save_latent_scatter(path, mu, labels=None, dpi=DPI):
     Z = mu.shape[1]
     if Z == 1:
         pts = np.stack([mu[:, 0], labels if labels is not None else np.zeros(len(mu))], axis=1)
-        xlabel, ylabel, title = "z1", "label", "posterior means"
+        xlabel, ylabel, title = "z1", "label", what
     elif Z == 2:
-        pts, xlabel, ylabel, title = mu, "z1", "z2", "posterior means"
+        pts, xlabel, ylabel, title = mu, "z1", "z2", what
     else:
         pts, ratio = principal_axes(mu, 2)
         if pts.shape[1] < 2:
             pts = np.pad(pts, ((0, 0), (0, 2 - pts.shape[1])))
             ratio = np.pad(ratio, (0, 2 - len(ratio)))
         xlabel, ylabel = f"PC1 ({100 * ratio[0]:.0f}% var.)", f"PC2 ({100 * ratio[1]:.0f}% var.)"
-        title = f"posterior means, first two principal axes of Z = {Z}"
+        title = f"{what}, first two principal axes of Z = {Z}"
     fig = _figure(6.0, 5.0, dpi)
     ax = fig.add_subplot()
     size = 4 if len(mu) > 2000 else 8
@@ -294,7 +348,8 @@ def save_curves(path, metrics, dpi=DPI):
     if not drawn:
         raise ValueError("metrics hold no finite train_loss, val_loss or test_loss values")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("negative ELBO (nats per example)")
+    ae = metrics[-1].get("objective") == "sq_error"          # an Autoencoder's run
+    ax.set_ylabel("squared error per example" if ae else "negative ELBO (nats per example)")
     ax.set_title("training curves", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -305,7 +360,8 @@ def save_all(run_dir, model, dataset, metrics, n_latent=5000):
     """Every picture that applies, into ``run_dir`` under the names of FILENAMES.
 
     Uses the test split (the validation split, then train, when it is empty). The manifold is drawn
-    only when z_dim = 2, the curves only when ``metrics`` is non-empty. Draws nothing from the
+    only when z_dim = 2, the curves only when ``metrics`` is non-empty. For an Autoencoder: no
+    samples (it has no prior), and the manifold is the decoded grid over its codes (save_code_grid). Draws nothing from the
     model's own generator: the samples use a fixed seed. Returns the paths written.
     """
     run_dir = Path(run_dir)
@@ -319,16 +375,21 @@ def save_all(run_dir, model, dataset, metrics, n_latent=5000):
     n_rec = min(8, len(x))
     paths.append(save_reconstructions(run_dir / FILENAMES["reconstructions"], x[:n_rec],
                                       model.reconstruct(x[:n_rec]), shape, n=n_rec))
-    paths.append(save_samples(run_dir / FILENAMES["samples"], model.sample(64, seed=0), shape))
-    if model.z_dim == 2:
-        paths.append(save_manifold(run_dir / FILENAMES["manifold"], model, shape,
-                                   n=15 if shape[0] * shape[1] > 100 else 12))
+    ae = _is_ae(model)                   # an Autoencoder has no prior: no samples, a grid over its codes
+    grid_n = 15 if shape[0] * shape[1] > 100 else 12
+    if not ae:
+        paths.append(save_samples(run_dir / FILENAMES["samples"], model.sample(64, seed=0), shape))
+    if model.z_dim == 2 and ae:
+        paths.append(save_code_grid(run_dir / FILENAMES["manifold"], model, model.encode(x[:n_latent]),
+                                    shape, n=grid_n))
+    elif model.z_dim == 2:
+        paths.append(save_manifold(run_dir / FILENAMES["manifold"], model, shape, n=grid_n))
     if len(x) >= 2:
         other = np.flatnonzero(y != y[0])                # the first image with another label
         ib = int(other[0]) if len(other) else 1
         paths.append(save_interpolation(run_dir / FILENAMES["interpolation"], model, x[0], x[ib], shape))
-    mu, _ = model.encode(x[:n_latent])
-    paths.append(save_latent_scatter(run_dir / FILENAMES["latent"], mu, y[:n_latent]))
+    paths.append(save_latent_scatter(run_dir / FILENAMES["latent"], _codes(model, x[:n_latent]), y[:n_latent],
+                                     what="codes" if ae else "posterior means"))
     if metrics:
         paths.append(save_curves(run_dir / FILENAMES["curves"], metrics))
     return paths

@@ -88,6 +88,7 @@ CHECKPOINT = "model.npz"
 METRICS = "metrics.jsonl"
 TRAIN_STREAM = 1             # the training generator is default_rng([seed, TRAIN_STREAM])
 EVAL_BINARIZE_SEED = 0xE1    # --binarize dynamic: the one fixed binarization of val/test
+MODELS = ("vae", "ae")
 RESUMABLE = ("epochs", "data_dir", "backend", "quiet", "plots", "eval_batch_size", "distributed")
 
 
@@ -155,8 +156,7 @@ class HostTrainer:
         if self.error is None:
             try:
                 if len(xb):
-                    loss, _ = self.backend.loss_and_grad(self.params, xb, eps, beta=beta, objective=self.objective,
-                                                         free_bits=self.free_bits, grad=self.grad, **kw)
+                    loss = self._loss_and_grad(xb, eps, beta, kw)
                 else:                                          # an empty share of a tiny last batch
                     loss, self.grad[...] = 0.0, 0
             except Exception as e:
@@ -164,6 +164,12 @@ class HostTrainer:
         self.comm.allreduce_mean_(self.grad, weight)
         self.optimizer.step(self.params, self.grad)
         return float(loss)
+
+    def _loss_and_grad(self, xb, eps, beta, kw):
+        """This rank's loss; its gradient into ``self.grad``."""
+        loss, _ = self.backend.loss_and_grad(self.params, xb, eps, beta=beta, objective=self.objective,
+                                             free_bits=self.free_bits, grad=self.grad, **kw)
+        return loss
 
     def _failed(self, e):
         if self.comm.size == 1:
@@ -190,8 +196,19 @@ class HostTrainer:
         pass
 
 
+class AETrainer(HostTrainer):
+    """HostTrainer for the Autoencoder (``--model ae``): no eps, no beta; the loss is the batch
+    mean of the squared error (§11)."""
+
+    def _loss_and_grad(self, xb, eps, beta, kw):
+        loss, _ = self.backend.loss_and_grad(self.params, xb, grad=self.grad)
+        return loss
+
+
 def make_trainer(model, optimizer, comm, objective, free_bits):
     """The backend's own trainer when it has one (``backend.make_trainer``), else HostTrainer."""
+    if not hasattr(model.spec, "likelihood"):            # minivae.Autoencoder
+        return AETrainer(model.backend, model.params, optimizer, comm)
     factory = getattr(model.backend, "make_trainer", None)
     if factory is not None:
         return factory(model.params, optimizer, comm, objective, free_bits)
@@ -235,6 +252,7 @@ class TrainConfig:
     quiet: bool = False
     plots: bool = True
     distributed: bool = False
+    model: str = "vae"                      # "vae", or "ae": the deterministic minivae.Autoencoder (§11)
 
     def validate(self) -> "TrainConfig":
         """Check every field; a ValueError says which one and what was expected."""
@@ -247,7 +265,7 @@ class TrainConfig:
 
         choices = {"dataset": data_mod.DATASETS, "activation": ACTIVATIONS, "likelihood": LIKELIHOODS,
                    "optimizer": OPTIMIZERS, "backend": BACKENDS, "dtype": DTYPES,
-                   "objective": OBJECTIVES, "binarize": data_mod.BINARIZE}
+                   "objective": OBJECTIVES, "binarize": data_mod.BINARIZE, "model": MODELS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
@@ -275,7 +293,20 @@ class TrainConfig:
             raise ValueError("--samples is for --objective elbo; --objective iwae takes its samples from --k")
         if self.objective == "iwae" and self.free_bits > 0:
             raise ValueError("--free-bits applies to --objective elbo only")
+        if self.model == "ae":
+            self._check_ae()
         return self
+
+    def _check_ae(self):
+        """--model ae: the options of the VAE's objective do not apply; numpy or numba only."""
+        d = TrainConfig()
+        for name in ("likelihood", "objective", "samples", "k", "beta", "warmup", "free_bits"):
+            if getattr(self, name) != getattr(d, name):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} applies to --model vae only (the autoencoder's loss is the squared error)")
+        from .autoencoder import BACKENDS as AE_BACKENDS
+        if self.backend not in AE_BACKENDS:
+            raise ValueError(f"--model ae runs on backend {' or '.join(AE_BACKENDS)}, got {self.backend!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -443,9 +474,7 @@ class Run:
             from .kernels.cuda import select_local_device
             collective(comm, lambda: select_local_device(local_rank), "choosing a GPU")
         # a backend can fail on one machine only (no GPU there): every rank must learn it
-        self.model = collective(comm, lambda: VAE(ds.x_dim, c.z_dim, hidden=c.hidden, activation=c.activation,
-                                                   likelihood=c.likelihood, dtype=c.dtype, seed=c.seed,
-                                                   backend=c.backend), "building the model")
+        self.model = collective(comm, lambda: _build_model(c, ds.x_dim), "building the model")
         m = self.model
         self.x_train = m.check_x(ds.x_train)
         self.x_test = m.check_x(eval_split(ds.x_test, c.binarize, "test"))
@@ -519,8 +548,10 @@ class Run:
             xb = data_mod.dynamic_binarize(self.x_train[idx], self.rng)[lo:hi]
         else:
             xb = self.x_train[idx[lo:hi]]
-        eps = self.rng.standard_normal((c.eps_samples(), b, c.z_dim), dtype=m.dtype)  # (L, b, Z)
         weight = None if b % comm.size == 0 else hi - lo
+        if c.model == "ae":                                               # deterministic: no eps
+            return np.ascontiguousarray(xb), None, weight
+        eps = self.rng.standard_normal((c.eps_samples(), b, c.z_dim), dtype=m.dtype)  # (L, b, Z)
         return np.ascontiguousarray(xb), np.ascontiguousarray(eps[:, lo:hi]), weight
 
     def _check(self, loss, stop, epoch, s, steps, bar):
@@ -602,9 +633,14 @@ class Run:
         self.trainer.sync_params()
         t1 = time.perf_counter()
         m, ebs = self.model, c.eval_batch_size
-        test_loss = -ev.mean_elbo(m, self.x_test, batch_size=ebs, comm=comm, eps=self.test_eps, split="test")
-        val_loss = -ev.mean_elbo(m, self.x_val, batch_size=ebs, comm=comm, eps=self.val_eps, split="validation") \
-            if self.x_val is not None else None
+        if c.model == "ae":          # mean squared error per example (§11), the loss it optimizes
+            test_loss = ev.mean_sq_error(m, self.x_test, batch_size=ebs, comm=comm, split="test")
+            val_loss = ev.mean_sq_error(m, self.x_val, batch_size=ebs, comm=comm, split="validation") \
+                if self.x_val is not None else None
+        else:
+            test_loss = -ev.mean_elbo(m, self.x_test, batch_size=ebs, comm=comm, eps=self.test_eps, split="test")
+            val_loss = -ev.mean_elbo(m, self.x_val, batch_size=ebs, comm=comm, eps=self.val_eps,
+                                     split="validation") if self.x_val is not None else None
         eval_time = time.perf_counter() - t1
         if not math.isfinite(test_loss):
             kept = f"the last good checkpoint (epoch {self.epoch}) is kept in {self.ckpt_path}" \
@@ -618,7 +654,7 @@ class Run:
             "train_time_s": train_time, "eval_time_s": eval_time,
             "train_samples": int(total_seen), "samples_per_s": float(total_seen / train_time) if train_time > 0 else None,
             "steps": steps, "world_size": comm.size, "beta": beta, "lr": self.optimizer.lr,
-            "objective": c.objective, "backend": c.backend,
+            "objective": "sq_error" if c.model == "ae" else c.objective, "backend": c.backend,
         })
         return row
 
@@ -643,6 +679,16 @@ class Run:
                 if stop.set:
                     raise Interrupted(f"interrupted after epoch {self.epoch}; saved to {self.ckpt_path} "
                                       f"(continue with: minivae train --resume {self.run_dir})")
+
+
+def _build_model(c: TrainConfig, x_dim):
+    """The VAE, or with ``--model ae`` the Autoencoder, of a training config."""
+    if c.model == "ae":
+        from .autoencoder import Autoencoder
+        return Autoencoder(x_dim, c.z_dim, hidden=c.hidden, activation=c.activation, dtype=c.dtype,
+                           seed=c.seed, backend=c.backend)
+    return VAE(x_dim, c.z_dim, hidden=c.hidden, activation=c.activation, likelihood=c.likelihood,
+               dtype=c.dtype, seed=c.seed, backend=c.backend)
 
 
 def _progress_factory(enabled, epochs):
@@ -693,19 +739,21 @@ def summarize(metrics, run_dir, plots=()):
         "best_epoch": best["epoch"], "best_by": key, "best_loss": best[key],
         "train_time_s": time_s, "samples_per_s": samples / time_s if time_s > 0 else None,
         "world_size": last["world_size"], "plots": [str(p) for p in plots],
+        "loss_name": "squared error" if last.get("objective") == "sq_error" else "-ELBO",
     }
 
 
 def format_summary(s) -> str:
     rows = [("run folder", s["run_dir"])]
+    unit = "per example" if s.get("loss_name") == "squared error" else "nats/example"
     if s["epochs"]:
         rows += [
             ("epochs", str(s["epochs"])),
-            ("final train loss", f"{s['final_train_loss']:.3f} nats/example"),
-            ("final test -ELBO", f"{s['final_test_loss']:.3f} nats/example"),
+            ("final train loss", f"{s['final_train_loss']:.3f} {unit}"),
+            (f"final test {s['loss_name']}", f"{s['final_test_loss']:.3f} {unit}"),
         ]
         if s["final_val_loss"] is not None:
-            rows.append(("final val -ELBO", f"{s['final_val_loss']:.3f} nats/example"))
+            rows.append((f"final val {s['loss_name']}", f"{s['final_val_loss']:.3f} {unit}"))
         rows += [
             (f"best epoch (by {s['best_by'].replace('_loss', '')})", f"{s['best_epoch']} ({s['best_loss']:.3f})"),
             ("training time", f"{s['train_time_s']:.2f} s on {s['world_size']} process(es)"),

@@ -178,3 +178,151 @@ def test_bad_z_is_a_clear_error():
 
 def test_exported():
     assert minivae.Autoencoder is Autoencoder and "Autoencoder" in minivae.__all__
+
+
+# ----------------------------------------------------------------------------------------------
+# the numba backend against the NumPy reference
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gemm, tiles", [("blas", (16, 64)), ("custom", (3, 5))])
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-12), ("float32", 2e-5)])
+@pytest.mark.parametrize("activation, hidden", [("relu", (7, 5)), ("tanh", ()), ("softplus", (4,)),
+                                                ("leaky_relu", (6,))])
+def test_numba_matches_numpy(monkeypatch, gemm, tiles, dtype, rtol, activation, hidden):
+    from minivae.kernels import config
+    monkeypatch.setattr(config, "GEMM", gemm)
+    monkeypatch.setattr(config, "MB", tiles[0])
+    monkeypatch.setattr(config, "NB", tiles[1])
+    ref = Autoencoder(9, 3, hidden=hidden, activation=activation, dtype=dtype, seed=1)
+    fast = Autoencoder(9, 3, hidden=hidden, activation=activation, dtype=dtype, seed=1, backend="numba")
+    rng = np.random.default_rng(0)
+    for n in (5, 1, 5):                       # a second shape, then the first workspace again
+        x = rng.random((n, 9)).astype(dtype)
+        lr, gr = ref.loss_and_grad(x)
+        grad = np.full_like(fast.params, np.nan)
+        lf, gf = fast.loss_and_grad(x, grad=grad)
+        assert gf is grad
+        assert lf == pytest.approx(lr, rel=rtol)
+        assert np.abs(gf - gr).max() <= rtol * np.abs(gr).max()
+        atol = 10 * np.finfo(dtype).eps
+        np.testing.assert_allclose(fast.encode(x), ref.encode(x), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(fast.reconstruct(x), ref.reconstruct(x), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(fast.sq_error(x), ref.sq_error(x), rtol=rtol, atol=atol)
+        z = 3 * rng.standard_normal((4, 3))
+        np.testing.assert_allclose(fast.decode(z), ref.decode(z), rtol=rtol, atol=atol)
+
+
+def test_numba_gradient_check_suite_cases():
+    for _, _, checks in gradcheck.run_ae_cases(backend="numba"):
+        assert_all_ok(checks)
+
+
+def test_numba_checkpoint_loads_on_either_backend(tmp_path):
+    fast = Autoencoder(6, 2, hidden=(5,), dtype="float64", backend="numba", seed=4)
+    fast.save(tmp_path / "ae.npz")
+    ref = Autoencoder.load(tmp_path / "ae.npz", backend="numpy")
+    x = np.random.default_rng(0).random((3, 6))
+    assert ref.loss_and_grad(x)[0] == pytest.approx(fast.loss_and_grad(x)[0], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# minivae train --model ae, evaluate, sample, plot
+# ----------------------------------------------------------------------------------------------
+
+AE_RUN = ["train", "--model", "ae", "--dataset", "digits", "--epochs", "3", "--batch-size", "64",
+          "--z-dim", "2", "--hidden", "16", "--quiet", "--lr", "3e-3"]
+
+
+def cli(capsys, *args):
+    from minivae.cli import main
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err, prefix="minivae: error:"):
+    lines = err.strip().splitlines()
+    return len(lines) == 1 and lines[0].startswith(prefix) and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory):
+    from minivae.cli import main
+    run = tmp_path_factory.mktemp("ae") / "run"
+    assert main(AE_RUN + ["--out", str(run)]) == 0
+    return run
+
+
+def test_train_ae_writes_checkpoint_metrics_and_pictures(ae_run):
+    import json
+    from minivae.data import load_dataset
+    from minivae.evaluate import mean_sq_error
+    rows = [json.loads(line) for line in (ae_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(r["objective"] == "sq_error" for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    model = Autoencoder.load(ae_run / "model.npz")
+    assert model.z_dim == 2 and model.hidden == (16,)
+    # test_loss is the mean squared error per example on the test split
+    ds = load_dataset("digits", None, "none", 0.1, 0, "float32")
+    assert rows[-1]["test_loss"] == pytest.approx(model.sq_error(ds.x_test).mean(), rel=1e-5)
+    assert rows[-1]["test_loss"] == pytest.approx(mean_sq_error(model, ds.x_test, batch_size=7), rel=1e-5)
+    names = sorted(p.name for p in ae_run.glob("*.png"))
+    assert names == ["curves.png", "interpolation.png", "latent.png", "manifold.png", "reconstructions.png"]
+
+
+def test_resume_ae_is_bit_identical(tmp_path):
+    from minivae.cli import main
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(AE_RUN + ["--out", str(full), "--no-plots"]) == 0
+    assert main([a if a != "3" else "2" for a in AE_RUN] + ["--out", str(part), "--no-plots"]) == 0
+    assert main(["train", "--resume", str(part), "--epochs", "3", "--quiet", "--no-plots"]) == 0
+    a = Autoencoder.load(full / "model.npz")
+    b = Autoencoder.load(part / "model.npz")
+    np.testing.assert_array_equal(a.params, b.params)
+
+
+def test_evaluate_sample_and_plot_an_ae_checkpoint(ae_run, tmp_path, capsys):
+    import json
+    code, out, _ = cli(capsys, "evaluate", ae_run, "--json")
+    r = json.loads(out)
+    assert code == 0 and r["elbo"] is None and r["recon_error"] > 0 and r["model"] == "ae"
+    code, out, _ = cli(capsys, "evaluate", ae_run)
+    assert code == 0 and "reconstruction error" in out and "need a VAE" in out
+    code, _, err = cli(capsys, "sample", ae_run, "--out", tmp_path / "s.png")
+    assert code == 1 and one_line_error(err) and "no prior" in err
+    for kind in ("manifold", "latent", "interpolation", "reconstructions", "curves"):
+        code, out, _ = cli(capsys, "plot", ae_run, "--kind", kind, "--out", tmp_path / f"{kind}.png")
+        assert code == 0 and (tmp_path / f"{kind}.png").is_file()
+    code, _, err = cli(capsys, "plot", ae_run, "--kind", "samples", "--out", tmp_path / "x.png")
+    assert code == 1 and one_line_error(err)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--beta", "0.5"], "--beta applies to --model vae only"),
+    (["--objective", "iwae"], "--objective applies to --model vae only"),
+    (["--likelihood", "gaussian"], "--likelihood applies to --model vae only"),
+    (["--backend", "cuda"], "runs on backend numpy or numba"),
+])
+def test_train_ae_refuses_vae_options(tmp_path, capsys, extra, match):
+    code, _, err = cli(capsys, *AE_RUN, "--out", tmp_path / "r", *extra)
+    assert code == 1 and one_line_error(err) and match in err
+    assert not (tmp_path / "r" / "model.npz").exists()
+
+
+def test_train_model_choice_is_an_argparse_error(tmp_path, capsys):
+    code, _, err = cli(capsys, "train", "--model", "gan", "--out", tmp_path / "r")
+    assert code == 2 and "invalid choice" in err
+
+
+def test_code_grid_spans_the_codes():
+    from minivae import plots
+    model = Autoencoder(16, 2, hidden=(8,), dtype="float64")
+    codes = np.random.default_rng(0).normal([1.0, -5.0], [2.0, 0.5], size=(500, 2))
+    z1, z2, means = plots.code_grid(model, codes, n=5)
+    np.testing.assert_allclose([z1[0], z1[-1]], np.percentile(codes[:, 0], [1, 99]))
+    np.testing.assert_allclose([z2[0], z2[-1]], np.percentile(codes[:, 1], [1, 99]))
+    # tile (r, c) decodes (z1[c], z2[n - 1 - r])
+    np.testing.assert_allclose(means[1 * 5 + 3], model.decode(np.array([[z1[3], z2[3]]]))[0])
+    with pytest.raises(ValueError, match="2-D latent space"):
+        plots.code_grid(Autoencoder(16, 3, hidden=(8,)), codes)

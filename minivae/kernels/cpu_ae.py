@@ -1,0 +1,172 @@
+"""The Numba CPU backend of the deterministic Autoencoder (docs/math.md §11, §9).
+
+It computes exactly the function of :class:`minivae.kernels.numpy_ae.AENumpyBackend` by composing the
+VAE's @njit blocks of kernels/cpu.py (``mlp_fwd_`` / ``mlp_bwd_``: GEMM, ``bias_act_``,
+``act_back_colsum_``) over one preallocated workspace per batch size; the only new kernels are the
+fused sigmoid + squared error + its gradient, written over the decoder head in place, and the
+sigmoid of ``decode``.
+tests/test_autoencoder.py checks it against the NumPy reference.
+
+Shape legend: n examples, D = x_dim, Z = z_dim, nl layers (ne = len(hidden): layer ne is enc.head).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+from numba import njit
+
+from . import config
+from .cpu import ACT_CODES, NumbaBackend, exp_nonpos, mlp_bwd_, mlp_fwd_
+
+
+@njit(cache=True, error_model="numpy")
+def sigmoid_(a):
+    """a <- sigmoid(a) in place, e^{-|a|} only (no overflow).   a: (N, D).   §11.1"""
+    N, D = a.shape
+    one = a.dtype.type(1)
+    for r in range(N):
+        for c in range(D):
+            v = a[r, c]
+            e = exp_nonpos(-abs(v))
+            a[r, c] = one / (one + e) if v >= 0 else e / (one + e)
+
+
+@njit(cache=True, error_model="numpy")
+def sq_error_sigmoid_(head, x, err, scale, want_grad):
+    """err_i = sum_d (sigmoid(a_id) - x_id)^2 (float64), and with ``want_grad`` the head overwritten
+    by dlogits = scale * 2 (x_hat - x) x_hat (1 - x_hat).   head, x: (n, D)  err: (n,).   §11.2"""
+    n, D = head.shape
+    dt = head.dtype.type
+    one = dt(1)
+    two_scale = dt(2 * scale)
+    for r in range(n):
+        s = 0.0
+        for c in range(D):
+            v = head[r, c]
+            e = exp_nonpos(-abs(v))
+            xh = one / (one + e) if v >= 0 else e / (one + e)
+            d = xh - x[r, c]
+            s += d * d
+            if want_grad:
+                head[r, c] = two_scale * d * xh * (one - xh)
+        err[r] = s
+
+
+class AEWorkspace:
+    """Every buffer of an n-row pass in one flat array of the model dtype (table ``bo``: offset,
+    rows, cols), as kernels/cpu.Workspace with L = 1 and no posterior."""
+
+    def __init__(self, layout, n, dtype):
+        shapes = [(n, fan_out) for _, _, fan_out in layout.layers]
+        nl = len(shapes)
+        grads = [s if t != nl - 1 else (0, s[1]) for t, s in enumerate(shapes)]  # the head's: in place
+        p1 = max(max(i * o for _, i, o in layout.layers), max(n * i for _, i, _ in layout.layers))
+        p2 = max(r * c for r, c in shapes)
+        tab = shapes + grads + [(1, p1), (1, p2)]
+        self.bo = np.zeros((len(tab), 3), dtype=np.int64)
+        off = 0
+        for k, (r, c) in enumerate(tab):
+            self.bo[k] = off, r, c
+            off += r * c
+        self.ws = np.zeros(off, dtype=dtype)
+        self.err = np.zeros(n, dtype=np.float64)
+
+
+class AENumbaBackend:
+    """Same interface and numbers as AENumpyBackend (§11), computed by the fused kernels."""
+    name = "numba"
+    update_kernels = NumbaBackend.update_kernels      # the fused one-pass optimizers (§8)
+    max_workspaces = 4
+
+    def __init__(self, spec, dtype):
+        self.spec = spec
+        self.layout = spec.layout
+        self.dtype = np.dtype(dtype)
+        self.ne = len(spec.hidden)
+        self.lay = np.array([[self.layout.slots[p + ".W"].offset, self.layout.slots[p + ".b"].offset, i, o]
+                             for p, i, o in self.layout.layers], dtype=np.int64)
+        self.act = ACT_CODES[spec.activation]
+        self._ws = OrderedDict()
+
+    def workspace(self, n) -> AEWorkspace:
+        ws = self._ws.get(n)
+        if ws is None:
+            ws = self._ws[n] = AEWorkspace(self.layout, n, self.dtype)
+            if len(self._ws) > self.max_workspaces:
+                self._ws.popitem(last=False)
+        else:
+            self._ws.move_to_end(n)
+        return ws
+
+    @staticmethod
+    def _gemm():
+        mb, nb = config.tiles()
+        return config.gemm_code(), mb, nb
+
+    def _pass(self, params, x, grad):
+        """Forward (§11.1) and, when ``grad`` is given, backward (§11.2) into it; returns the loss.
+
+        The @njit blocks are composed here, in Python, rather than inside a cached @njit caller: a
+        cached caller in this module that links cpu.py's cache-loaded blocks (whose GEMM holds a
+        parallel region) was seen to crash a later process loading it (numba 0.6x). The five
+        dispatches cost a few microseconds a step.
+        """
+        if params.dtype != self.dtype or x.dtype != self.dtype:
+            raise ValueError(f"params and x must be {self.dtype}, got {params.dtype} and {x.dtype}")
+        if not x.flags.c_contiguous:
+            raise ValueError("x must be a C-contiguous array")
+        n = x.shape[0]
+        gemm, mb, nb = self._gemm()
+        ws = self.workspace(n)
+        nl, ne, lay, act, bo, w = len(self.lay), self.ne, self.lay, self.act, ws.bo, ws.ws
+        p1, p2 = self._out(ws, 2 * nl).reshape(-1), self._out(ws, 2 * nl + 1).reshape(-1)
+        mlp_fwd_(params, lay, 0, ne, x, w, bo, act, gemm, p1, mb, nb)                  # z: buffer ne
+        z = self._out(ws, ne)
+        mlp_fwd_(params, lay, ne + 1, nl - 1, z, w, bo, act, gemm, p1, mb, nb)         # logits
+        head = self._out(ws, nl - 1)
+        want = grad is not None
+        sq_error_sigmoid_(head, x, ws.err, 1.0 / n, want)                             # head <- dlogits
+        if want:
+            dz = self._out(ws, nl + ne)
+            mlp_bwd_(params, grad, lay, ne + 1, nl - 1, z, head, dz, w, bo, nl, act, gemm, p1, p2,
+                     mb, nb, True)
+            mlp_bwd_(params, grad, lay, 0, ne, x, dz, dz, w, bo, nl, act, gemm, p1, p2, mb, nb, False)
+        return float(ws.err.sum() / n), ws
+
+    def _out(self, ws, t):
+        o, r, c = ws.bo[t]
+        return ws.ws[o:o + r * c].reshape(r, c)
+
+    def encode(self, params, x):
+        """x: (n, D) -> z: (n, Z)."""
+        gemm, mb, nb = self._gemm()
+        ws = self.workspace(x.shape[0])
+        nl = len(self.lay)
+        p1 = ws.ws[ws.bo[2 * nl, 0]:][:ws.bo[2 * nl, 2]]
+        mlp_fwd_(params, self.lay, 0, self.ne, x, ws.ws, ws.bo, self.act, gemm, p1, mb, nb)
+        return self._out(ws, self.ne).copy()
+
+    def decode(self, params, z):
+        """z: (m, Z) -> x_hat: (m, D) in [0, 1]."""
+        z = np.ascontiguousarray(z, dtype=self.dtype)
+        gemm, mb, nb = self._gemm()
+        ws = self.workspace(z.shape[0])
+        nl = len(self.lay)
+        p1 = ws.ws[ws.bo[2 * nl, 0]:][:ws.bo[2 * nl, 2]]
+        mlp_fwd_(params, self.lay, self.ne + 1, nl - 1, z, ws.ws, ws.bo, self.act, gemm, p1, mb, nb)
+        head = self._out(ws, nl - 1)
+        sigmoid_(head)
+        return head.copy()
+
+    def sq_error(self, params, x):
+        """Per-example squared error (n,)."""
+        _, ws = self._pass(params, x, None)
+        return ws.err.astype(self.dtype)
+
+    def loss_and_grad(self, params, x, grad=None):
+        """loss = 1/n sum_i e_i and its gradient in the flat layout.   §11.2"""
+        if grad is None:
+            grad = np.empty(self.layout.size, dtype=self.dtype)
+        loss, _ = self._pass(params, x, grad)
+        return loss, grad
