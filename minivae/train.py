@@ -661,6 +661,12 @@ class RunLock:
             os.close(self.fd)                # closing the descriptor releases the flock
             self.fd = None
 
+    def __del__(self):                       # a Run dropped without close() still lets go
+        try:
+            self.release()
+        except OSError:
+            pass
+
 
 def _command_line() -> str:
     """This process's command line, the way it was typed: ``minivae ...`` for the console script

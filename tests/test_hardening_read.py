@@ -670,8 +670,10 @@ def test_the_crafted_resumable_state_is_valid(tmp_path, finished_run):
     run = _resumable(tmp_path, finished_run)
     r = Run(resume_config(run, {}), SerialComm())
     assert r.epoch == 1 and r.partial["step"] == 2
+    r.close()                                   # let go of the run folder's lock
     r = Run(resume_config(_resumable(tmp_path, finished_run, mid_epoch=False), {}), SerialComm())
     assert r.epoch == 1 and r.partial is None
+    r.close()
 
 
 RESUME_CASES = {
