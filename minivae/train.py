@@ -276,16 +276,12 @@ class TrainConfig:
         self.z_dim = spec.z_dim
         if spec.n_stochastic > 1 and self.free_bits > 0:
             raise ValueError("--free-bits applies to models with one stochastic layer only")
-        if spec.n_stochastic > 1 and self.backend == "cuda":
-            raise ValueError(f"--backend {self.backend} supports one stochastic layer only; "
-                             f"--z-dim {' '.join(map(str, spec.z_dims))} needs --backend numpy or numba")
         if self.estimator == "score":
             raise ValueError("--estimator score is not implemented in this version")
         if self.estimator == "dreg" and self.objective != "iwae":
             raise ValueError("--estimator dreg applies to --objective iwae only")
-        if self.estimator != "reparam" and not (self.backend == "numpy" or
-                                                (self.backend == "numba" and spec.n_stochastic > 1)):
-            raise ValueError(f"--estimator {self.estimator} runs on --backend numpy (or numba for a stack) only")
+        if self.estimator != "reparam" and not (self.backend == "numpy" or spec.n_stochastic > 1):
+            raise ValueError(f"--estimator {self.estimator} runs on --backend numpy (or any backend for a stack) only")
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not (_finite(self.momentum) and 0 <= self.momentum < 1):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cuda import CudaBackend, _Layer, unavailable_reason
+from .cuda import CudaBackend, _Layer, recording_backend, unavailable_reason
 from .numpy_ import NumpyBackend
 
 
@@ -67,17 +67,23 @@ class CudaStackBackend(NumpyBackend):
         reason = unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"backend 'cuda' is unavailable: {reason}")
-        super().__init__(spec, dtype)
-        if self.dtype not in (np.float32, np.float64):
-            raise ValueError(f"backend 'cuda' computes in float32 or float64, got {self.dtype}")
         from numba import cuda
         from numba.cuda.random import create_xoroshiro128p_states
         # the one-layer backend's launch machinery (gemm, _linear, _linear_backward), without its
         # one-layer workspaces: _setup is everything of CudaBackend but its availability checks
-        self.dev = CudaBackend.__new__(CudaBackend)
-        self.dev._setup(spec, self.dtype, config, cuda, create_xoroshiro128p_states)   # None: cuda.CONFIG
-        self.cuda, self.config = cuda, self.dev.config
-        self.act = self.dev.act
+        dev = CudaBackend.__new__(CudaBackend)
+        dev._setup(spec, dtype, config, cuda, create_xoroshiro128p_states)     # config None: cuda.CONFIG
+        self._setup(spec, dtype, dev)
+
+    def _setup(self, spec, dtype, dev):
+        """Everything but the availability check; ``dev`` launches the kernels (a CudaBackend, or
+        cuda.recording_backend's stand-in that records the launches)."""
+        super().__init__(spec, dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"backend 'cuda' computes in float32 or float64, got {self.dtype}")
+        self.dev = dev
+        self.cuda, self.config = dev.cuda, dev.config
+        self.act = dev.act
         self._blocks = {}
         for prefix, fan_in, fan_out in self.layout.layers:      # block -> [(offset, I_t, O_t), ...]
             self._blocks.setdefault(prefix.split(".")[0], []).append(
@@ -152,3 +158,12 @@ class CudaStackBackend(NumpyBackend):
             grads.append((Wb[:fan_in], Wb[fan_in]))
             off += (fan_in + 1) * fan_out
         return bufs.dh[0].copy_to_host(), grads
+
+
+def recording_stack_backend(spec, dtype, config=None):
+    """A CudaStackBackend whose launches are recorded, not run (see cuda.recording_backend): no GPU
+    needed; ``recorded`` maps (kernel, argument types) to (grid, block) for the compile test."""
+    be = CudaStackBackend.__new__(CudaStackBackend)
+    be._setup(spec, dtype, recording_backend(spec, dtype, config))
+    be.recorded = be.dev.recorded
+    return be
