@@ -83,10 +83,13 @@ def test_stack_pieces_match_numpy(cfg, rng):
 
 
 def test_buffers_are_reused_per_block_and_rows(rng):
-    """A second pass of the same shape allocates nothing: one named buffer set per (block, rows)."""
+    """A second pass of the same shape allocates nothing: one named buffer set per (block, rows); the
+    launches of a fused pass."""
     spec, ref, be = stack_backend(2, "bernoulli", "relu", np.float32, CONFIGS[0])
     params, x, eps = inputs(spec, "bernoulli", np.float32, rng)
     be.loss_and_grad(params, x, eps, objective="iwae")
+    # fused: per layer one GEMM forward, two backward ([dW; db] and the input's gradient)
+    assert be.launches == 3 * len(spec.layout.layers)
     first = {k: id(v) for k, v in be._bufs.items()}
     assert set(first) == {("enc", 3), ("enc2", 6), ("dec2", 6), ("dec", 6)}
     be.loss_and_grad(params, x, eps, objective="iwae", estimator="dreg")
