@@ -161,9 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=OBJECTIVES, default=S, help=f"(default: {d.objective})")
     g.add_argument("--samples", type=positive_int, metavar="L", default=S,
                    help=f"Monte Carlo samples per example for the ELBO (default: {d.samples})")
-    g.add_argument("--estimator", choices=("reparam", "dreg"), default=S,
-                   help="gradient estimator: dreg is the doubly reparameterized IWAE gradient, "
-                        f"--objective iwae only (default: {d.estimator})")
+    g.add_argument("--estimator", choices=("reparam", "dreg", "score"), default=S,
+                   help="the inference network's gradient: dreg is the doubly reparameterized IWAE gradient "
+                        "(--objective iwae); score is REINFORCE (--objective elbo, one stochastic layer, "
+                        f"--backend numpy; a study tool: far noisier) (default: {d.estimator})")
     g.add_argument("--k", type=positive_int, metavar="K", default=S,
                    help=f"importance samples per example for --objective iwae (default: {d.k})")
     g.add_argument("--beta", type=nonneg_float, default=S, help=f"weight of the KL term (default: {d.beta:g})")

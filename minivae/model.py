@@ -196,8 +196,6 @@ class VAE:
         self.layout = self.spec.layout
         self._params = self.layout.init(self.rng, self.dtype)
         name = resolve_backend(backend)          # "auto" -> the concrete name the config records
-        if backend == "auto" and name == "cuda" and self.spec.n_stochastic > 1:
-            name = "numba"                       # the stack's fastest backend
         self.backend_name = name
         cls = get_backend(name)
         if self.spec.n_stochastic > 1:

@@ -323,16 +323,12 @@ class TrainConfig:
         self.z_dim = spec.z_dim
         if spec.n_stochastic > 1 and self.free_bits > 0:
             raise ValueError("--free-bits applies to models with one stochastic layer only")
-        if spec.n_stochastic > 1 and self.backend == "cuda":
-            raise ValueError(f"--backend {self.backend} supports one stochastic layer only; "
-                             f"--z-dim {' '.join(map(str, spec.z_dims))} needs --backend numpy or numba")
-        if self.estimator == "score":
-            raise ValueError("--estimator score is not implemented in this version")
+        if self.estimator == "score" and (self.objective != "elbo" or spec.n_stochastic > 1):
+            raise ValueError("--estimator score applies to --objective elbo with one stochastic layer only")
         if self.estimator == "dreg" and self.objective != "iwae":
             raise ValueError("--estimator dreg applies to --objective iwae only")
-        if self.estimator != "reparam" and not (self.backend in ("numpy", "auto") or
-                                                (self.backend == "numba" and spec.n_stochastic > 1)):
-            raise ValueError(f"--estimator {self.estimator} runs on --backend numpy (or numba for a stack) only")
+        if self.estimator != "reparam" and not (self.backend in ("numpy", "auto") or spec.n_stochastic > 1):
+            raise ValueError(f"--estimator {self.estimator} runs on --backend numpy (or any backend for a stack) only")
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not (_finite(self.lr_gamma) and 0 < self.lr_gamma <= 1):
@@ -403,17 +399,16 @@ class TrainConfig:
 
 
 def auto_backend(config: TrainConfig, gpu: bool) -> str:
-    """What ``--backend auto`` becomes for this run: the fastest backend that runs its math. cuda (with a
-    GPU on every rank) and the fused numba kernels run one stochastic layer with the reparameterized
-    gradient; a stack runs on numba's stack kernels (kernels/cpu_stack.py); another estimator on one
-    layer needs the numpy reference."""
+    """What ``--backend auto`` becomes for this run: the fastest backend that runs its math: cuda with a
+    GPU on every rank, else numba (stacks on their kernels/cpu_stack.py and cuda_stack.py); the score and
+    DReG estimators of one stochastic layer need the numpy reference."""
     from .model import ModelSpec
     if config.model == "ae":                              # minivae.Autoencoder: numpy or numba
         return "numba"
     stack = ModelSpec(1, config.z_dim, config.hidden).n_stochastic > 1
     if config.estimator != "reparam" and not stack:
         return "numpy"
-    return "cuda" if gpu and not stack else "numba"
+    return "cuda" if gpu else "numba"
 
 
 def _finite(v) -> bool:

@@ -74,6 +74,24 @@ def test_mnist_model_matches_numpy(images, likelihood, objective):
         assert rel_error(cpu.layout.view(g1, name), cpu.layout.view(g2, name)) < 1e-4, name
 
 
+@pytest.mark.parametrize("objective,estimator", [("elbo", "reparam"), ("iwae", "reparam"), ("iwae", "dreg")])
+def test_two_layer_iwae_paper_model_matches_numpy(images, objective, estimator):
+    """Burda et al.'s two-layer model (784-200-200-100 / 100-100-100-50, tanh) on kernels/cuda_stack.py,
+    in float64: the same numbers to rounding."""
+    kw = dict(hidden=((200, 200), (100, 100)), activation="tanh", dtype="float64", seed=0)
+    cpu, gpu = VAE(784, (100, 50), backend="numpy", **kw), VAE(784, (100, 50), backend="cuda", **kw)
+    x = (images[:128] > 0.5).astype(np.float64)
+    rng = np.random.default_rng(4)
+    eps = tuple(rng.standard_normal((5, 128, z)) for z in (100, 50))
+    kw = dict(objective=objective, estimator=estimator)
+    l1, g1 = cpu.loss_and_grad(x, eps, **kw)
+    g1 = g1.copy()
+    l2, g2 = gpu.loss_and_grad(x, eps, **kw)
+    assert abs(l2 - l1) <= 1e-10 * abs(l1)
+    for name in cpu.layout.names:
+        assert rel_error(cpu.layout.view(g1, name), cpu.layout.view(g2, name)) < 1e-9, name
+
+
 def test_importance_sampling_with_k_5000(images):
     """log p(x) estimates with k = 5000 go through the decoder in chunks."""
     cpu, gpu = VAE(784, 20, backend="numpy", seed=0), VAE(784, 20, backend="cuda", seed=0)

@@ -57,6 +57,22 @@ def test_cuda_backend_without_a_gpu_fails_with_one_line():
     assert any(c in msg for c in CAUSES), msg
 
 
+def test_a_stack_on_cuda_without_a_gpu_fails_with_one_line(tmp_path, capsys):
+    """cuda runs stacks (kernels/cuda_stack.py): without a GPU, the same one-line cause as for S = 1."""
+    if _gpu_or_simulator():
+        pytest.skip("a GPU (or the simulator) is available here")
+    from minivae import VAE
+    from minivae.cli import main
+    with pytest.raises(RuntimeError, match=r"^backend 'cuda' is unavailable: [^\n]+$"):
+        VAE(4, (3, 2), hidden=(3,), backend="cuda")
+    code = main(["train", "--dataset", "digits", "--epochs", "1", "--quiet", "--no-plots", "--out",
+                 str(tmp_path / "r"), "--z-dim", "4", "2", "--backend", "cuda", "--objective", "iwae",
+                 "--estimator", "dreg"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("minivae: error: backend 'cuda' is unavailable: "), err
+
+
 def test_the_message_names_a_missing_numba_cuda(monkeypatch):
     import numba
     monkeypatch.delattr(numba, "cuda", raising=False)
@@ -102,7 +118,7 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch):
     """The simulator runs kernels as Python, so it cannot see a typing error of numba's CUDA compiler.
     Here the host code runs against host-array stand-ins (every code path: both dtypes, both GEMMs,
     fused and not, ELBO with free bits and IWAE, the bounds, encode/decode, the trainer with each
-    optimizer and both eps sources), each launch's argument types are recorded, and every distinct
+    optimizer and both eps sources; a two-layer stack), each launch's argument types are recorded, and every distinct
     (kernel, types) goes through numba's CUDA pipeline, typing and lowering to NVVM IR, for compute
     capability 8.0 (only PTX generation needs the CUDA toolkit). The launch shapes are checked too."""
     from numba.core import config
@@ -119,6 +135,7 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch):
     monkeypatch.setattr(cuda_dispatcher, "get_current_device", lambda: _Device)
 
     from minivae.kernels.cuda import CudaConfig, recording_backend
+    from minivae.kernels.cuda_stack import recording_stack_backend
     from minivae.model import ModelSpec
     from minivae.optim import make_optimizer
 
@@ -148,6 +165,15 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch):
                 trainer.step_indices(np.array([0, 3, 1]), 1.0)
                 trainer.sync_params()
             launches.update(be.recorded)
+            # a stack of stochastic layers (kernels/cuda_stack.py): its blocks' launches
+            stack = recording_stack_backend(ModelSpec(D, (Z, 2), hidden=((6, 4), (3,)), likelihood="gaussian"),
+                                            dtype, cfg)
+            sparams = stack.spec.layout.init(rng, dtype)
+            seps = (eps, rng.standard_normal((2, n, 2)).astype(dtype))
+            stack.loss_and_grad(sparams, x, seps, objective="iwae", estimator="dreg")
+            stack.bound(sparams, x, seps, "elbo")
+            assert stack.recorded
+            launches.update(stack.recorded)
     for grid, block in launches.values():
         assert 1 <= np.prod(block) <= 1024
         assert grid[0] < 2 ** 31 and all(g < 65536 for g in grid[1:]), grid

@@ -530,7 +530,6 @@ def test_train_evaluate_sample_and_plot_a_two_layer_iwae_with_dreg(tmp_path, cap
 
 @pytest.mark.parametrize("args,words", [
     (["--z-dim", "4", "2", "--hidden", "8", "--hidden", "8", "--hidden", "8"], "one tuple of widths per stochastic layer"),
-    (["--z-dim", "4", "2", "--backend", "cuda"], "--backend cuda supports one stochastic layer only"),
     (["--z-dim", "4", "2", "--free-bits", "0.1"], "--free-bits applies to models with one stochastic layer only"),
     (["--estimator", "dreg"], "--estimator dreg applies to --objective iwae only"),
 ])

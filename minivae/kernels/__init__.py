@@ -62,9 +62,13 @@ def require_one_stochastic_layer(name: str, spec):
 
 def stack_class(name: str, cls):
     """The class that builds backend ``name`` for a stack of stochastic layers (S > 1, docs/math.md §11):
-    on 'numba', the unfused kernels/cpu_stack.py; otherwise ``cls`` itself (numpy runs stacks, the
-    fused backends refuse them with one line)."""
-    if resolve_backend(name) == "numba":
+    on 'numba', the unfused kernels/cpu_stack.py; on 'cuda', kernels/cuda_stack.py; otherwise ``cls``
+    itself (numpy runs stacks; the fused one-layer classes refuse them with one line)."""
+    name = resolve_backend(name)
+    if name == "numba":
         from .cpu_stack import NumbaStackBackend
         return NumbaStackBackend
+    if name == "cuda":
+        from .cuda_stack import CudaStackBackend   # building one raises RuntimeError when no GPU
+        return CudaStackBackend
     return cls
