@@ -12,7 +12,7 @@ from minivae.cli import main
 TINY = ["bench", "--x-dim", "9", "--z-dim", "2", "--hidden", "5", "3", "--batch", "4", "--repeat", "1",
         "--threads", "1"]
 KERNEL_KEYS = {"name", "kind", "shape", "threads", "flops", "bytes", "intensity", "time_s", "gflops", "gbs",
-               "bound_gflops", "bound", "pct_of_bound", "ref_time_s", "ref_gflops", "speedup"}
+               "bound_gflops", "bound", "pct_of_bound", "pct_of_l2_bound", "ref_time_s", "ref_gflops", "speedup"}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -31,7 +31,7 @@ def test_fma_chains_match_numpy(dtype):
 def test_triad_matches_numpy(rng):
     b, c = rng.standard_normal(1001), rng.standard_normal(1001)
     a = np.empty_like(b)
-    bench.triad_(a, b, c, 3.0)
+    bench.triad_(a, b, c, 3.0, 2, 3)
     np.testing.assert_allclose(a, b + 3.0 * c, rtol=1e-15)
 
 
@@ -61,13 +61,15 @@ def test_bench_json_and_plot(tmp_path, capsys):
     ce = r["ceilings"]
     for dt in ("float32", "float64"):
         assert ce["fma_gflops"][dt]["per_core"] > 0 and ce["fma_gflops"][dt]["all"] > 0
-    assert ce["bandwidth_gbs"]["per_core"] > 0 and ce["bandwidth_gbs"]["all"] > 0
+    for key in ("bandwidth_gbs", "l2_bandwidth_gbs"):
+        assert ce[key]["per_core"] > 0 and ce[key]["all"] > 0
     assert len(r["kernels"]) > 10
     for k in r["kernels"]:
         assert set(k) == KERNEL_KEYS
         assert k["time_s"] > 0 and k["ref_time_s"] > 0 and k["flops"] > 0 and k["bytes"] > 0
         assert k["bound"] in ("compute", "memory") and k["bound_gflops"] > 0
         assert math.isfinite(k["pct_of_bound"]) and k["pct_of_bound"] > 0
+        assert math.isfinite(k["pct_of_l2_bound"]) and 0 < k["pct_of_l2_bound"] <= k["pct_of_bound"]
     s = r["step"]
     assert s["time_s"] > 0 and math.isclose(s["kernels_sum_s"], sum(k["time_s"] for k in r["kernels"]))
     assert math.isclose(s["overhead_s"], s["time_s"] - s["kernels_sum_s"])
