@@ -40,3 +40,22 @@ def test_every_gemm_variant_compiles_for_the_gpu(dtype, monkeypatch):
         except Exception as e:  # noqa: BLE001 - report every variant that fails
             failures.append(f"variant {number}: {type(e).__name__}: {str(e).splitlines()[0]}")
     assert not failures, "\n".join(failures)
+
+
+def test_gpu_script_without_a_gpu_exits_with_one_line():
+    """benchmarks/gpu.py on a machine without a GPU: exit status 1 and one line naming the cause."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from minivae.kernels.cuda import unavailable_reason
+    if unavailable_reason() is None:
+        pytest.skip("a GPU (or the simulator) is available here")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = str(root)
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--quick"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.startswith("benchmarks/gpu.py needs an NVIDIA GPU: ") and r.stderr.count("\n") == 1, r.stderr
