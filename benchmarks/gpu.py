@@ -327,11 +327,36 @@ def _ptxas():
         return None
 
 
-def resources(cc=(9, 0)):
-    """ptxas -v for every kernel of a training step (ELBO and IWAE, fused and not), no GPU needed."""
+def _ptxas_report(ptxas, fn, sig, cc, label):
+    """Compile ``fn`` for ``sig`` to PTX for sm_<cc> and read ptxas -v: registers, smem, stack, spills."""
     import re
     import subprocess
     import tempfile
+    from numba import cuda
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=cc)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        r = subprocess.run([ptxas, f"-arch=sm_{cc[0]}{cc[1]}", "-v", str(src), "-o", str(src) + ".cubin"],
+                           capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"gpu.py: ptxas failed on {label}: {r.stderr.strip().splitlines()[-1]}")
+
+    def grab(pattern):
+        m = re.search(pattern, r.stderr)
+        return int(m.group(1)) if m else 0
+    return {"registers": grab(r"Used (\d+) registers"), "smem": grab(r"(\d+) bytes smem"),
+            "stack": grab(r"(\d+) bytes stack frame"), "spills": grab(r"(\d+) bytes spill stores")}
+
+
+def _resident(threads, regs):
+    """Blocks an sm_90 SM holds, limited by threads and registers."""
+    return min(32, 2048 // threads, 65536 // max(1, regs * threads))
+
+
+def resources(cc=(9, 0)):
+    """ptxas -v for every kernel of a training step (ELBO and IWAE, fused and not) and of the GEMM
+    ladder at its default tiles; no GPU needed."""
     from numba import cuda
     from numba.cuda import dispatcher
     ptxas = _ptxas()
@@ -370,24 +395,20 @@ def resources(cc=(9, 0)):
             if label in seen:
                 continue
             seen.add(label)
-            ptx, _ = cuda.compile_ptx(fn, sig, cc=cc)
-            with tempfile.TemporaryDirectory() as tmp:
-                src = Path(tmp) / "k.ptx"
-                src.write_text(ptx)
-                r = subprocess.run([ptxas, f"-arch=sm_{cc[0]}{cc[1]}", "-v", str(src), "-o", str(src) + ".cubin"],
-                                   capture_output=True, text=True)
-            if r.returncode:
-                raise SystemExit(f"gpu.py: ptxas failed on {label}: {r.stderr.strip().splitlines()[-1]}")
-            info = r.stderr
-
-            def grab(pattern):
-                m = re.search(pattern, info)
-                return int(m.group(1)) if m else 0
+            info = _ptxas_report(ptxas, fn, sig, cc, label)
             threads = int(np.prod(block))
-            regs = grab(r"Used (\d+) registers")
-            rows.append((label, threads, regs, grab(r"(\d+) bytes smem"), grab(r"(\d+) bytes stack frame"),
-                         grab(r"(\d+) bytes spill stores"),
-                         min(32, 2048 // threads, 65536 // max(1, regs * threads))))   # sm_90 limits
+            rows.append((label, threads, info["registers"], info["smem"], info["stack"], info["spills"],
+                         _resident(threads, info["registers"])))
+    from numba.core import types as nbtypes
+    from minivae.kernels import cuda_gemm
+    arr = nbtypes.Array(nbtypes.float32, 2, "C")
+    for number, v in cuda_gemm.VARIANTS.items():
+        kernel, _, block = cuda_gemm.kernel_and_launch(number, "float32", 4096, 4096)
+        label = f"ladder {number}: {v.name} " + " ".join(f"{k}={x}" for k, x in v.params)
+        info = _ptxas_report(ptxas, kernel.py_func, (arr, arr, arr), cc, label)
+        threads = int(np.prod(block))
+        rows.append((label, threads, info["registers"], info["smem"], info["stack"], info["spills"],
+                     _resident(threads, info["registers"])))
     print(f"## Kernel resources, float32, sm_{cc[0]}{cc[1]} (ptxas -v; no GPU needed)\n")
     print(table(["kernel", "threads/block", "registers/thread", "shared memory (B)", "stack (B)",
                  "spill stores (B)", "resident blocks/SM (regs, threads)"], rows))
