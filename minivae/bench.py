@@ -459,7 +459,7 @@ def run(x_dim=784, z_dim=20, hidden=(400,), batch=128, dtype="float32", nthreads
         if not (isinstance(v, int) and v >= 1):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     import numba
-    nthreads = nthreads or numba.config.NUMBA_NUM_THREADS
+    nthreads = min(nthreads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
     spec = ModelSpec(x_dim, z_dim, hidden=hidden, activation=activation, likelihood=likelihood)
     result = {"machine": machine_info(),
               "config": {"x_dim": x_dim, "z_dim": z_dim, "hidden": list(spec.hidden), "batch": batch,
@@ -517,7 +517,8 @@ def format_report(r: dict) -> str:
            f"(GEMM: {c['gemm']}), {c['threads']} thread(s), median of {c['repeat']}", ""]
     f = ce["fma_gflops"]
     bw = ce["bandwidth_gbs"]
-    out.append(_table(["ceiling", "1 thread", f"{ce['threads']} threads", "how"], [
+    T = ce["threads"]
+    out.append(_table(["ceiling", "1 thread", f"{T} thread{'s' if T > 1 else ''} (--threads)", "how"], [
         ["peak FMA float32 (GFLOP/s)", _g(f["float32"]["per_core"]), _g(f["float32"]["all"]),
          f"{ce['accumulators']} chains of {ce['vector_bits']}-bit FMA"],
         ["peak FMA float64 (GFLOP/s)", _g(f["float64"]["per_core"]), _g(f["float64"]["all"]), "same"],
@@ -557,7 +558,8 @@ def plot_roofline(r: dict, path):
     lo, hi = min(ais + [0.05]) / 2, max(ais + [100.0]) * 2
     x = np.geomspace(lo, hi, 200)
     fig, ax = plt.subplots(figsize=(10, 7), dpi=110)
-    for key, style, lab in (("all", "-", f"{ce['threads']} threads"), ("per_core", "--", "1 thread")):
+    T = ce["threads"]
+    for key, style, lab in (("all", "-", f"{T} thread{'s' if T > 1 else ''} (--threads)"), ("per_core", "--", "1 thread")):
         peak, bw = ce["fma_gflops"][dtype][key], ce["bandwidth_gbs"][key]
         l2 = ce["l2_bandwidth_gbs"][key]
         ax.plot(x, np.minimum(peak, x * bw), style, color="k", lw=1.2,
