@@ -1,7 +1,8 @@
 """``minivae bench``: this machine's ceilings, and every kernel of a training step placed under them.
 
     minivae bench [--x-dim 784 --z-dim 20 --hidden 400 --batch 128 --dtype float32]
-                  [--threads N] [--backend numba|numpy] [--repeat 7] [--plot roofline.png] [--json]
+                  [--threads N] [--backend numba|numpy] [--gemm blas|custom] [--repeat 7]
+                  [--plot roofline.png] [--json]
 
 1. Ceilings, measured on the spot (never taken from a datasheet):
    - peak FMA throughput, float32 and float64, on 1 thread ("per core") and on ``threads`` threads
@@ -445,9 +446,19 @@ def machine_info() -> dict:
 
 
 def run(x_dim=784, z_dim=20, hidden=(400,), batch=128, dtype="float32", nthreads=None,
-        backend="numba", repeat=7, activation="relu", likelihood="bernoulli") -> dict:
-    """Measure the ceilings, every kernel of a step and the whole step; the result of ``--json``."""
+        backend="numba", repeat=7, activation="relu", likelihood="bernoulli", gemm=None) -> dict:
+    """Measure the ceilings, every kernel of a step and the whole step; the result of ``--json``.
+    ``gemm``: the numba backend's GEMM for this run (default: ``config.GEMM`` as it is)."""
     from .kernels import config
+
+    if gemm is not None:
+        old = config.GEMM
+        config.GEMM = gemm
+        try:
+            config.gemm_code()                       # a clear error for an unknown name
+            return run(x_dim, z_dim, hidden, batch, dtype, nthreads, backend, repeat, activation, likelihood)
+        finally:
+            config.GEMM = old
     from .model import ModelSpec
 
     if backend not in BACKENDS:

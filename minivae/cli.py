@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import BINARIZE, DATASETS
     from .distributions import LIKELIHOODS
     from .kernels import BACKENDS
+    from .kernels.config import GEMMS
     from .layers import ACTIVATIONS
     from .model import DTYPES
     from .objectives import OBJECTIVES
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli", help="(default: bernoulli)")
     b.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
     b.add_argument("--backend", choices=("numba", "numpy"), default="numba", help="(default: numba)")
+    b.add_argument("--gemm", choices=GEMMS, default=None, help="the numba backend's GEMM (default: $MINIVAE_GEMM or blas)")
     _threads_option(b)
     b.add_argument("--plot", metavar="PNG", default=None, help="write the roofline there")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
@@ -437,7 +439,7 @@ def cmd_bench(args):
     if args.plot and not Path(args.plot).resolve().parent.is_dir():
         raise ValueError(f"--plot {args.plot}: the folder {Path(args.plot).resolve().parent} does not exist")
     r = bench.run(args.x_dim, args.z_dim, tuple(args.hidden), args.batch, args.dtype, args.threads,
-                  args.backend, args.repeat, args.activation, args.likelihood)
+                  args.backend, args.repeat, args.activation, args.likelihood, gemm=args.gemm)
     if args.plot:
         bench.plot_roofline(r, args.plot)
     print(json.dumps(r) if args.json else bench.format_report(r))

@@ -76,6 +76,24 @@ def test_bench_json_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_gemm_option_is_used_and_restored(monkeypatch):
+    from minivae.kernels import config
+    monkeypatch.setattr(config, "GEMM", "blas")
+    seen = []
+    monkeypatch.setattr(bench, "measure_ceilings", lambda n: seen.append(config.GEMM) or _fake_ceilings(n))
+    r = bench.run(9, 2, (5,), 4, "float64", 1, "numba", 1, gemm="custom")
+    assert seen == ["custom"] and r["config"]["gemm"] == "custom"
+    assert config.GEMM == "blas"                     # restored
+    with pytest.raises(ValueError, match="GEMM"):
+        bench.run(9, 2, (5,), 4, "float64", 1, "numba", 1, gemm="nope")
+
+
+def _fake_ceilings(n):
+    one = {"per_core": 1.0, "all": 1.0}
+    return {"threads": n, "fma_gflops": {"float32": one, "float64": one}, "bandwidth_gbs": one,
+            "l2_bandwidth_gbs": one, "vector_bits": 512, "accumulators": 12, "stream_mb": 1.0}
+
+
 def test_bench_table_numpy_backend(capsys):
     assert main(TINY + ["--backend", "numpy"]) == 0
     out = capsys.readouterr().out
