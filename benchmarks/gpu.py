@@ -521,7 +521,7 @@ def main(argv=None):
     result["failures"] = failures
     if args.json is not None:
         from minivae.checkpoint import atomic_write
-        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1, default=float).encode()))
         print(f"\nwrote {args.json}")
     print(f"\ntotal: {result['seconds']:.0f} s")
     if failures:
