@@ -1,4 +1,4 @@
-"""The ``minivae`` command: train, evaluate, sample, plot, gradcheck, download.
+"""The ``minivae`` command: train, evaluate, sample, plot, gradcheck, download, bench.
 
     minivae train --dataset digits --epochs 30 --z-dim 2 --hidden 128 --out runs/demo
     minivae evaluate runs/demo/model.npz --iw-samples 1000 --json
@@ -6,6 +6,7 @@
     minivae plot runs/demo --kind all --out pictures/
     minivae gradcheck
     minivae download mnist
+    minivae bench --plot roofline.png
 
 Exit status: 0 on success; 2 for a bad argument (argparse, one line); 1 for bad input found later
 (a missing or corrupt file, a bad checkpoint, an existing run folder, a diverged run), printed as
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import BINARIZE, DATASETS
     from .distributions import LIKELIHOODS
     from .kernels import BACKENDS
+    from .kernels.config import GEMMS
     from .layers import ACTIVATIONS
     from .model import DTYPES
     from .objectives import OBJECTIVES
@@ -264,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--base-url", metavar="URL", default=None, help="a mirror to use instead of the default ones")
     dl.add_argument("--quiet", action="store_true", help="no progress output")
     dl.set_defaults(func=cmd_download)
+
+    # -- bench (minivae/bench.py)
+    b = sub.add_parser("bench", help="this machine's ceilings and every kernel of a training step on a roofline")
+    for flag, default in (("--x-dim", 784), ("--z-dim", 20), ("--batch", 128), ("--repeat", 7)):
+        b.add_argument(flag, type=positive_int, metavar="N", default=default, help=f"(default: {default})")
+    b.add_argument("--hidden", type=positive_int, nargs="+", metavar="H", default=[400], help="(default: 400)")
+    b.add_argument("--activation", choices=ACTIVATIONS, default="relu", help="(default: relu)")
+    b.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli", help="(default: bernoulli)")
+    b.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
+    b.add_argument("--backend", choices=("numba", "numpy"), default="numba", help="(default: numba)")
+    b.add_argument("--gemm", choices=GEMMS, default=None, help="the numba backend's GEMM (default: $MINIVAE_GEMM or blas)")
+    _threads_option(b)
+    b.add_argument("--plot", metavar="PNG", default=None, help="write the roofline there")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -571,6 +588,19 @@ def cmd_gradcheck(args):
     from .gradcheck import run_suite
 
     return 0 if run_suite(backend=args.backend, seed=args.seed, tol=args.tol) else EXIT_ERROR
+
+
+def cmd_bench(args):
+    from . import bench
+
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        raise ValueError(f"--plot {args.plot}: the folder {Path(args.plot).resolve().parent} does not exist")
+    r = bench.run(args.x_dim, args.z_dim, tuple(args.hidden), args.batch, args.dtype, args.threads,
+                  args.backend, args.repeat, args.activation, args.likelihood, gemm=args.gemm)
+    if args.plot:
+        bench.plot_roofline(r, args.plot)
+    print(json.dumps(r) if args.json else bench.format_report(r))
+    return 0
 
 
 def cmd_download(args):
