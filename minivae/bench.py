@@ -65,6 +65,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import threads as _threads
+from .kernels.numba_cache import configure as _configure_cache
+
+_configure_cache()      # before the first @njit(cache=True): one cache per source version (kernels/numba_cache.py)
 
 BACKENDS = ("numba", "numpy")
 

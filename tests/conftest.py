@@ -6,6 +6,7 @@ modest number of examples so the gradient tests stay well under a minute. Select
 with HYPOTHESIS_PROFILE=... (e.g. "thorough" for a longer local search).
 """
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,18 @@ settings.register_profile(
     "thorough", derandomize=False, deadline=None, max_examples=500,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "minivae"))
+
+# pytest-xdist: each worker compiles into a Numba cache folder of its own. Numba numbers a function's
+# cached specializations from the index it last read, so two processes compiling *different*
+# specializations (float32 in one worker, float64 in the other) at the same moment can write each
+# other's machine code under one number, and a later load of the wrong code segfaults. Processes a test
+# starts (MPI ranks, CLI runs) inherit their worker's folder. (minivae/kernels/numba_cache.py adds the
+# source version below it.)
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    _base = os.environ.get("NUMBA_CACHE_DIR") or \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minivae" / "numba"
+    os.environ["NUMBA_CACHE_DIR"] = str(Path(_base) / f"xdist-{_WORKER}")
 
 
 @pytest.fixture
