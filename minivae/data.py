@@ -20,6 +20,7 @@ import hashlib
 import http.client
 import math
 import os
+import sys
 import urllib.error
 import urllib.request
 import zlib
@@ -92,6 +93,14 @@ IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
 IMAGES_MAGIC = 0x00000803   # uint8, 3 dimensions (n, h, w)
 LABELS_MAGIC = 0x00000801   # uint8, 1 dimension (n,)
 N_CLASSES = 10
+
+
+def _is_terminal(stream) -> bool:
+    """A progress bar only on a terminal: in a pipe or a CI log it would leave dead lines."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 class DataError(ValueError):
@@ -507,7 +516,7 @@ def _fetch(url, f, expected, timeout, quiet, desc):
                                 f"the download was discarded")
         digests = _Digests()
         got = 0
-        with tqdm(total=limit, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet,
+        with tqdm(total=limit, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet or not _is_terminal(sys.stderr),
                   leave=False) as bar:
             while True:
                 chunk = response.read(min(1 << 16, limit + 1 - got))   # the budget: the size + 1

@@ -1016,10 +1016,11 @@ class Run:
             val_loss = -ev.mean_elbo(m, self.x_val, batch_size=ebs, comm=comm, eps=self.val_eps,
                                      split="validation") if self.x_val is not None else None
         eval_time = time.perf_counter() - t1
-        if not math.isfinite(test_loss):
-            kept = self._kept()
-            raise TrainingError(f"the test loss became {test_loss} after epoch {epoch} "
-                                f"(lr {self.optimizer.lr:g}); training stopped and {kept}")
+        for split, value in (("test", test_loss), ("validation", val_loss)):
+            if value is not None and not math.isfinite(value):   # a checkpoint never holds a NaN
+                kept = self._kept()
+                raise TrainingError(f"the {split} loss became {value} after epoch {epoch} "
+                                    f"(lr {self.optimizer.lr:g}); training stopped and {kept}")
         row = {"epoch": epoch, "train_loss": float(total_loss / total_seen), "test_loss": float(test_loss)}
         if val_loss is not None:
             row["val_loss"] = float(val_loss)

@@ -455,3 +455,31 @@ def test_resume_of_a_numpy_run_keeps_numpy(tmp_path, capsys):
     assert [r["backend"] for r in rows] == ["numpy"] * 3
     meta, _ = checkpoint.load(run / "model.npz")
     assert meta["train"]["config"]["backend"] == "numpy"
+
+
+def test_a_nan_validation_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint never holds a NaN: a non-finite validation loss stops the run like a test loss."""
+    from minivae import checkpoint as ckpt
+    from minivae import evaluate as ev
+    from minivae.train import TrainConfig, TrainingError, resume_config, train
+
+    real, calls = ev.mean_elbo, {"validation": 0}
+
+    def fake(model, x, *args, split="given", **kw):
+        value = real(model, x, *args, split=split, **kw)
+        if split == "validation":
+            calls["validation"] += 1
+            if calls["validation"] == 2:
+                return float("nan")
+        return value
+    monkeypatch.setattr(ev, "mean_elbo", fake)
+    out = tmp_path / "run"
+    cfg = TrainConfig(dataset="digits", hidden=(8,), z_dim=2, epochs=3, batch_size=200, quiet=True,
+                      plots=False, backend="numpy", out=str(out))
+    with pytest.raises(TrainingError, match="validation loss became nan after epoch 2"):
+        train(cfg)
+    meta, _ = ckpt.load(out / "model.npz")
+    assert meta["train"]["epoch"] == 1
+    monkeypatch.setattr(ev, "mean_elbo", real)
+    summary = train(resume_config(out, {"quiet": True, "plots": False}))   # the kept checkpoint resumes
+    assert summary["epochs"] == 3
