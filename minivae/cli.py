@@ -67,6 +67,10 @@ def nonneg_float(text):
     return _float(text, "a finite number >= 0", lambda v: v >= 0)
 
 
+def decay_factor(text):
+    return _float(text, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
 def unit_interval(text):
     return _float(text, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
@@ -91,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .objectives import OBJECTIVES
     from .optim import OPTIMIZERS
     from .plots import FILENAMES
+    from .recipe import LR_SCHEDULES, OUTPUT_BIAS_INITS
     from .train import TrainConfig
 
     d = TrainConfig()
@@ -123,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"block; given once per stochastic layer: one per block (default: {d.hidden[0]})")
     g.add_argument("--activation", choices=ACTIVATIONS, default=S, help=f"(default: {d.activation})")
     g.add_argument("--likelihood", choices=LIKELIHOODS, default=S, help=f"p(x|z) per pixel (default: {d.likelihood})")
+    g.add_argument("--init-output-bias", choices=OUTPUT_BIAS_INITS, default=S,
+                   help="data: start the decoder's output bias at the training data's mean (log-odds for the "
+                        "Bernoulli likelihoods) (default: zero)")
     g.add_argument("--dtype", choices=DTYPES, default=S, help=f"(default: {d.dtype})")
     g.add_argument("--backend", choices=BACKENDS, default=S, help=f"(default: {d.backend})")
     g = t.add_argument_group("objective")
@@ -143,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help=f"(default: {d.optimizer})")
     g.add_argument("--lr", type=positive_float, default=S,
                    help="learning rate (default: 1e-3 for adam, 1e-2 for sgd and adagrad)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=S,
+                   help="constant; step (times --lr-gamma every --lr-step-epochs epochs); iwae (Burda et al.'s "
+                        "3^i passes at lr 10^(-i/7), i = 0..7: 3280 passes in all) (default: constant)")
+    g.add_argument("--lr-step-epochs", type=positive_int, metavar="N", default=S,
+                   help=f"step schedule: epochs between decays (default: {d.lr_step_epochs})")
+    g.add_argument("--lr-gamma", type=decay_factor, metavar="G", default=S,
+                   help=f"step schedule: factor of each decay (default: {d.lr_gamma:g})")
+    g.add_argument("--adam-eps", type=positive_float, metavar="EPS", default=S,
+                   help=f"Adam's epsilon (default: {d.adam_eps:g}; Burda et al. use 1e-4)")
     g.add_argument("--momentum", type=unit_interval, default=S, help=f"sgd momentum (default: {d.momentum})")
     g.add_argument("--weight-decay", type=nonneg_float, metavar="WD", default=S,
                    help="L2 weight decay, the N(0, 1/WD) prior on the weights (default: 0)")

@@ -83,6 +83,7 @@ from .distributed import collective
 from .distributions import kl_forward
 from .model import VAE
 from .optim import make_optimizer
+from .recipe import init_output_bias, lr_at
 
 CHECKPOINT = "model.npz"
 METRICS = "metrics.jsonl"
@@ -220,6 +221,11 @@ class TrainConfig:
     likelihood: str = "bernoulli"
     optimizer: str = "adam"
     lr: float | None = None                 # None: the optimizer's default (adam 1e-3, sgd/adagrad 1e-2)
+    lr_schedule: str = "constant"           # constant | step | iwae (minivae.recipe)
+    lr_step_epochs: int = 10                # step: epochs between two decays
+    lr_gamma: float = 0.1                   # step: the factor of each decay
+    adam_eps: float = 1e-8                  # Adam's epsilon (Burda et al. use 1e-4)
+    init_output_bias: str = "zero"          # zero | data: the decoder's output bias (minivae.recipe)
     momentum: float = 0.9                   # sgd only
     weight_decay: float = 0.0
     backend: str = "numpy"
@@ -250,14 +256,15 @@ class TrainConfig:
         from .model import ModelSpec
         from .objectives import ESTIMATORS, OBJECTIVES
         from .optim import OPTIMIZERS
+        from .recipe import LR_SCHEDULES, OUTPUT_BIAS_INITS
 
-        choices = {"dataset": data_mod.DATASETS, "activation": ACTIVATIONS, "likelihood": LIKELIHOODS,
+        choices = {"lr_schedule": LR_SCHEDULES, "init_output_bias": OUTPUT_BIAS_INITS, "dataset": data_mod.DATASETS, "activation": ACTIVATIONS, "likelihood": LIKELIHOODS,
                    "optimizer": OPTIMIZERS, "backend": BACKENDS, "dtype": DTYPES,
                    "objective": OBJECTIVES, "estimator": ESTIMATORS, "binarize": data_mod.BINARIZE}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
-        for name in ("epochs", "batch_size", "samples", "k", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "samples", "k", "eval_batch_size", "lr_step_epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -288,6 +295,10 @@ class TrainConfig:
             raise ValueError(f"--estimator {self.estimator} runs on --backend numpy (or numba for a stack) only")
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (_finite(self.lr_gamma) and 0 < self.lr_gamma <= 1):
+            raise ValueError(f"lr_gamma must be a finite number in (0, 1], got {self.lr_gamma!r}")
+        if not (_finite(self.adam_eps) and self.adam_eps > 0):
+            raise ValueError(f"adam_eps must be a finite number > 0, got {self.adam_eps!r}")
         if not (_finite(self.momentum) and 0 <= self.momentum < 1):
             raise ValueError(f"momentum must be a finite number in [0, 1), got {self.momentum!r}")
         for name in ("beta", "weight_decay", "warmup", "free_bits"):
@@ -330,6 +341,8 @@ class TrainConfig:
             h["lr"] = self.lr
         if self.optimizer == "sgd":
             h["momentum"] = self.momentum
+        if self.optimizer == "adam":
+            h["eps"] = self.adam_eps
         return h
 
     def eps_samples(self) -> int:
@@ -483,6 +496,9 @@ class Run:
         self.val_eps = ev.eval_eps(len(self.x_val), c.z_dim, m.dtype) if self.x_val is not None else None
         self.optimizer = make_optimizer(c.optimizer, m.params.size, m.dtype, backend=m.backend,
                                         **c.optimizer_hyper())
+        self.base_lr = self.optimizer.lr                  # the schedule's rate at epoch 1
+        if c.init_output_bias == "data":                  # before a resume overwrites every parameter
+            init_output_bias(m, self.x_train)
         self.rng = np.random.default_rng([c.seed, TRAIN_STREAM])
         self.epoch, self.metrics = 0, []
         self.partial = None                  # the interrupted epoch: perm, step, sums
@@ -598,6 +614,7 @@ class Run:
         # reported mean counts for the rows of the steps it covers.
         flush = getattr(self.trainer, "flush_loss", None)
         unreported = 0                                   # rows of steps whose loss is not in yet
+        self.optimizer.lr = lr_at(c.lr_schedule, self.base_lr, epoch, c.lr_step_epochs, c.lr_gamma)
         bar = bar_factory(steps, first, epoch)
         t0 = time.perf_counter()
         beta = beta_at(c, epoch, max(first - 1, 0), steps)
