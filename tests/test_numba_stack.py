@@ -73,6 +73,15 @@ def test_gauss_fwd_and_log_densities_match_their_oracles(dtype, shared):
         close(acc, -0.5 * dist.kl_forward(mu, lv).sum(-1).reshape(-1), dtype)
 
 
+def test_exp_f32_matches_libm():
+    """The vectorizable float32 e^x of the Gaussian stage (cpu_stack.exp_f32) against np.exp in float64."""
+    x = np.concatenate([np.linspace(-87, 88, 20001), [-0.0, 1e-8, -1e-8]]).astype(np.float32)
+    got = np.array([cs.exp_f32(v) for v in x], dtype=np.float64)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - ref) / ref) < 1e-6
+    assert 0 <= cs.exp_f32(np.float32(-200.0)) < 1e-37 and np.isfinite(cs.exp_f32(np.float32(88.0)))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gauss_logpdf_pair_matches_its_oracle(dtype):
     rng = np.random.default_rng(1)
@@ -81,12 +90,14 @@ def test_gauss_logpdf_pair_matches_its_oracle(dtype):
     pm = np.concatenate([rng.standard_normal((R, Z)), 0.5 * rng.standard_normal((R, Z))], 1).astype(dtype)
     z64, m64, s64 = z.astype(np.float64), pm[:, :Z].astype(np.float64), pm[:, Z:].astype(np.float64)
     acc = np.full(R, -1.0)
-    cs.gauss_logpdf_add_(z, pm, acc, 0.7)
+    u, tt = np.empty_like(z), np.empty_like(z)
+    cs.gauss_logpdf_add_(z, pm, acc, 0.7, u, tt)
     close(acc, -1.0 + 0.7 * dist.gauss_logpdf(z64, m64, s64), dtype)
+    close(u, (z64 - m64) * np.exp(-s64), dtype)
     a = rng.standard_normal(R)
     dz0 = rng.standard_normal((R, Z)).astype(dtype)
     dz, dpm = dz0.copy(), np.empty_like(pm)
-    cs.gauss_logpdf_bwd_(a, z, pm, dz, dpm)
+    cs.gauss_logpdf_bwd_(a, z, pm, u, dz, dpm)
     rz, rm, rs = dist.gauss_logpdf_backward(a, z64, m64, s64)
     close(dz, dz0.astype(np.float64) + rz, dtype)
     close(dpm, np.concatenate([rm, rs], 1), dtype)
@@ -180,6 +191,7 @@ def test_workspace_names_every_buffer_and_is_reused():
     assert ws.view("enc.head").shape == (7, 8) and ws.view("enc2.head").shape == (14, 6)
     assert ws.view("dec2.head").shape == (14, 8) and ws.view("d:dec2.head").shape == (14, 8)
     assert ws.view("z2").shape == (14, 3) and ws.view("std1").shape == (7, 4) and ws.view("sq2").shape == (14, 6)
+    assert ws.view("u1").shape == (14, 4) and ws.view("u2").shape == (0, 3)
     assert ws.view("lp").shape == (14, 10) and ws.view("bound").shape == (7,)
     assert [ws.index[f"{p}"] for p, _, _ in m.layout.layers] == list(range(len(m.layout.layers)))
 

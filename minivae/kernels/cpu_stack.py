@@ -29,12 +29,13 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from . import config
 from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, _buf, act_back_colsum_, adagrad_update, adam_update,
-                  bias_act_, iwae_objective_, likelihood_, mlp_bwd_, mlp_fwd_, mm_nn, mm_nt, mm_tn,
-                  scale_rows_, sgd_update)
+                  bias_act_, exp_nonpos_f32, iwae_objective_, likelihood_, mlp_bwd_, mlp_fwd_, mm_nn, mm_nt,
+                  mm_tn, row_sum_f64_, scale_rows_, sgd_update)
 from .numpy_ import NumpyBackend
 from ..distributions import _CB_TAYLOR
 from ..objectives import OBJECTIVES
@@ -44,6 +45,26 @@ from ..objectives import OBJECTIVES
 # ----------------------------------------------------------------------------------------------
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def exp_f32(x):
+    """e^x for float32 in plain arithmetic, so that the loops calling it vectorize: cpu.exp_nonpos_f32
+    on min(x, 88) (its reduction works for 2^n up to 2^127; e^88 < float32's max, and only a value that
+    overflows float32 anyway is changed)."""
+    return exp_nonpos_f32(min(x, np.float32(88.0)))
+
+
+def exp_(x):
+    """e^x: the vectorizable float32 version, libm's exp in float64 (the tests ask 1e-12 there)."""
+    return np.exp(x)
+
+
+@overload(exp_)
+def _ov_exp(x):
+    if x == types.float32:
+        return lambda x: exp_f32(x)
+    return lambda x: np.exp(x)
+
+
 @njit(cache=True, error_model="numpy")
 def gauss_fwd_(out, eps, std, z, shared):
     """std = exp(logvar/2), z = mu + std eps.   out: (m, 2Z) = [mu | logvar], m = n when ``shared``
@@ -51,34 +72,38 @@ def gauss_fwd_(out, eps, std, z, shared):
     Oracle: distributions.reparam_forward.   §3.1, §11.1"""
     L, n, Z = eps.shape
     half = out.dtype.type(0.5)
+    for m in range(out.shape[0]):
+        for j in range(Z):
+            std[m, j] = exp_(half * out[m, Z + j])
     for r in range(L * n):
         l = r // n
         i = r - l * n
         m = i if shared else r
         for j in range(Z):
-            s = np.exp(half * out[m, Z + j])
-            std[m, j] = s
-            z[r, j] = out[m, j] + s * eps[l, i, j]
+            z[r, j] = out[m, j] + std[m, j] * eps[l, i, j]
 
 
 @njit(cache=True, error_model="numpy")
-def gauss_logpdf_add_(z, pm, acc, w):
-    """acc[r] += w log N(z_r; m_r, s_r) = w (-1/2 sum_j ((z - m)^2 e^-s + s + log 2pi)).
-    z: (R, Z);  pm: (R, 2Z) = [m | s];  acc: (R,) float64.   Oracle: distributions.gauss_logpdf.  §11.1"""
+def gauss_logpdf_add_(z, pm, acc, w, u, tt):
+    """acc[r] += w log N(z_r; m_r, s_r) = w (-1/2 sum_j ((z - m)^2 e^-s + s + log 2pi)); keeps
+    u = (z - m) e^-s for the backward pass.   z, u, tt (scratch): (R, Z);  pm: (R, 2Z) = [m | s];
+    acc: (R,) float64 (each row summed in float64).   Oracle: distributions.gauss_logpdf.  §11.1"""
     R, Z = z.shape
     for r in range(R):
-        t = 0.0
         for j in range(Z):
             d = z[r, j] - pm[r, j]
             s = pm[r, Z + j]
-            t += d * d * np.exp(-s) + s
-        acc[r] += w * (-0.5 * (t + Z * LOG_2PI))
+            uu = d * exp_(-s)
+            u[r, j] = uu
+            tt[r, j] = d * uu + s
+        acc[r] += w * (-0.5 * (row_sum_f64_(tt, r) + Z * LOG_2PI))
 
 
 @njit(cache=True, error_model="numpy")
-def gauss_logpdf_bwd_(a, z, pm, dz, dpm):
-    """With u = (z - m) e^-s and upstream a[r]:  dz += -a u;  dpm = [a u | a ((z - m) u - 1)/2].
-    a: (R,) float64;  z, dz: (R, Z);  pm, dpm: (R, 2Z).   Oracle: distributions.gauss_logpdf_backward.  §11.1"""
+def gauss_logpdf_bwd_(a, z, pm, u, dz, dpm):
+    """With u = (z - m) e^-s (from gauss_logpdf_add_) and upstream a[r]:  dz += -a u;
+    dpm = [a u | a ((z - m) u - 1)/2].   a: (R,) float64;  z, u, dz: (R, Z);  pm, dpm: (R, 2Z).
+    Oracle: distributions.gauss_logpdf_backward.  §11.1"""
     R, Z = z.shape
     dt = z.dtype.type
     half = dt(0.5)
@@ -87,10 +112,10 @@ def gauss_logpdf_bwd_(a, z, pm, dz, dpm):
         g = dt(a[r])
         for j in range(Z):
             d = z[r, j] - pm[r, j]
-            u = d * np.exp(-pm[r, Z + j])
-            dz[r, j] += -g * u
-            dpm[r, j] = g * u
-            dpm[r, Z + j] = half * g * (d * u - one)
+            uu = u[r, j]
+            dz[r, j] += -g * uu
+            dpm[r, j] = g * uu
+            dpm[r, Z + j] = half * g * (d * uu - one)
 
 
 @njit(cache=True, error_model="numpy")
@@ -181,7 +206,7 @@ def posterior_bwd_(dz, eps, z, std, out, dout, sq, aq, qs, ckl, stopped, shared)
             qv = dt(0)
             if stopped:
                 d = z[r, j] - mu
-                u = d * np.exp(-lv)
+                u = d * exp_(-lv)
                 g = g - a * u
                 qm = a * u
                 qv = half * a * (d * u - one)
@@ -260,8 +285,8 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
 
     eps: a tuple of S arrays (L, n, Z_l).  codes = (act, lik, objective 0 ELBO / 1 IWAE, dreg, want_grad);
     reals = (beta, var_floor, cb_switch);  gemm_tiles = (gemm, mb, nb).
-    bo rows (StackWorkspace): t < nl layer outputs, nl + t their gradients, then 5 per layer
-    (z, dz, std, tmp, sq), then the packing panels p1, p2, the pixel scratch lp and dbs.
+    bo rows (StackWorkspace): t < nl layer outputs, nl + t their gradients, then 6 per layer
+    (z, dz, std, tmp, sq, u), then the packing panels p1, p2, the pixel scratch lp and dbs.
     ws64: ll | log w | dlogw | ap | aq | fac (R each) | bound (n).
     """
     act, lik, objective, dreg, want_grad = codes
@@ -272,7 +297,7 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     L, n, _ = eps[0].shape
     R = L * n
     G = 2 * nl
-    E = G + 5 * S
+    E = G + 6 * S
     p1 = ws[bo[E, 0]:bo[E, 0] + bo[E, 2]]
     p2 = ws[bo[E + 1, 0]:bo[E + 1, 0] + bo[E + 1, 2]]
     lp = _buf(ws, bo, E + 2)
@@ -289,13 +314,13 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
 
     # F1-F3 for l = 1..S: block enc{l} on z_{l-1} (x for l = 1), then the reparameterization
     for s in range(S):
-        inp = x if s == 0 else _buf(ws, bo, G + 5 * (s - 1))
+        inp = x if s == 0 else _buf(ws, bo, G + 6 * (s - 1))
         mlp_fwd_(params, lay, blk[2 * s, 0], blk[2 * s, 1], inp, ws, bo, act, gemm, p1, mb, nb)
-        gauss_fwd_(_buf(ws, bo, blk[2 * s, 1]), eps[s], _buf(ws, bo, G + 5 * s + 2),
-                   _buf(ws, bo, G + 5 * s), s == 0)
+        gauss_fwd_(_buf(ws, bo, blk[2 * s, 1]), eps[s], _buf(ws, bo, G + 6 * s + 2),
+                   _buf(ws, bo, G + 6 * s), s == 0)
     # G: block dec{l} on z_l gives [m | s] of p(z_{l-1}|z_l), l = 2..S
     for s in range(1, S):
-        mlp_fwd_(params, lay, blk[2 * s + 1, 0], blk[2 * s + 1, 1], _buf(ws, bo, G + 5 * s), ws, bo, act,
+        mlp_fwd_(params, lay, blk[2 * s + 1, 0], blk[2 * s + 1, 1], _buf(ws, bo, G + 6 * s), ws, bo, act,
                  gemm, p1, mb, nb)
     # F4-F6: block dec on z_1, the likelihood (ELBO: the score scaled by dll = -1/(nL) already)
     mlp_fwd_(params, lay, blk[1, 0], blk[1, 1], _buf(ws, bo, G), ws, bo, act, gemm, p1, mb, nb)
@@ -306,11 +331,12 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     for r in range(R):
         logw[r] = ll[r]
     for s in range(S - 1):
-        gauss_logpdf_add_(_buf(ws, bo, G + 5 * s), _buf(ws, bo, blk[2 * s + 3, 1]), logw, beta)
+        gauss_logpdf_add_(_buf(ws, bo, G + 6 * s), _buf(ws, bo, blk[2 * s + 3, 1]), logw, beta,
+                          _buf(ws, bo, G + 6 * s + 5), _buf(ws, bo, G + 6 * s + 3))
         logq_eps_add_(eps[s], _buf(ws, bo, blk[2 * s, 1]), s == 0, logw, -beta)
     top = _buf(ws, bo, blk[2 * S - 2, 1])
     if iwae:
-        prior_add_(_buf(ws, bo, G + 5 * (S - 1)), logw, beta)
+        prior_add_(_buf(ws, bo, G + 6 * (S - 1)), logw, beta)
         logq_eps_add_(eps[S - 1], top, False, logw, -beta)
         loss = iwae_objective_(logw, L, n, bound, dlogw)
     else:
@@ -338,36 +364,36 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     for s in range(1, S):
         t1 = blk[2 * s + 1, 1]
         dpm = _buf(ws, bo, nl + t1)
-        gauss_logpdf_bwd_(ap, _buf(ws, bo, G + 5 * (s - 1)), _buf(ws, bo, t1), _buf(ws, bo, G + 5 * (s - 1) + 1),
-                          dpm)
-        mlp_bwd_(params, grad, lay, blk[2 * s + 1, 0], t1, _buf(ws, bo, G + 5 * s), dpm,
-                 _buf(ws, bo, G + 5 * s + 1), ws, bo, nl, act, gemm, p1, p2, mb, nb, True)
+        gauss_logpdf_bwd_(ap, _buf(ws, bo, G + 6 * (s - 1)), _buf(ws, bo, t1), _buf(ws, bo, G + 6 * (s - 1) + 5),
+                          _buf(ws, bo, G + 6 * (s - 1) + 1), dpm)
+        mlp_bwd_(params, grad, lay, blk[2 * s + 1, 0], t1, _buf(ws, bo, G + 6 * s), dpm,
+                 _buf(ws, bo, G + 6 * s + 1), ws, bo, nl, act, gemm, p1, p2, mb, nb, True)
     if iwae:
-        prior_bwd_(ap, _buf(ws, bo, G + 5 * (S - 1)), _buf(ws, bo, G + 5 * (S - 1) + 1))
+        prior_bwd_(ap, _buf(ws, bo, G + 6 * (S - 1)), _buf(ws, bo, G + 6 * (S - 1) + 1))
     if dreg:                                                                     # §12
         dreg_factor_(dlogw, n, beta, fac, aq)
         for s in range(S):
-            scale_rows_by_(_buf(ws, bo, G + 5 * s + 1), fac)
+            scale_rows_by_(_buf(ws, bo, G + 6 * s + 1), fac)
 
     # B5-B8, top down: the Gaussian stage, then block enc{l}, whose input gradient joins dz_{l-1}
     for s in range(S - 1, -1, -1):
         t0 = blk[2 * s, 0]
         t1 = blk[2 * s, 1]
         dout = _buf(ws, bo, nl + t1)
-        sq = _buf(ws, bo, G + 5 * s + 4)
+        sq = _buf(ws, bo, G + 6 * s + 4)
         top_kl = (not iwae) and s == S - 1
-        posterior_bwd_(_buf(ws, bo, G + 5 * s + 1), eps[s], _buf(ws, bo, G + 5 * s), _buf(ws, bo, G + 5 * s + 2),
+        posterior_bwd_(_buf(ws, bo, G + 6 * s + 1), eps[s], _buf(ws, bo, G + 6 * s), _buf(ws, bo, G + 6 * s + 2),
                        _buf(ws, bo, t1), dout, sq, aq, 0.0 if top_kl else 1.0, beta * c if top_kl else 0.0,
                        dreg == 1, s == 0)
         if s == 0:
             mlp_bwd_(params, grad, lay, t0, t1, x, dout, dout, ws, bo, nl, act, gemm, p1, p2, mb, nb, False)
         else:
-            tmp = _buf(ws, bo, G + 5 * (s - 1) + 3)
-            mlp_bwd_(params, grad, lay, t0, t1, _buf(ws, bo, G + 5 * (s - 1)), dout, tmp, ws, bo, nl, act,
+            tmp = _buf(ws, bo, G + 6 * (s - 1) + 3)
+            mlp_bwd_(params, grad, lay, t0, t1, _buf(ws, bo, G + 6 * (s - 1)), dout, tmp, ws, bo, nl, act,
                      gemm, p1, p2, mb, nb, dreg == 0)
             if dreg:                                                             # the input only
                 mlp_bwd_dx_(params, lay, t0, t1, sq, tmp, ws, bo, nl, act, gemm, mb, nb, dbs)
-            add_(_buf(ws, bo, G + 5 * (s - 1) + 1), tmp)
+            add_(_buf(ws, bo, G + 6 * (s - 1) + 1), tmp)
     return loss
 
 
@@ -382,9 +408,10 @@ class StackWorkspace:
         <layer name>        t < nl: the output of layout layer t (rows n in block enc, R elsewhere)
         d:<layer name>      nl + t: its gradient (dh of a hidden layer; d[mu | logvar] of an enc head,
                             d[m | s] of a dec{l} head; none for the dec head, whose score is in place)
-        z{l} dz{l} std{l} tmp{l} sq{l}   for l = 1..S: the sample (R, Z_l), its gradient, exp(logvar/2)
-                            ((n, Z_1) for l = 1), the input gradient of enc{l+1}, and DReG's stopped
-                            upstream of enc{l} (R, 2Z_l)
+        z{l} dz{l} std{l} tmp{l} sq{l} u{l}   for l = 1..S: the sample (R, Z_l), its gradient, exp(logvar/2)
+                            ((n, Z_1) for l = 1), the input gradient of enc{l+1} (and the forward's
+                            scratch for log p(z_l|z_{l+1})), DReG's stopped upstream of enc{l} (R, 2Z_l),
+                            and u = (z_l - m) e^-s of p(z_l|z_{l+1}) (l < S)
         pack1 pack2         the custom GEMM's packing panels;  lp: per-pixel log-probabilities (R, D);
         dbs                 a scratch bias gradient (DReG's input-only pass)
     ws64 (float64, named in ``index64``): ll, logw, dlogw, ap, aq, fac (R each), bound (n).
@@ -402,7 +429,8 @@ class StackWorkspace:
         entries = list(zip(names, tab)) + [("d:" + p, g) for p, g in zip(names, grads)]
         for l, Z in enumerate(spec.z_dims, start=1):
             entries += [(f"z{l}", (R, Z)), (f"dz{l}", (R, Z)), (f"std{l}", (n if l == 1 else R, Z)),
-                        (f"tmp{l}", (R, Z)), (f"sq{l}", (R, 2 * Z) if l > 1 else (0, 2 * Z))]
+                        (f"tmp{l}", (R, Z)), (f"sq{l}", (R, 2 * Z) if l > 1 else (0, 2 * Z)),
+                        (f"u{l}", (R, Z) if l < S else (0, Z))]
         p1 = max(max(i * o for _, i, o in layout.layers), max(r * i for r, (_, i, _) in zip(rows, layout.layers)))
         p2 = max(r * c for r, c in tab)
         entries += [("pack1", (1, p1)), ("pack2", (1, p2)), ("lp", (R, spec.x_dim)),
@@ -413,7 +441,7 @@ class StackWorkspace:
         for k, (_, (r, c)) in enumerate(entries):
             self.bo[k] = off, r, c
             off += r * c
-        assert self.index["z1"] == 2 * nl and self.index["pack1"] == 2 * nl + 5 * S
+        assert self.index["z1"] == 2 * nl and self.index["pack1"] == 2 * nl + 6 * S
         self.ws = np.zeros(off, dtype=dtype)
         self.index64 = {k: (i * R, R) for i, k in enumerate(("ll", "logw", "dlogw", "ap", "aq", "fac"))}
         self.index64["bound"] = (6 * R, n)
