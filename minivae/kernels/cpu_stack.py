@@ -1,42 +1,539 @@
-"""The numba backend for stacks of S > 1 stochastic layers (docs/math.md §11): a first, unfused version.
+"""The numba backend for stacks of S > 1 stochastic layers (docs/math.md §11, §12): one fused pass.
 
-It is the NumPy reference's composition (kernels/numpy_.py: the same forward, the same backward, the
-same Gaussian stage, likelihood and objective) with its most expensive stage, the MLP block (§2),
-computed by the Numba building blocks of kernels/cpu.py: ``mm_nn`` / ``mm_nt`` / ``mm_tn`` (BLAS or
-the custom GEMM of kernels/config.py), ``bias_act_`` (a = f(hW + b) in place) and ``act_back_colsum_``
-(g <- g f'(h) and db = sum_rows g in one pass). Its oracle is ``NumpyBackend`` (tests/test_stack.py).
+The whole training step (forward and backward over every layer, every objective and estimator) is one
+@njit function, ``stack_step_``, over named, preallocated workspace buffers (``StackWorkspace``, one per
+(n, L) shape), with the layout passed as arrays (``lay``: one row per linear layer; ``blk``: the layer
+range of every MLP block), as ``cpu.loss_and_grad_`` does for S = 1. It composes four stages:
 
-Not done here (what the fused one-layer backend has): the Gaussian stage, likelihood and objective in
-@njit kernels, one fused pass over preallocated named workspaces, and the fused trainer. Every block's
-activations are allocated per call.
+    block       cpu.mlp_fwd_ / cpu.mlp_bwd_ (BLAS or the custom GEMM through cpu.mm_*), and
+                mlp_bwd_dx_ (the input gradient alone, DReG's stopped log q)                    §2
+    gaussian    gauss_fwd_ / posterior_bwd_ (reparameterization, log q in eps or, under DReG,
+                log N(z; mu, logvar) with mu, logvar stopped, the top KL), gauss_logpdf_add_ /
+                gauss_logpdf_bwd_ (log p(z_{l-1}|z_l)), prior_add_ / prior_bwd_ (log p(z_S))     §3, §11.1
+    likelihood  cpu.likelihood_ (log p(x|z_1) and the head's score in one pass)                  §4
+    objective   cpu.iwae_objective_ (softmax weights), the ELBO mean, DReG's weights            §5, §11.2, §12
+
+Every kernel names its NumPy oracle (tests/test_numba_stack.py checks each against it, float64 and
+float32). The oracle of the whole pass is ``NumpyBackend`` (tests/test_stack.py, tests/test_numba_stack.py).
+
+DReG (§12) without a second generative pass: the generative part of d loss / d z_l (likelihood, the
+blocks dec{l}, log p terms) is, row by row, linear in the row's upstream d log w, so DReG's is IWAE's
+times (1 - beta) + beta w~ (the ratio of dreg_weights to IWAE's -w~/n); the inference blocks then run
+once with DReG's weights and log q stopped.
+
+Shape legend: n examples, L samples (k for IWAE), R = L n rows (row r = l n + i), Z_l = z_dims[l-1];
+layers are l = 1..S, Python indexes them s = l - 1.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
+from numba import njit, types
+from numba.extending import overload
 
 from . import config
-from .cpu import ACT_CODES, act_back_colsum_, bias_act_, mm_nn, mm_nt, mm_tn
+from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, _buf, act_back_colsum_, adagrad_update, adam_update,
+                  bias_act_, exp_nonpos_f32, iwae_objective_, likelihood_, mlp_bwd_, mlp_fwd_, mm_nn, mm_nt,
+                  mm_tn, row_sum_f64_, scale_rows_, sgd_update)
 from .numpy_ import NumpyBackend
+from ..distributions import _CB_TAYLOR
+from ..objectives import OBJECTIVES
+
+# ----------------------------------------------------------------------------------------------
+# The Gaussian stage                                                                  §3, §11.1
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def exp_f32(x):
+    """e^x for float32 in plain arithmetic, so that the loops calling it vectorize: cpu.exp_nonpos_f32
+    on min(x, 88) (its reduction works for 2^n up to 2^127; e^88 < float32's max, and only a value that
+    overflows float32 anyway is changed)."""
+    return exp_nonpos_f32(min(x, np.float32(88.0)))
+
+
+def exp_(x):
+    """e^x: the vectorizable float32 version, libm's exp in float64 (the tests ask 1e-12 there)."""
+    return np.exp(x)
+
+
+@overload(exp_)
+def _ov_exp(x):
+    if x == types.float32:
+        return lambda x: exp_f32(x)
+    return lambda x: np.exp(x)
+
+
+@njit(cache=True, error_model="numpy")
+def gauss_fwd_(out, eps, std, z, shared):
+    """std = exp(logvar/2), z = mu + std eps.   out: (m, 2Z) = [mu | logvar], m = n when ``shared``
+    (layer 1: one mu per example for every sample) else R;  eps: (L, n, Z);  std: (m, Z);  z: (R, Z).
+    Oracle: distributions.reparam_forward.   §3.1, §11.1"""
+    L, n, Z = eps.shape
+    half = out.dtype.type(0.5)
+    for m in range(out.shape[0]):
+        for j in range(Z):
+            std[m, j] = exp_(half * out[m, Z + j])
+    for r in range(L * n):
+        l = r // n
+        i = r - l * n
+        m = i if shared else r
+        for j in range(Z):
+            z[r, j] = out[m, j] + std[m, j] * eps[l, i, j]
+
+
+@njit(cache=True, error_model="numpy")
+def gauss_logpdf_add_(z, pm, acc, w, u, tt):
+    """acc[r] += w log N(z_r; m_r, s_r) = w (-1/2 sum_j ((z - m)^2 e^-s + s + log 2pi)); keeps
+    u = (z - m) e^-s for the backward pass.   z, u, tt (scratch): (R, Z);  pm: (R, 2Z) = [m | s];
+    acc: (R,) float64 (each row summed in float64).   Oracle: distributions.gauss_logpdf.  §11.1"""
+    R, Z = z.shape
+    for r in range(R):
+        for j in range(Z):
+            d = z[r, j] - pm[r, j]
+            s = pm[r, Z + j]
+            uu = d * exp_(-s)
+            u[r, j] = uu
+            tt[r, j] = d * uu + s
+        acc[r] += w * (-0.5 * (row_sum_f64_(tt, r) + Z * LOG_2PI))
+
+
+@njit(cache=True, error_model="numpy")
+def gauss_logpdf_bwd_(a, z, pm, u, dz, dpm):
+    """With u = (z - m) e^-s (from gauss_logpdf_add_) and upstream a[r]:  dz += -a u;
+    dpm = [a u | a ((z - m) u - 1)/2].   a: (R,) float64;  z, u, dz: (R, Z);  pm, dpm: (R, 2Z).
+    Oracle: distributions.gauss_logpdf_backward.  §11.1"""
+    R, Z = z.shape
+    dt = z.dtype.type
+    half = dt(0.5)
+    one = dt(1)
+    for r in range(R):
+        g = dt(a[r])
+        for j in range(Z):
+            d = z[r, j] - pm[r, j]
+            uu = u[r, j]
+            dz[r, j] += -g * uu
+            dpm[r, j] = g * uu
+            dpm[r, Z + j] = half * g * (d * uu - one)
+
+
+@njit(cache=True, error_model="numpy")
+def prior_add_(z, acc, w):
+    """acc[r] += w log N(z_r; 0, I) = w (-1/2 sum_j (z^2 + log 2pi)).   Oracle: distributions.log_prior.  §3.3"""
+    R, Z = z.shape
+    for r in range(R):
+        t = 0.0
+        for j in range(Z):
+            t += z[r, j] * z[r, j]
+        acc[r] += w * (-0.5 * (t + Z * LOG_2PI))
+
+
+@njit(cache=True, error_model="numpy")
+def prior_bwd_(a, z, dz):
+    """dz += a[r] (-z).   Oracle: distributions.log_prior_backward.   §3.3"""
+    R, Z = z.shape
+    for r in range(R):
+        g = z.dtype.type(a[r])
+        for j in range(Z):
+            dz[r, j] += -g * z[r, j]
+
+
+@njit(cache=True, error_model="numpy")
+def logq_eps_add_(eps, out, shared, acc, w):
+    """acc[r] += w log q(z_r) in eps form = w (-1/2 (sum_j eps^2 + sum_j (log 2pi + logvar))).
+    out: (m, 2Z) as in gauss_fwd_.   Oracle: distributions.log_posterior_eps.   §3.3"""
+    L, n, Z = eps.shape
+    for r in range(L * n):
+        l = r // n
+        i = r - l * n
+        m = i if shared else r
+        t = 0.0
+        for j in range(Z):
+            e = eps[l, i, j]
+            t += e * e + out[m, Z + j]
+        acc[r] += w * (-0.5 * (t + Z * LOG_2PI))
+
+
+@njit(cache=True, error_model="numpy")
+def kl_add_(out, acc, w):
+    """acc[r] += w sum_j KL_rj, KL = 1/2 (mu^2 + expm1(logvar) - logvar), per row of out: (R, 2Z).
+    Oracle: distributions.kl_forward (summed over Z).   §3.2, §11.2"""
+    R = out.shape[0]
+    Z = out.shape[1] // 2
+    half = out.dtype.type(0.5)
+    for r in range(R):
+        t = 0.0
+        for j in range(Z):
+            mu = out[r, j]
+            lv = out[r, Z + j]
+            t += half * (mu * mu + (np.expm1(lv) - lv))
+        acc[r] += w * t
+
+
+@njit(cache=True, error_model="numpy")
+def posterior_bwd_(dz, eps, z, std, out, dout, sq, aq, qs, ckl, stopped, shared):
+    """Layer l's B5-B6 (§6, §11.3): from dz (R, Z) to dout = [dmu | dlogvar] (m, 2Z), m as in gauss_fwd_.
+
+    Per row r with a = qs aq[r], the upstream of log q(z_l|z_{l-1}):
+      not stopped: log q in eps (§3.3): dlogvar += -a/2;
+      stopped (DReG, §12): log N(z; mu, logvar) with mu, logvar stopped: dz += -a u (u = (z - mu) e^-logvar),
+        and sq = dout + [a u | a ((z - mu) u - 1)/2] (the input-only upstream; not formed when shared);
+    reparameterization (§3.1): dmu = dz, dlogvar = 1/2 std dz eps, summed over samples when shared;
+    the top layer's analytic KL with weight ckl (§3.2, per row; never shared): dmu += ckl mu,
+    dlogvar += ckl expm1(logvar)/2.
+    Oracles: distributions.reparam_backward, log_posterior_eps_backward, gauss_logpdf_backward, kl_backward.
+    """
+    L, n, Z = eps.shape
+    dt = dz.dtype.type
+    half = dt(0.5)
+    one = dt(1)
+    c = dt(ckl)
+    if shared:
+        for i in range(out.shape[0]):
+            for j in range(2 * Z):
+                dout[i, j] = dt(0)
+    for r in range(L * n):
+        l = r // n
+        i = r - l * n
+        m = i if shared else r
+        a = dt(qs * aq[r])
+        for j in range(Z):
+            mu = out[m, j]
+            lv = out[m, Z + j]
+            g = dz[r, j]
+            qm = dt(0)
+            qv = dt(0)
+            if stopped:
+                d = z[r, j] - mu
+                u = d * exp_(-lv)
+                g = g - a * u
+                qm = a * u
+                qv = half * a * (d * u - one)
+            dmu = g
+            dlv = half * std[m, j] * (g * eps[l, i, j])
+            if not stopped:
+                dlv = dlv - half * a
+            if ckl != 0.0:
+                dmu = dmu + c * mu
+                dlv = dlv + c * half * np.expm1(lv)
+            if shared:
+                dout[m, j] += dmu
+                dout[m, Z + j] += dlv
+            else:
+                dout[r, j] = dmu
+                dout[r, Z + j] = dlv
+                if stopped:
+                    sq[r, j] = dmu + qm
+                    sq[r, Z + j] = dlv + qv
+
+
+@njit(cache=True, error_model="numpy")
+def mlp_bwd_dx_(params, lay, t0, t1, dlast, dfirst, ws, bo, nl, act, gemm, mb, nb, dbs):
+    """The input gradient alone of layers t1..t0 (the head t1 has upstream ``dlast``): like
+    cpu.mlp_bwd_ without dW and with db summed into the scratch ``dbs``; dx into ``dfirst``.
+    Oracle: layers.mlp_backward's dx (through NumpyBackend._block_backward).   §2.3, §12"""
+    g = dlast
+    for t in range(t1, t0 - 1, -1):
+        W = params[lay[t, 0]:lay[t, 0] + lay[t, 2] * lay[t, 3]].reshape((lay[t, 2], lay[t, 3]))
+        if t < t1:
+            act_back_colsum_(g, _buf(ws, bo, t), dbs[:lay[t, 3]], act)
+        if t > t0:
+            dh = _buf(ws, bo, nl + t - 1)
+            mm_nt(g, W, dh, gemm, mb, nb)
+            g = dh
+        else:
+            mm_nt(g, W, dfirst, gemm, mb, nb)
+
+
+@njit(cache=True, error_model="numpy")
+def add_(a, b):
+    """a += b.   (R, Z)"""
+    for r in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            a[r, j] += b[r, j]
+
+
+@njit(cache=True, error_model="numpy")
+def scale_rows_by_(a, f):
+    """a[r, :] *= f[r] (f float64).   (R, Z)"""
+    for r in range(a.shape[0]):
+        s = a.dtype.type(f[r])
+        for j in range(a.shape[1]):
+            a[r, j] *= s
+
+
+@njit(cache=True, error_model="numpy")
+def dreg_factor_(dlogw, n, beta, fac, aq):
+    """From IWAE's dlogw = -w~/n: DReG's weights (1-beta) dlogw - beta n dlogw^2 = -((1-beta) w~ + beta w~^2)/n,
+    their ratio to IWAE's fac = (1 - beta) + beta w~, and aq = -beta x DReG's weights.
+    Oracle: objectives.dreg_weights.   §12"""
+    for r in range(dlogw.shape[0]):
+        wt = -n * dlogw[r]
+        fac[r] = (1.0 - beta) + beta * wt
+        aq[r] = -beta * (-((1.0 - beta) * wt + beta * wt * wt) / n)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole pass                                                                   §6, §11.3, §12
+# ----------------------------------------------------------------------------------------------
+
+@njit(cache=True, error_model="numpy")
+def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm_tiles):
+    """Forward (F1-F6, G of §11.3), the objective (B1) and, when want_grad, the backward (B2-B9) into
+    ``grad``. Returns the loss; the per-example bound is left in ws64's ``bound``.
+
+    eps: a tuple of S arrays (L, n, Z_l).  codes = (act, lik, objective 0 ELBO / 1 IWAE, dreg, want_grad);
+    reals = (beta, var_floor, cb_switch);  gemm_tiles = (gemm, mb, nb).
+    bo rows (StackWorkspace): t < nl layer outputs, nl + t their gradients, then 6 per layer
+    (z, dz, std, tmp, sq, u), then the packing panels p1, p2, the pixel scratch lp and dbs.
+    ws64: ll | log w | dlogw | ap | aq | fac (R each) | bound (n).
+    """
+    act, lik, objective, dreg, want_grad = codes
+    beta, var_floor, cb_switch = reals
+    gemm, mb, nb = gemm_tiles
+    S = len(eps)
+    nl = lay.shape[0]
+    L, n, _ = eps[0].shape
+    R = L * n
+    G = 2 * nl
+    E = G + 6 * S
+    p1 = ws[bo[E, 0]:bo[E, 0] + bo[E, 2]]
+    p2 = ws[bo[E + 1, 0]:bo[E + 1, 0] + bo[E + 1, 2]]
+    lp = _buf(ws, bo, E + 2)
+    dbs = ws[bo[E + 3, 0]:bo[E + 3, 0] + bo[E + 3, 2]]
+    ll = ws64[:R]
+    logw = ws64[R:2 * R]
+    dlogw = ws64[2 * R:3 * R]
+    ap = ws64[3 * R:4 * R]
+    aq = ws64[4 * R:5 * R]
+    fac = ws64[5 * R:6 * R]
+    bound = ws64[6 * R:6 * R + n]
+    iwae = objective == 1
+    c = 1.0 / (n * L)
+
+    # F1-F3 for l = 1..S: block enc{l} on z_{l-1} (x for l = 1), then the reparameterization
+    for s in range(S):
+        inp = x if s == 0 else _buf(ws, bo, G + 6 * (s - 1))
+        mlp_fwd_(params, lay, blk[2 * s, 0], blk[2 * s, 1], inp, ws, bo, act, gemm, p1, mb, nb)
+        gauss_fwd_(_buf(ws, bo, blk[2 * s, 1]), eps[s], _buf(ws, bo, G + 6 * s + 2),
+                   _buf(ws, bo, G + 6 * s), s == 0)
+    # G: block dec{l} on z_l gives [m | s] of p(z_{l-1}|z_l), l = 2..S
+    for s in range(1, S):
+        mlp_fwd_(params, lay, blk[2 * s + 1, 0], blk[2 * s + 1, 1], _buf(ws, bo, G + 6 * s), ws, bo, act,
+                 gemm, p1, mb, nb)
+    # F4-F6: block dec on z_1, the likelihood (ELBO: the score scaled by dll = -1/(nL) already)
+    mlp_fwd_(params, lay, blk[1, 0], blk[1, 1], _buf(ws, bo, G), ws, bo, act, gemm, p1, mb, nb)
+    head = _buf(ws, bo, blk[1, 1])
+    likelihood_(x, head, ll, lp, lik, var_floor, cb_switch, 1.0 if iwae else -c, want_grad)
+
+    # B1: log w (IWAE) or the ELBO's per-sample terms, in float64   §11.2
+    for r in range(R):
+        logw[r] = ll[r]
+    for s in range(S - 1):
+        gauss_logpdf_add_(_buf(ws, bo, G + 6 * s), _buf(ws, bo, blk[2 * s + 3, 1]), logw, beta,
+                          _buf(ws, bo, G + 6 * s + 5), _buf(ws, bo, G + 6 * s + 3))
+        logq_eps_add_(eps[s], _buf(ws, bo, blk[2 * s, 1]), s == 0, logw, -beta)
+    top = _buf(ws, bo, blk[2 * S - 2, 1])
+    if iwae:
+        prior_add_(_buf(ws, bo, G + 6 * (S - 1)), logw, beta)
+        logq_eps_add_(eps[S - 1], top, False, logw, -beta)
+        loss = iwae_objective_(logw, L, n, bound, dlogw)
+    else:
+        kl_add_(top, logw, -beta)
+        loss = 0.0
+        for i in range(n):
+            t = 0.0
+            for l in range(L):
+                t += logw[l * n + i]
+            bound[i] = t / L
+            loss -= bound[i]
+        loss /= n
+    if not want_grad:
+        return loss
+    for r in range(R):
+        ap[r] = beta * dlogw[r] if iwae else -beta * c
+        aq[r] = -ap[r]
+    if iwae:
+        scale_rows_(head, dlogw)                                                 # B2: dll = dlogw
+
+    # B3-B4: block dec, dz_1;  G': each p(z_{l-1}|z_l) and block dec{l}, in increasing l so that
+    # every dz_l is written (by its block's input gradient) before it is added to;  the prior
+    mlp_bwd_(params, grad, lay, blk[1, 0], blk[1, 1], _buf(ws, bo, G), head, _buf(ws, bo, G + 1), ws, bo,
+             nl, act, gemm, p1, p2, mb, nb, True)
+    for s in range(1, S):
+        t1 = blk[2 * s + 1, 1]
+        dpm = _buf(ws, bo, nl + t1)
+        gauss_logpdf_bwd_(ap, _buf(ws, bo, G + 6 * (s - 1)), _buf(ws, bo, t1), _buf(ws, bo, G + 6 * (s - 1) + 5),
+                          _buf(ws, bo, G + 6 * (s - 1) + 1), dpm)
+        mlp_bwd_(params, grad, lay, blk[2 * s + 1, 0], t1, _buf(ws, bo, G + 6 * s), dpm,
+                 _buf(ws, bo, G + 6 * s + 1), ws, bo, nl, act, gemm, p1, p2, mb, nb, True)
+    if iwae:
+        prior_bwd_(ap, _buf(ws, bo, G + 6 * (S - 1)), _buf(ws, bo, G + 6 * (S - 1) + 1))
+    if dreg:                                                                     # §12
+        dreg_factor_(dlogw, n, beta, fac, aq)
+        for s in range(S):
+            scale_rows_by_(_buf(ws, bo, G + 6 * s + 1), fac)
+
+    # B5-B8, top down: the Gaussian stage, then block enc{l}, whose input gradient joins dz_{l-1}
+    for s in range(S - 1, -1, -1):
+        t0 = blk[2 * s, 0]
+        t1 = blk[2 * s, 1]
+        dout = _buf(ws, bo, nl + t1)
+        sq = _buf(ws, bo, G + 6 * s + 4)
+        top_kl = (not iwae) and s == S - 1
+        posterior_bwd_(_buf(ws, bo, G + 6 * s + 1), eps[s], _buf(ws, bo, G + 6 * s), _buf(ws, bo, G + 6 * s + 2),
+                       _buf(ws, bo, t1), dout, sq, aq, 0.0 if top_kl else 1.0, beta * c if top_kl else 0.0,
+                       dreg == 1, s == 0)
+        if s == 0:
+            mlp_bwd_(params, grad, lay, t0, t1, x, dout, dout, ws, bo, nl, act, gemm, p1, p2, mb, nb, False)
+        else:
+            tmp = _buf(ws, bo, G + 6 * (s - 1) + 3)
+            mlp_bwd_(params, grad, lay, t0, t1, _buf(ws, bo, G + 6 * (s - 1)), dout, tmp, ws, bo, nl, act,
+                     gemm, p1, p2, mb, nb, dreg == 0)
+            if dreg:                                                             # the input only
+                mlp_bwd_dx_(params, lay, t0, t1, sq, tmp, ws, bo, nl, act, gemm, mb, nb, dbs)
+            add_(_buf(ws, bo, G + 6 * (s - 1) + 1), tmp)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend
+# ----------------------------------------------------------------------------------------------
+
+class StackWorkspace:
+    """Every buffer of one (n, L) pass of a stack, named, in one flat array of the model dtype (+ float64).
+
+    ``index[name]`` is the row of the table ``bo`` (offset, rows, cols) that ``stack_step_`` reads:
+        <layer name>        t < nl: the output of layout layer t (rows n in block enc, R elsewhere)
+        d:<layer name>      nl + t: its gradient (dh of a hidden layer; d[mu | logvar] of an enc head,
+                            d[m | s] of a dec{l} head; none for the dec head, whose score is in place)
+        z{l} dz{l} std{l} tmp{l} sq{l} u{l}   for l = 1..S: the sample (R, Z_l), its gradient, exp(logvar/2)
+                            ((n, Z_1) for l = 1), the input gradient of enc{l+1} (and the forward's
+                            scratch for log p(z_l|z_{l+1})), DReG's stopped upstream of enc{l} (R, 2Z_l),
+                            and u = (z_l - m) e^-s of p(z_l|z_{l+1}) (l < S)
+        pack1 pack2         the custom GEMM's packing panels;  lp: per-pixel log-probabilities (R, D);
+        dbs                 a scratch bias gradient (DReG's input-only pass)
+    ws64 (float64, named in ``index64``): ll, logw, dlogw, ap, aq, fac (R each), bound (n).
+    """
+
+    def __init__(self, spec, n, L, dtype):
+        layout = spec.layout
+        R = L * n
+        S = spec.n_stochastic
+        names = [p for p, _, _ in layout.layers]
+        rows = [n if p.split(".")[0] == "enc" else R for p in names]
+        tab = [(r, o) for r, (_, _, o) in zip(rows, layout.layers)]
+        nl = len(tab)
+        grads = tab[:-1] + [(0, tab[-1][1])]          # the last layer, dec.head: its score in place
+        entries = list(zip(names, tab)) + [("d:" + p, g) for p, g in zip(names, grads)]
+        for l, Z in enumerate(spec.z_dims, start=1):
+            entries += [(f"z{l}", (R, Z)), (f"dz{l}", (R, Z)), (f"std{l}", (n if l == 1 else R, Z)),
+                        (f"tmp{l}", (R, Z)), (f"sq{l}", (R, 2 * Z) if l > 1 else (0, 2 * Z)),
+                        (f"u{l}", (R, Z) if l < S else (0, Z))]
+        p1 = max(max(i * o for _, i, o in layout.layers), max(r * i for r, (_, i, _) in zip(rows, layout.layers)))
+        p2 = max(r * c for r, c in tab)
+        entries += [("pack1", (1, p1)), ("pack2", (1, p2)), ("lp", (R, spec.x_dim)),
+                    ("dbs", (1, max(o for _, _, o in layout.layers)))]
+        self.index = {name: k for k, (name, _) in enumerate(entries)}
+        self.bo = np.zeros((len(entries), 3), dtype=np.int64)
+        off = 0
+        for k, (_, (r, c)) in enumerate(entries):
+            self.bo[k] = off, r, c
+            off += r * c
+        assert self.index["z1"] == 2 * nl and self.index["pack1"] == 2 * nl + 6 * S
+        self.ws = np.zeros(off, dtype=dtype)
+        self.index64 = {k: (i * R, R) for i, k in enumerate(("ll", "logw", "dlogw", "ap", "aq", "fac"))}
+        self.index64["bound"] = (6 * R, n)
+        self.ws64 = np.zeros(6 * R + n, dtype=np.float64)
+
+    def view(self, name):
+        """The buffer ``name`` (see the class docstring) as an array view."""
+        if name in self.index64:
+            o, m = self.index64[name]
+            return self.ws64[o:o + m]
+        o, r, c = self.bo[self.index[name]]
+        return self.ws[o:o + r * c].reshape(r, c)
 
 
 class NumbaStackBackend(NumpyBackend):
-    """NumpyBackend with the MLP blocks in Numba kernels; built through ``kernels.stack_class`` for
-    backend 'numba' and S > 1."""
+    """The numba backend for S > 1 (built through ``kernels.stack_class``): loss_and_grad and bound in
+    the fused ``stack_step_``; the pieces (encode, decode, sampling) are the reference's composition with
+    the MLP blocks in cpu.py's kernels. Oracle: ``NumpyBackend``."""
     name = "numba"
+    update_kernels = {"sgd": sgd_update, "adagrad": adagrad_update, "adam": adam_update}
+    max_workspaces = 4       # (n, L) shapes kept; evaluation's last short batch adds one more
 
     def __init__(self, spec, dtype):
         super().__init__(spec, dtype)
         self.act = ACT_CODES[spec.activation]
+        self.lik = LIK_CODES[spec.likelihood]
+        self.cb_switch = float(_CB_TAYLOR.get(self.dtype, 1e-2))
+        lay = self.layout
+        self.lay = np.array([[lay.slots[p + ".W"].offset, lay.slots[p + ".b"].offset, i, o]
+                             for p, i, o in lay.layers], dtype=np.int64)
+        prefixes = [p.split(".")[0] for p, _, _ in lay.layers]
+        blk = []
+        for l in range(1, self.S + 1):
+            for prefix in (spec.enc_prefix(l), spec.dec_prefix(l)):
+                ts = [t for t, q in enumerate(prefixes) if q == prefix]
+                assert ts == list(range(ts[0], ts[-1] + 1))
+                blk.append((ts[0], ts[-1]))
+        self.blk = np.array(blk, dtype=np.int64)       # row 2(l-1): enc{l}; row 2(l-1)+1: dec{l}
+        self._ws = OrderedDict()
+
+    def workspace(self, n, L) -> StackWorkspace:
+        """The buffers of an (n, L) pass, allocated on first use and then reused."""
+        key = (n, L)
+        ws = self._ws.get(key)
+        if ws is None:
+            ws = StackWorkspace(self.spec, n, L, self.dtype)
+            self._ws[key] = ws
+            if len(self._ws) > self.max_workspaces:
+                self._ws.popitem(last=False)
+        else:
+            self._ws.move_to_end(key)
+        return ws
 
     @staticmethod
     def _gemm():
         mb, nb = config.tiles()
         return config.gemm_code(), mb, nb
 
-    def _block_forward(self, params, prefix, h):
-        """h: (R, I) -> out: (R, O). Layer t: a = h W + b, then f in place (identity for the head).  §2.3
+    def _step(self, params, x, eps, grad, objective, beta, estimator, want_grad):
+        if params.dtype != self.dtype or x.dtype != self.dtype:
+            raise ValueError(f"params and x must be {self.dtype}, got {params.dtype} and {x.dtype}")
+        eps = tuple(eps)
+        if len(eps) != self.S or not all(e.dtype == self.dtype and e.flags.c_contiguous for e in eps):
+            raise ValueError(f"eps must be {self.S} C-contiguous {self.dtype} arrays (L, n, Z_l)")
+        if not x.flags.c_contiguous:
+            raise ValueError("x must be a C-contiguous array")
+        L, n, _ = eps[0].shape
+        ws = self.workspace(n, L)
+        codes = (self.act, self.lik, OBJECTIVES.index(objective), int(estimator == "dreg"), int(want_grad))
+        reals = (float(beta), float(self.spec.var_floor), self.cb_switch)
+        loss = stack_step_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.blk, codes, reals,
+                           self._gemm())
+        return float(loss), ws
 
-        Cache: the block's input and every layer's output (f(a), or the head's a)."""
+    def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
+                      kl_active=None, estimator="reparam"):
+        """Batch mean of the negative bound and its gradient in the flat layout.   §6, §11.3, §12"""
+        if free_bits > 0 or kl_active is not None:
+            raise ValueError("free_bits applies to models with one stochastic layer only")
+        if grad is None:
+            grad = np.empty(self.layout.size, dtype=self.dtype)
+        loss, _ = self._step(params, x, eps, grad, objective, beta, estimator, True)
+        return loss, grad
+
+    def bound(self, params, x, eps, objective="elbo", beta=1.0):
+        """Per-example bound (n,): the ELBO with the top KL analytic, or the IWAE bound.   §11.2"""
+        _, ws = self._step(params, x, eps, params, objective, beta, "reparam", False)
+        return ws.view("bound").astype(self.dtype)
+
+    # -- the pieces' MLP blocks (encode, decode, sampling): cpu.py's kernels, allocated per call -------
+    def _block_forward(self, params, prefix, h):
+        """h: (R, I) -> out: (R, O). Layer t: a = h W + b, then f in place (identity for the head).  §2.3"""
         gemm, mb, nb = self._gemm()
         layers = self.layout.layer_views(params, prefix)
         h = np.ascontiguousarray(h, dtype=self.dtype)
