@@ -39,6 +39,9 @@ from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, _buf, act_back_colsum_, adagrad
 from .numpy_ import NumpyBackend
 from ..distributions import _CB_TAYLOR
 from ..objectives import OBJECTIVES
+from .numba_cache import configure as _configure_cache
+
+_configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
 
 # ----------------------------------------------------------------------------------------------
 # The Gaussian stage                                                                  §3, §11.1
