@@ -43,10 +43,11 @@ def panel_width(dtype) -> int:
     return NV * VBYTES // np.dtype(dtype).itemsize
 
 
-def pack_size(M, N, K, dtype) -> int:
-    """Elements of the panel buffer P a product (M, K) x (K, N) needs in any form (nt packs all of B)."""
+def pack_size(form, N, K, dtype) -> int:
+    """Elements of the panel buffer P that a product (M, K) x (K, N) needs: all of B^T packed in
+    panels for "nt", the last column panel for "nn" and "tn"."""
     nr = panel_width(dtype)
-    return K * nr * -(-N // nr)
+    return K * nr * (-(-N // nr) if form == "nt" else 1)
 
 
 def make_ukernel(nv, vbytes):
@@ -152,13 +153,16 @@ def pack_b_edge_(B, P, nr):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, tm, tn):
-    """C (M, N) = A B over prange tiles of (tm x tn) micro-tiles of (MR x NR).
+def tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb):
+    """C (M, N) = A B over prange tiles of about mb x nb elements (rounded up to whole micro-tiles
+    of MR x NR).
 
     Column panel p < nfull is read in place from B (row stride b_k); the others from P, packed
     K x NR each from panel nfull on. A at element i a_i + k a_k."""
     nr = NV * VBYTES // A.itemsize
     wy = 32 // A.itemsize                          # one ymm vector
+    tm = max(1, (mb + MR - 1) // MR)              # micro-tiles per task: rows, columns
+    tn = max(1, (nb + nr - 1) // nr)
     nmi = (M + MR - 1) // MR                       # micro-tile rows, columns
     nnj = (N + nr - 1) // nr
     nti = (nmi + tm - 1) // tm
@@ -189,34 +193,34 @@ def tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, tm, tn):
 
 
 @njit(cache=True, error_model="numpy")
-def gemm_nn(A, B, C, P, tm, tn):
-    """C = A B.   A: (M, K)  B: (K, N)  C: (M, N), all C-contiguous;  P: >= K NR (the last panel)."""
+def gemm_nn(A, B, C, P, mb, nb):
+    """C = A B over (mb x nb) parallel tiles.   A: (M, K)  B: (K, N)  C: (M, N), all C-contiguous;  P: >= pack_size("nn", N, K)."""
     M, K = A.shape
     N = B.shape[1]
     nr = NV * VBYTES // A.itemsize
     nfull = N // nr
     if nfull * nr < N:
         pack_b_edge_(B, P, nr)
-    tiles_(M, N, K, A.reshape(M * K), K, 1, B.reshape(K * N), N, nfull, P, C.reshape(M * N), tm, tn)
+    tiles_(M, N, K, A.reshape(M * K), K, 1, B.reshape(K * N), N, nfull, P, C.reshape(M * N), mb, nb)
 
 
 @njit(cache=True, error_model="numpy")
-def gemm_nt(A, Bt, C, P, tm, tn):
-    """C = A Bt^T.   A: (M, K)  Bt: (N, K)  C: (M, N), C-contiguous;  P: >= pack_size (all of B)."""
+def gemm_nt(A, Bt, C, P, mb, nb):
+    """C = A Bt^T.   A: (M, K)  Bt: (N, K)  C: (M, N), C-contiguous;  P: >= pack_size("nt", N, K)."""
     M, K = A.shape
     N = Bt.shape[0]
     nr = NV * VBYTES // A.itemsize
     pack_bt_(Bt, P, nr, 0)
-    tiles_(M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), tm, tn)
+    tiles_(M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb)
 
 
 @njit(cache=True, error_model="numpy")
-def gemm_tn(At, B, C, P, tm, tn):
-    """C = At^T B.   At: (R, M)  B: (R, N)  C: (M, N), C-contiguous;  P: >= R NR (the last panel)."""
+def gemm_tn(At, B, C, P, mb, nb):
+    """C = At^T B.   At: (R, M)  B: (R, N)  C: (M, N), C-contiguous;  P: >= pack_size("tn", N, R)."""
     R, M = At.shape
     N = B.shape[1]
     nr = NV * VBYTES // At.itemsize
     nfull = N // nr
     if nfull * nr < N:
         pack_b_edge_(B, P, nr)
-    tiles_(M, N, R, At.reshape(R * M), 1, M, B.reshape(R * N), N, nfull, P, C.reshape(M * N), tm, tn)
+    tiles_(M, N, R, At.reshape(R * M), 1, M, B.reshape(R * N), N, nfull, P, C.reshape(M * N), mb, nb)
