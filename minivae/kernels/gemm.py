@@ -18,8 +18,8 @@ Operands are read where they are, through (row, column) strides, so nothing is p
 the vector loads need contiguous: the rows of B (k, j..j+NR). They are contiguous in the nn and tn
 forms (B is C-contiguous with N columns), except for the last, partial panel of N % NR columns, which
 is copied zero-padded into the panel buffer P; in the nt form B^T is packed panel by panel into P
-(K x NR each). A is read by broadcasts at any strides: a (M, K) C-contiguous array (nn, nt) or the
-transpose of a (K, M) one (tn). Rows of A beyond M in the last row panel re-read row M - 1; their
+(K x NR each) by the parallel task that owns the panel, just before it uses it. A is read by
+broadcasts at any strides: a (M, K) C-contiguous array (nn, nt) or the transpose of a (K, M) one (tn). Rows of A beyond M in the last row panel re-read row M - 1; their
 results are not stored.
 
 Parallelism: one prange over (tm x tn) tiles of C (each a block of whole micro-tiles), then a
@@ -124,52 +124,55 @@ ukernel_y2 = make_ukernel(2, 32)
 ukernel_y3 = make_ukernel(3, 32)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
-def pack_bt_(Bt, P, nr, j_first):
-    """P <- panels of B = Bt^T from column panel ``j_first`` on, zero-padded:
-    P[(p - j_first) K nr + k nr + j] = Bt[p nr + j, k].   Bt: (N, K) -> P: (ceil(N/nr) - j_first) K nr."""
+@njit(cache=True, error_model="numpy")
+def pack_bt_panel_(Bt, P, nr, p):
+    """P[p K nr + k nr + j] <- Bt[p nr + j, k] (0 beyond N): column panel p of B = Bt^T, K x nr,
+    zero-padded.   Bt: (N, K)."""
     N, K = Bt.shape
-    npan = (N + nr - 1) // nr
-    for p in prange(j_first, npan):
-        base = (p - j_first) * K * nr
-        for j in range(nr):                        # read Bt's rows in order, write P's columns
-            n = p * nr + j
-            if n < N:
-                for k in range(K):
-                    P[base + k * nr + j] = Bt[n, k]
-            else:
-                for k in range(K):
-                    P[base + k * nr + j] = 0
+    base = p * K * nr
+    for j in range(nr):                            # read Bt's rows in order, write P's columns
+        n = p * nr + j
+        if n < N:
+            for k in range(K):
+                P[base + k * nr + j] = Bt[n, k]
+        else:
+            for k in range(K):
+                P[base + k * nr + j] = 0
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy")
 def pack_b_edge_(B, P, nr):
     """P <- the last, partial column panel of B zero-padded (K x nr).   B: (K, N)."""
     K, N = B.shape
     j0 = (N // nr) * nr
-    for k in prange(K):
+    for k in range(K):
         for j in range(nr):
             P[k * nr + j] = B[k, j0 + j] if j0 + j < N else 0
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb):
+def tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack):
     """C (M, N) = A B over prange tiles of about mb x nb elements (rounded up to whole micro-tiles
     of MR x NR).
 
     Column panel p < nfull is read in place from B (row stride b_k); the others from P, packed
-    K x NR each from panel nfull on. A at element i a_i + k a_k."""
+    K x NR each from panel nfull on. A at element i a_i + k a_k. With ``pack`` (nfull = 0), each
+    task first packs its own column panels from Bt (N, K) into P, inside the same parallel region
+    (a second region costs a wake-up of the pool); its tile then spans all rows."""
     nr = NV * VBYTES // A.itemsize
     wy = 32 // A.itemsize                          # one ymm vector
-    tm = max(1, (mb + MR - 1) // MR)              # micro-tiles per task: rows, columns
-    tn = max(1, (nb + nr - 1) // nr)
     nmi = (M + MR - 1) // MR                       # micro-tile rows, columns
     nnj = (N + nr - 1) // nr
+    tm = nmi if pack else max(1, (mb + MR - 1) // MR)     # micro-tiles per task: rows, columns
+    tn = max(1, (nb + nr - 1) // nr)
     nti = (nmi + tm - 1) // tm
     ntj = (nnj + tn - 1) // tn
     for t in prange(nti * ntj):
         ti = t // ntj
         tj = t % ntj
+        if pack:
+            for pj in range(tj * tn, min(tj * tn + tn, nnj)):
+                pack_bt_panel_(Bt, P, nr, pj)
         for pj in range(tj * tn, min(tj * tn + tn, nnj)):
             j0 = pj * nr
             e = min(nr, N - j0)                    # columns of this panel
@@ -201,7 +204,7 @@ def gemm_nn(A, B, C, P, mb, nb):
     nfull = N // nr
     if nfull * nr < N:
         pack_b_edge_(B, P, nr)
-    tiles_(M, N, K, A.reshape(M * K), K, 1, B.reshape(K * N), N, nfull, P, C.reshape(M * N), mb, nb)
+    tiles_(M, N, K, A.reshape(M * K), K, 1, B.reshape(K * N), N, nfull, P, C.reshape(M * N), mb, nb, B, False)
 
 
 @njit(cache=True, error_model="numpy")
@@ -210,8 +213,7 @@ def gemm_nt(A, Bt, C, P, mb, nb):
     M, K = A.shape
     N = Bt.shape[0]
     nr = NV * VBYTES // A.itemsize
-    pack_bt_(Bt, P, nr, 0)
-    tiles_(M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb)
+    tiles_(M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb, Bt, True)
 
 
 @njit(cache=True, error_model="numpy")
@@ -223,4 +225,5 @@ def gemm_tn(At, B, C, P, mb, nb):
     nfull = N // nr
     if nfull * nr < N:
         pack_b_edge_(B, P, nr)
-    tiles_(M, N, R, At.reshape(R * M), 1, M, B.reshape(R * N), N, nfull, P, C.reshape(M * N), mb, nb)
+    tiles_(M, N, R, At.reshape(R * M), 1, M, B.reshape(R * N), N, nfull, P, C.reshape(M * N), mb, nb, B,
+           False)

@@ -218,7 +218,8 @@ def _v2_nn(A, B, C, P, P2, mb, nb):
 def _v2_nt(A, Bt, C, P, P2, mb, nb):
     M, K = A.shape
     N = Bt.shape[0]
-    g3.pack_bt_(Bt, P, NR2, 0)
+    for p in range(-(-N // NR2)):
+        g3.pack_bt_panel_(Bt, P, NR2, p)
     tiles_v2_(M, N, K, A.reshape(M * K), K, 1, P, NR2, 0, P, C.reshape(M * N), mb, nb)
 
 
