@@ -19,8 +19,9 @@ the vector loads need contiguous: the rows of B (k, j..j+NR). They are contiguou
 forms (B is C-contiguous with N columns), except for the last, partial panel of N % NR columns, which
 is copied zero-padded into the panel buffer P; in the nt form B^T is packed panel by panel into P
 (K x NR each) by the parallel task that owns the panel, just before it uses it. A is read by
-broadcasts at any strides: a (M, K) C-contiguous array (nn, nt) or the transpose of a (K, M) one (tn). Rows of A beyond M in the last row panel re-read row M - 1; their
-results are not stored.
+broadcasts at any strides: a (M, K) C-contiguous array (nn, nt) or the transpose of a (K, M) one
+(tn). Rows of A beyond M in the last row panel re-read row M - 1; their results are not stored. The
+last column panel runs a tile of 1-3 ymm vectors (8/4 columns each), as many as its columns need.
 
 Parallelism: one prange over (tm x tn) tiles of C (each a block of whole micro-tiles), then a
 sequential sweep of its micro-tiles. BLAS is never called here.
@@ -197,7 +198,8 @@ def tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack):
 
 @njit(cache=True, error_model="numpy")
 def gemm_nn(A, B, C, P, mb, nb):
-    """C = A B over (mb x nb) parallel tiles.   A: (M, K)  B: (K, N)  C: (M, N), all C-contiguous;  P: >= pack_size("nn", N, K)."""
+    """C = A B over (mb x nb) parallel tiles.   A: (M, K)  B: (K, N)  C: (M, N), all C-contiguous;
+    P: >= pack_size("nn", N, K)."""
     M, K = A.shape
     N = B.shape[1]
     nr = NV * VBYTES // A.itemsize
