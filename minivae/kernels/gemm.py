@@ -25,6 +25,10 @@ last column panel runs a tile of 1-3 ymm vectors (8/4 columns each), as many as 
 
 Parallelism: one prange over (tm x tn) tiles of C (each a block of whole micro-tiles), then a
 sequential sweep of its micro-tiles. BLAS is never called here.
+
+Numba's cache keys a function on its own source file only: the cached kernels of cpu.py that call
+these embed a copy of them. After editing this file, touch cpu.py (or clear __pycache__), or those
+stale copies run (a stale parallel kernel linked beside a new serial one segfaulted once).
 """
 from __future__ import annotations
 
