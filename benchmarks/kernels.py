@@ -4,7 +4,7 @@
 
 For each fused kernel: median time, GB/s (elementwise) or GFLOP/s (GEMM) and the speed-up over the
 NumPy reference it replaces. For the GEMM: OpenBLAS through NumPy (x @ W), the backend's BLAS path
-(np.dot inside @njit: SciPy's OpenBLAS) and the custom register-tiled kernel (packing included),
+(np.dot inside @njit: SciPy's OpenBLAS) and the custom register-blocked kernel (minivae/kernels/gemm.py, packing included),
 at every shape of a 784-400-20 training step, with the custom/OpenBLAS throughput ratio.
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, if set, slow NumPy's OpenBLAS: unset them for this command.
 """
@@ -21,6 +21,7 @@ from common import BATCH, D, H, Z, machine, model_gemms, table, timeit  # noqa: 
 
 from minivae import distributions as dist, optim  # noqa: E402
 from minivae.kernels import cpu  # noqa: E402
+from minivae.kernels.gemm import pack_size  # noqa: E402
 from minivae.layers import activation_backward, activation_forward  # noqa: E402
 
 
@@ -34,17 +35,18 @@ def gemm_rows(dtype, repeat):
         if kind == "nn":
             A, B = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
             ref = lambda: np.matmul(A, B, out=C)  # noqa: E731
-            p1 = np.empty(K * N, dtype)
+            p1 = np.empty(pack_size("nn", N, K, dtype), dtype)
             run = lambda g: cpu.mm_nn(A, B, C, g, p1, mb, nb)  # noqa: E731
         elif kind == "nt":
             A, B = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((N, K)).astype(dtype)
             ref = lambda: np.matmul(A, B.T, out=C)  # noqa: E731
-            run = lambda g: cpu.mm_nt(A, B, C, g, mb, nb)  # noqa: E731
+            p1 = np.empty(pack_size("nt", N, K, dtype), dtype)
+            run = lambda g: cpu.mm_nt(A, B, C, g, p1, mb, nb)  # noqa: E731
         else:
             A, B = rng.standard_normal((K, M)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
             ref = lambda: np.matmul(A.T, B, out=C)  # noqa: E731
-            p1, p2 = np.empty(K * M, dtype), np.empty(K * N, dtype)
-            run = lambda g: cpu.mm_tn(A, B, C, g, p1, p2, mb, nb)  # noqa: E731
+            p1 = np.empty(pack_size("tn", N, K, dtype), dtype)
+            run = lambda g: cpu.mm_tn(A, B, C, g, p1, mb, nb)  # noqa: E731
         C = np.empty((M, N), dtype)
         gf = 2.0 * M * N * K / 1e9
         t = {}

@@ -1,4 +1,4 @@
-"""Training throughput: minivae (NumPy and Numba backends) against PyTorch eager and JAX jit.
+"""Training throughput: minivae (NumPy and Numba backends; the Numba one also with its custom GEMM) against PyTorch eager and JAX jit.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train.py [--epochs 3] [--steps 469]
 
@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import BATCH, D, H, STEPS_PER_EPOCH, Z, machine, mnist_like, model_gemms, table  # noqa: E402
 
-CONTENDERS = ("minivae-numpy", "minivae-numba", "pytorch-eager", "jax-jit", "gemm-floor")
+CONTENDERS = ("minivae-numpy", "minivae-numba", "minivae-numba-custom", "pytorch-eager", "jax-jit", "gemm-floor")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +163,10 @@ def run_worker(name, steps):
     if name == "minivae-numpy":
         epoch = worker_minivae("numpy", steps)
     elif name == "minivae-numba":
+        epoch = worker_minivae("numba", steps)
+    elif name == "minivae-numba-custom":              # the backend's own GEMM (MINIVAE_GEMM=custom)
+        from minivae.kernels import config
+        config.GEMM = "custom"
         epoch = worker_minivae("numba", steps)
     elif name == "pytorch-eager":
         epoch = worker_torch(steps)

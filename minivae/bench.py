@@ -292,6 +292,7 @@ def step_cases(spec, dtype, n, nthreads, backend="numba"):
     """The kernels of one ELBO training step (L = 1, Adam) of ``spec`` at batch ``n``: a list of Case."""
     from . import distributions as dist, optim
     from .kernels import cpu
+    from .kernels.gemm import pack_size
     from .layers import activation_backward, activation_forward
 
     dtype = np.dtype(dtype)
@@ -318,17 +319,18 @@ def step_cases(spec, dtype, n, nthreads, backend="numba"):
         C = np.empty((M, N), dtype)
         if form == "nn":
             A, B = rnd(M, K), rnd(K, N)
-            p1 = np.empty(K * N, dtype)
+            p1 = np.empty(pack_size("nn", N, K, dtype), dtype)                      # the custom GEMM's panels
             fast = lambda: cpu.mm_nn(A, B, C, gemm, p1, mb, nb)                    # noqa: E731
             ref = lambda: np.matmul(A, B, out=C)                                   # noqa: E731
         elif form == "nt":
             A, B = rnd(M, K), rnd(N, K)
-            fast = lambda: cpu.mm_nt(A, B, C, gemm, mb, nb)                        # noqa: E731
+            p1 = np.empty(pack_size("nt", N, K, dtype), dtype)
+            fast = lambda: cpu.mm_nt(A, B, C, gemm, p1, mb, nb)                    # noqa: E731
             ref = lambda: np.matmul(A, B.T, out=C)                                 # noqa: E731
         else:
             A, B = rnd(K, M), rnd(K, N)
-            p1, p2 = np.empty(K * M, dtype), np.empty(K * N, dtype)
-            fast = lambda: cpu.mm_tn(A, B, C, gemm, p1, p2, mb, nb)                # noqa: E731
+            p1 = np.empty(pack_size("tn", N, K, dtype), dtype)
+            fast = lambda: cpu.mm_tn(A, B, C, gemm, p1, mb, nb)                    # noqa: E731
             ref = lambda: np.matmul(A.T, B, out=C)                                 # noqa: E731
         add(f"{name} ({form})", "gemm", f"{M}x{K}x{N}", 2.0 * M * N * K, (M * K + K * N + M * N) * isz,
             nthreads, fast, ref)

@@ -21,6 +21,7 @@ from minivae import optim
 from minivae.gradcheck import check_model, format_report, rel_error
 from minivae.kernels import config
 from minivae.kernels import cpu
+from minivae.kernels.gemm import pack_size
 from minivae.layers import activation_backward, activation_forward, ACTIVATIONS
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
@@ -53,33 +54,14 @@ def test_gemm_variants_match_numpy(dtype, code, mb, nb):
         B = rng.standard_normal((K, N)).astype(dtype)
         At = np.ascontiguousarray(A.T)                         # (K, M): A = At^T
         Bt = np.ascontiguousarray(B.T)                         # (N, K)
-        p1 = np.zeros(max(M, N) * K + 8, dtype=dtype)
-        p2 = np.zeros(max(M, N) * K + 8, dtype=dtype)
+        p1 = np.zeros(pack_size("nt", N, K, dtype), dtype=dtype)    # the largest of the three forms
         want = A.astype(np.float64) @ B.astype(np.float64)
         for name, run in (("nn", lambda C: cpu.mm_nn(A, B, C, code, p1, mb, nb)),
-                          ("nt", lambda C: cpu.mm_nt(A, Bt, C, code, mb, nb)),
-                          ("tn", lambda C: cpu.mm_tn(At, B, C, code, p1, p2, mb, nb))):
+                          ("nt", lambda C: cpu.mm_nt(A, Bt, C, code, p1, mb, nb)),
+                          ("tn", lambda C: cpu.mm_tn(At, B, C, code, p1, mb, nb))):
             C = np.full((M, N), np.nan, dtype=dtype)
             run(C)
             assert rel_error(C, want) <= TOL[dtype], (name, M, K, N, code, mb, nb)
-
-
-def test_gemm_nt_kernel_on_a_model_shape():
-    rng = np.random.default_rng(2)
-    A = rng.standard_normal((37, 130)).astype(np.float32)
-    B = rng.standard_normal((45, 130)).astype(np.float32)
-    C = np.empty((37, 45), np.float32)
-    cpu.gemm_nt_(A, B, C, 16, 64)
-    assert rel_error(C, A.astype(np.float64) @ B.T.astype(np.float64)) <= 1e-5
-
-
-def test_transpose():
-    rng = np.random.default_rng(3)
-    for M, N in [(1, 1), (1, 40), (33, 65)]:
-        A = rng.standard_normal((M, N))
-        At = np.empty((N, M))
-        cpu.transpose_(A, At)
-        np.testing.assert_array_equal(At, A.T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,7 +471,7 @@ NRT_SCRIPT = """
 import numpy as np
 from numba.core.runtime import rtsys
 from minivae import VAE
-from minivae.kernels import cpu
+from minivae.kernels import config, cpu
 m = VAE(20, 3, hidden=(16,), backend="numba", dtype="float32")
 rng = np.random.default_rng(0)
 x = rng.random((8, 20)).astype(np.float32); eps = rng.standard_normal((1, 8, 3)).astype(np.float32)
@@ -498,11 +480,12 @@ def steps(k):
     for _ in range(k):
         m.backend.loss_and_grad(m.params, x, eps, grad=g)
         cpu.adam_update(m.params, g, ms, vs, 7, 1e-3, 0.9, 0.999, 1e-8, 0.0)
-steps(3)
-a = rtsys.get_allocation_stats()
-steps(50)
-b = rtsys.get_allocation_stats()
-print(b.alloc - a.alloc, b.free - a.free, b.mi_alloc - a.mi_alloc, b.mi_free - a.mi_free)
+for config.GEMM in ("blas", "custom"):
+    steps(3)
+    a = rtsys.get_allocation_stats()
+    steps(50)
+    b = rtsys.get_allocation_stats()
+    print(b.alloc - a.alloc, b.free - a.free, b.mi_alloc - a.mi_alloc, b.mi_free - a.mi_free)
 """
 # Array arguments that cross the Python -> jit boundary per step: numba wraps each one in a
 # MemInfo (a header around the caller's data, no data copied): 9 for loss_and_grad_ (params, grad,
@@ -511,8 +494,8 @@ BOUNDARY_ARRAYS_PER_STEP = 13
 
 
 def test_no_native_allocation_per_step(tmp_path):
-    """Numba's allocator (NRT statistics, 50 steady-state steps): no buffer is allocated inside the
-    kernels; the only NRT objects are the per-call argument wrappers, all freed.
+    """Numba's allocator (NRT statistics, 50 steady-state steps, BLAS and custom GEMM): no buffer is
+    allocated inside the kernels; the only NRT objects are the per-call argument wrappers, all freed.
 
     The statistics build compiles the address of this process's counters into the code, and numba's
     cache key does not include NUMBA_NRT_STATS: the subprocess gets a cache folder of its own, or
@@ -521,10 +504,12 @@ def test_no_native_allocation_per_step(tmp_path):
     r = subprocess.run([sys.executable, "-c", NRT_SCRIPT], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    alloc, free, mi_alloc, mi_free = map(int, r.stdout.split())
-    # nothing but the argument wrappers, and every one of them released again
-    assert alloc == mi_alloc == 50 * BOUNDARY_ARRAYS_PER_STEP, (alloc, mi_alloc)
-    assert (free, mi_free) == (alloc, mi_alloc)
+    lines = r.stdout.split("\n")[:2]
+    for gemm, line in zip(("blas", "custom"), lines, strict=True):
+        alloc, free, mi_alloc, mi_free = map(int, line.split())
+        # nothing but the argument wrappers, and every one of them released again
+        assert alloc == mi_alloc == 50 * BOUNDARY_ARRAYS_PER_STEP, (gemm, alloc, mi_alloc)
+        assert (free, mi_free) == (alloc, mi_alloc), gemm
 
 
 def test_importance_sampled_log_likelihood_matches_numpy():

@@ -2,12 +2,13 @@
 
 GEMM   "blas": np.dot(a, b, out) inside @njit on contiguous (or transposed, F-contiguous) views:
                SciPy's OpenBLAS through numba's cython_blas binding, no copies.
-       "custom": the blocked, register-tiled @njit(parallel=True, fastmath=True) kernel of
-               kernels/cpu.py (operands packed k-contiguous, 4x4 register tile).
+       "custom": the register-blocked kernels of kernels/gemm.py (an 8 x 2-zmm micro-kernel written
+               as LLVM IR, operands read in place, parallel over MB x NB tiles of C).
        Default: "blas", the faster one on the benchmark machine (benchmarks/README.md);
        the environment variable MINIVAE_GEMM overrides it.
-MB, NB Output tile of one parallel task of the custom GEMM (rows, columns). Runtime arguments of the
-       kernels, so tests can set odd values (e.g. 3, 5) to hit every boundary guard.
+MB, NB Output tile of one parallel task of the custom GEMM (rows, columns; rounded up to whole 8 x 32
+       (float32) or 8 x 16 (float64) micro-tiles). Runtime arguments of the kernels, so tests can set
+       odd values (e.g. 3, 5) to hit every boundary guard.
 """
 import os
 

@@ -10,9 +10,10 @@ Fusions (§9):
     likelihood_        log p(x|z) per row and the head's gradient, written over the head, in one pass
     act_back_colsum_   da = dh f'(h) in place and db = sum_rows da from one read of dh
     sgd/adagrad/adam_update   one pass over (params, grad, state)
-GEMM: BLAS (np.dot(a, b, out) on C- or F-contiguous views, no copies) or the custom blocked,
-register-tiled kernel ``gemm_nt_`` (operands packed k-contiguous by ``transpose_``), chosen at call
-time by ``minivae.kernels.config.GEMM``. BLAS is never called inside a prange.
+GEMM: BLAS (np.dot(a, b, out) on C- or F-contiguous views, no copies) or the custom register-blocked
+kernels of ``minivae.kernels.gemm`` (operands read in place; only B^T, or B's last column panel, packed
+into the panel buffer p1), chosen at call time by ``minivae.kernels.config.GEMM``. BLAS is never called
+inside a prange.
 
 Shape legend: n examples, D = x_dim, Z = z_dim, L samples (k for IWAE), R = L*n decoder rows,
 K head width (D or 2D), H fan-in/out of a layer. Every kernel is @njit(cache=True, error_model="numpy"); float32 code
@@ -30,6 +31,7 @@ from numba.extending import intrinsic, overload
 
 from . import config, require_one_stochastic_layer
 from .numba_cache import configure as _configure_cache
+from .gemm import gemm_nn, gemm_nt, gemm_tn, pack_size
 from .. import threads  # noqa: F401  (sets OMP_WAIT_POLICY before the first prange)
 from ..layers import LEAKY_SLOPE
 from ..distributions import LIKELIHOODS, _CB_TAYLOR
@@ -48,136 +50,32 @@ LOG_2 = math.log(2.0)
 # GEMM                                                                               §2.1, §9
 # ----------------------------------------------------------------------------------------------
 
-@njit(cache=True, error_model="numpy", parallel=True, fastmath=True)
-def gemm_nt_(A, B, C, mb, nb):
-    """C = A B^T with both operands k-contiguous.  A: (M, K)  B: (N, K)  ->  C: (M, N).
-
-    Each parallel task owns an (mb x nb) output tile; inside it a 4x4 register tile keeps 16
-    accumulators while the k loop (vectorized, fastmath reassociation) streams 4 rows of A and 4 of B;
-    remainders of the tile fall back to single dot products.
-    """
-    M, K = A.shape
-    N = B.shape[0]
-    zero = A.dtype.type(0)
-    nmb = (M + mb - 1) // mb
-    nnb = (N + nb - 1) // nb
-    for t in prange(nmb * nnb):
-        i0 = (t // nnb) * mb
-        j0 = (t % nnb) * nb
-        i1 = min(i0 + mb, M)
-        j1 = min(j0 + nb, N)
-        i = i0
-        while i + 4 <= i1:
-            j = j0
-            while j + 4 <= j1:
-                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
-                s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
-                for k in range(K):
-                    a0 = A[i, k]
-                    a1 = A[i + 1, k]
-                    a2 = A[i + 2, k]
-                    a3 = A[i + 3, k]
-                    b0 = B[j, k]
-                    b1 = B[j + 1, k]
-                    b2 = B[j + 2, k]
-                    b3 = B[j + 3, k]
-                    s00 += a0 * b0
-                    s01 += a0 * b1
-                    s02 += a0 * b2
-                    s03 += a0 * b3
-                    s10 += a1 * b0
-                    s11 += a1 * b1
-                    s12 += a1 * b2
-                    s13 += a1 * b3
-                    s20 += a2 * b0
-                    s21 += a2 * b1
-                    s22 += a2 * b2
-                    s23 += a2 * b3
-                    s30 += a3 * b0
-                    s31 += a3 * b1
-                    s32 += a3 * b2
-                    s33 += a3 * b3
-                C[i, j] = s00
-                C[i, j + 1] = s01
-                C[i, j + 2] = s02
-                C[i, j + 3] = s03
-                C[i + 1, j] = s10
-                C[i + 1, j + 1] = s11
-                C[i + 1, j + 2] = s12
-                C[i + 1, j + 3] = s13
-                C[i + 2, j] = s20
-                C[i + 2, j + 1] = s21
-                C[i + 2, j + 2] = s22
-                C[i + 2, j + 3] = s23
-                C[i + 3, j] = s30
-                C[i + 3, j + 1] = s31
-                C[i + 3, j + 2] = s32
-                C[i + 3, j + 3] = s33
-                j += 4
-            for jj in range(j, j1):                 # columns left over in this 4-row strip
-                for ii in range(i, i + 4):
-                    s = zero
-                    for k in range(K):
-                        s += A[ii, k] * B[jj, k]
-                    C[ii, jj] = s
-            i += 4
-        for ii in range(i, i1):                     # rows left over in this tile
-            for jj in range(j0, j1):
-                s = zero
-                for k in range(K):
-                    s += A[ii, k] * B[jj, k]
-                C[ii, jj] = s
-
-
-@njit(cache=True, error_model="numpy", parallel=True)
-def transpose_(A, At):
-    """At = A^T in 32 x 32 blocks (the packing step of the custom GEMM).  A: (M, N) -> At: (N, M)."""
-    M, N = A.shape
-    bs = 32
-    nbm = (M + bs - 1) // bs
-    nbn = (N + bs - 1) // bs
-    for t in prange(nbm * nbn):
-        i0 = (t // nbn) * bs
-        j0 = (t % nbn) * bs
-        for j in range(j0, min(j0 + bs, N)):
-            for i in range(i0, min(i0 + bs, M)):
-                At[j, i] = A[i, j]
-
-
 @njit(cache=True, error_model="numpy")
 def mm_nn(A, B, C, gemm, p1, mb, nb):
-    """C = A B.   A: (M, K)  B: (K, N) (a weight)  C: (M, N).   Custom: pack B^T into p1 first."""
+    """C = A B.   A: (M, K)  B: (K, N) (a weight)  C: (M, N).   p1: panel buffer of the custom GEMM."""
     if gemm == 0:
         np.dot(A, B, C)
     else:
-        K, N = B.shape
-        Bt = p1[:N * K].reshape((N, K))
-        transpose_(B, Bt)
-        gemm_nt_(A, Bt, C, mb, nb)
+        gemm_nn(A, B, C, p1, mb, nb)
 
 
 @njit(cache=True, error_model="numpy")
-def mm_nt(A, B, C, gemm, mb, nb):
-    """C = A B^T.   A: (M, K)  B: (N, K)  C: (M, N).   BLAS gets the F-contiguous view B.T."""
+def mm_nt(A, B, C, gemm, p1, mb, nb):
+    """C = A B^T.   A: (M, K)  B: (N, K)  C: (M, N).   BLAS gets the F-contiguous view B.T;
+    the custom GEMM packs B^T into p1."""
     if gemm == 0:
         np.dot(A, B.T, C)
     else:
-        gemm_nt_(A, B, C, mb, nb)
+        gemm_nt(A, B, C, p1, mb, nb)
 
 
 @njit(cache=True, error_model="numpy")
-def mm_tn(A, B, C, gemm, p1, p2, mb, nb):
-    """C = A^T B.   A: (R, M)  B: (R, N)  C: (M, N).   Custom: pack A^T and B^T (k = R contiguous)."""
+def mm_tn(A, B, C, gemm, p1, mb, nb):
+    """C = A^T B.   A: (R, M)  B: (R, N)  C: (M, N).   The custom GEMM reads A^T in place."""
     if gemm == 0:
         np.dot(A.T, B, C)
     else:
-        R, M = A.shape
-        N = B.shape[1]
-        At = p1[:M * R].reshape((M, R))
-        Bt = p2[:N * R].reshape((N, R))
-        transpose_(A, At)
-        transpose_(B, Bt)
-        gemm_nt_(At, Bt, C, mb, nb)
+        gemm_tn(A, B, C, p1, mb, nb)
 
 
 
@@ -730,8 +628,8 @@ def mlp_fwd_(params, lay, t0, t1, inp, ws, bo, act, gemm, p1, mb, nb):
 
 
 @njit(cache=True, error_model="numpy")
-def mlp_bwd_(params, grad, lay, t0, t1, first_in, dlast, dfirst, ws, bo, nl, act, gemm, p1, p2, mb,
-             nb, want_dx):
+def mlp_bwd_(params, grad, lay, t0, t1, first_in, dlast, dfirst, ws, bo, nl, act, gemm, p1, mb, nb,
+             want_dx):
     """Back through layers t1..t0: layer t1 is a head (no activation) whose upstream gradient is
     ``dlast``; hidden layer t has dh in buffer nl + t. dW, db are written into ``grad``'s views;
     dx of layer t0 goes to ``dfirst`` when ``want_dx``.   §2.1, §2.3, §6 steps 3-4, 7-8"""
@@ -742,13 +640,13 @@ def mlp_bwd_(params, grad, lay, t0, t1, first_in, dlast, dfirst, ws, bo, nl, act
         db = grad[lay[t, 1]:lay[t, 1] + lay[t, 3]]
         act_back_colsum_(g, _buf(ws, bo, t), db, act if t < t1 else 0)
         hin = first_in if t == t0 else _buf(ws, bo, t - 1)
-        mm_tn(hin, g, dW, gemm, p1, p2, mb, nb)
+        mm_tn(hin, g, dW, gemm, p1, mb, nb)
         if t > t0:
             dh = _buf(ws, bo, nl + t - 1)
-            mm_nt(g, W, dh, gemm, mb, nb)
+            mm_nt(g, W, dh, gemm, p1, mb, nb)
             g = dh
         elif want_dx:
-            mm_nt(g, W, dfirst, gemm, mb, nb)
+            mm_nt(g, W, dfirst, gemm, p1, mb, nb)
 
 
 @njit(cache=True, error_model="numpy")
@@ -800,13 +698,12 @@ def loss_and_grad_(params, grad, x, eps, ws, bo, ws64, lay, ne, act, lik, var_fl
         kl_dim_(out, Z, kld)
         loss = elbo_objective_(ll, kld, n, L, beta, free_bits, kl_active, dkl)
     p1 = ws[bo[2 * nl + 3, 0]:bo[2 * nl + 3, 0] + bo[2 * nl + 3, 2]]
-    p2 = ws[bo[2 * nl + 4, 0]:bo[2 * nl + 4, 0] + bo[2 * nl + 4, 2]]
     dz = _buf(ws, bo, 2 * nl + 1)
-    mlp_bwd_(params, grad, lay, ne + 1, nl - 1, z, head, dz, ws, bo, nl, act, gemm, p1, p2, mb, nb,
+    mlp_bwd_(params, grad, lay, ne + 1, nl - 1, z, head, dz, ws, bo, nl, act, gemm, p1, mb, nb,
              True)                                                               # steps 3-4
     dout = _buf(ws, bo, nl + ne)
     posterior_bwd_(dz, eps, z, _buf(ws, bo, 2 * nl + 2), out, dout, dkl, aux, beta, iwae)  # 5-6
-    mlp_bwd_(params, grad, lay, 0, ne, x, dout, dz, ws, bo, nl, act, gemm, p1, p2, mb, nb,
+    mlp_bwd_(params, grad, lay, 0, ne, x, dout, dz, ws, bo, nl, act, gemm, p1, mb, nb,
              False)                                                              # steps 7-8
     return loss
 
@@ -908,7 +805,8 @@ class Workspace:
         0 .. nl-1        layer outputs: enc hidden (n, H), enc head (n, 2Z), dec hidden (R, H'), head (R, K)
         nl .. 2nl-1      their gradients (dh of hidden layers; nl+ne is dout (n, 2Z); the head's is in place)
         2nl, 2nl+1       z, dz (R, Z);   2nl+2  std (n, Z)
-        2nl+3, 2nl+4     packing panels of the custom GEMM (1, size)
+        2nl+3            panel buffer of the custom GEMM (1, size): kernels/gemm.pack_size
+        2nl+4            unused (1, 0) (was a second packing buffer; kept so the indexes stay)
         2nl+5            per-pixel log-probabilities (R, D), summed into ll
     ws64: ll (R) | log w / dlogw (R) | bound (n) | kl per dim (Z) | dkl (Z).
     """
@@ -920,11 +818,11 @@ class Workspace:
             shapes.append((n if t <= ne else R, fan_out))
         nl = len(shapes)
         grads = [s if t not in (nl - 1,) else (0, s[1]) for t, s in enumerate(shapes)]
-        # packing: B^T of every weight (mm_nn), A^T and B^T of every dW (mm_tn)
-        p1 = max(max(i * o for _, i, o in layout.layers),
-                 max((n if t <= ne else R) * i for t, (_, i, _) in enumerate(layout.layers)))
-        p2 = max(r * c for r, c in shapes)
-        tab = shapes + grads + [(R, z_dim), (R, z_dim), (n, z_dim), (1, p1), (1, p2),
+        # panels of the custom GEMM: h W (nn), dh = g W^T (nt), dW = h^T g (tn) of every layer
+        p1 = max(max(pack_size("nn", o, i, dtype), pack_size("nt", i, o, dtype),
+                     pack_size("tn", o, n if t <= ne else R, dtype))
+                 for t, (_, i, o) in enumerate(layout.layers))
+        tab = shapes + grads + [(R, z_dim), (R, z_dim), (n, z_dim), (1, p1), (1, 0),
                                 (R, layout.layers[0][1])]
         self.bo = np.zeros((len(tab), 3), dtype=np.int64)
         off = 0

@@ -19,6 +19,7 @@ from numba import njit
 from . import config
 from .numba_cache import configure as _configure_cache
 from .cpu import ACT_CODES, NumbaBackend, exp_nonpos, mlp_bwd_, mlp_fwd_
+from .gemm import pack_size
 
 _configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
 
@@ -64,9 +65,11 @@ class AEWorkspace:
         shapes = [(n, fan_out) for _, _, fan_out in layout.layers]
         nl = len(shapes)
         grads = [s if t != nl - 1 else (0, s[1]) for t, s in enumerate(shapes)]  # the head's: in place
-        p1 = max(max(i * o for _, i, o in layout.layers), max(n * i for _, i, _ in layout.layers))
-        p2 = max(r * c for r, c in shapes)
-        tab = shapes + grads + [(1, p1), (1, p2)]
+        # the custom GEMM's panel buffer: the most any product of a pass needs (kernels/gemm.pack_size);
+        # row 2nl + 1 stays, empty, so the rows keep their numbers
+        p1 = max(max(pack_size("nn", o, i, dtype), pack_size("nt", i, o, dtype), pack_size("tn", o, n, dtype))
+                 for _, i, o in layout.layers)
+        tab = shapes + grads + [(1, p1), (1, 0)]
         self.bo = np.zeros((len(tab), 3), dtype=np.int64)
         off = 0
         for k, (r, c) in enumerate(tab):
@@ -123,7 +126,7 @@ class AENumbaBackend:
         gemm, mb, nb = self._gemm()
         ws = self.workspace(n)
         nl, ne, lay, act, bo, w = len(self.lay), self.ne, self.lay, self.act, ws.bo, ws.ws
-        p1, p2 = self._out(ws, 2 * nl).reshape(-1), self._out(ws, 2 * nl + 1).reshape(-1)
+        p1 = self._out(ws, 2 * nl).reshape(-1)
         mlp_fwd_(params, lay, 0, ne, x, w, bo, act, gemm, p1, mb, nb)                  # z: buffer ne
         z = self._out(ws, ne)
         mlp_fwd_(params, lay, ne + 1, nl - 1, z, w, bo, act, gemm, p1, mb, nb)         # logits
@@ -132,9 +135,9 @@ class AENumbaBackend:
         sq_error_sigmoid_(head, x, ws.err, 1.0 / n, want)                             # head <- dlogits
         if want:
             dz = self._out(ws, nl + ne)
-            mlp_bwd_(params, grad, lay, ne + 1, nl - 1, z, head, dz, w, bo, nl, act, gemm, p1, p2,
+            mlp_bwd_(params, grad, lay, ne + 1, nl - 1, z, head, dz, w, bo, nl, act, gemm, p1,
                      mb, nb, True)
-            mlp_bwd_(params, grad, lay, 0, ne, x, dz, dz, w, bo, nl, act, gemm, p1, p2, mb, nb, False)
+            mlp_bwd_(params, grad, lay, 0, ne, x, dz, dz, w, bo, nl, act, gemm, p1, mb, nb, False)
         return float(ws.err.sum() / n), ws
 
     def _out(self, ws, t):

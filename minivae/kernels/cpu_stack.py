@@ -36,6 +36,7 @@ from . import config
 from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, _buf, act_back_colsum_, adagrad_update, adam_update,
                   bias_act_, exp_nonpos_f32, iwae_objective_, likelihood_, mlp_bwd_, mlp_fwd_, mm_nn, mm_nt,
                   mm_tn, row_sum_f64_, scale_rows_, sgd_update)
+from .gemm import pack_size
 from .numpy_ import NumpyBackend
 from ..distributions import _CB_TAYLOR
 from ..objectives import OBJECTIVES
@@ -232,7 +233,7 @@ def posterior_bwd_(dz, eps, z, std, out, dout, sq, aq, qs, ckl, stopped, shared)
 
 
 @njit(cache=True, error_model="numpy")
-def mlp_bwd_dx_(params, lay, t0, t1, dlast, dfirst, ws, bo, nl, act, gemm, mb, nb, dbs):
+def mlp_bwd_dx_(params, lay, t0, t1, dlast, dfirst, ws, bo, nl, act, gemm, p1, mb, nb, dbs):
     """The input gradient alone of layers t1..t0 (the head t1 has upstream ``dlast``): like
     cpu.mlp_bwd_ without dW and with db summed into the scratch ``dbs``; dx into ``dfirst``.
     Oracle: layers.mlp_backward's dx (through NumpyBackend._block_backward).   §2.3, §12"""
@@ -243,10 +244,10 @@ def mlp_bwd_dx_(params, lay, t0, t1, dlast, dfirst, ws, bo, nl, act, gemm, mb, n
             act_back_colsum_(g, _buf(ws, bo, t), dbs[:lay[t, 3]], act)
         if t > t0:
             dh = _buf(ws, bo, nl + t - 1)
-            mm_nt(g, W, dh, gemm, mb, nb)
+            mm_nt(g, W, dh, gemm, p1, mb, nb)
             g = dh
         else:
-            mm_nt(g, W, dfirst, gemm, mb, nb)
+            mm_nt(g, W, dfirst, gemm, p1, mb, nb)
 
 
 @njit(cache=True, error_model="numpy")
@@ -289,7 +290,8 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     eps: a tuple of S arrays (L, n, Z_l).  codes = (act, lik, objective 0 ELBO / 1 IWAE, dreg, want_grad);
     reals = (beta, var_floor, cb_switch);  gemm_tiles = (gemm, mb, nb).
     bo rows (StackWorkspace): t < nl layer outputs, nl + t their gradients, then 6 per layer
-    (z, dz, std, tmp, sq, u), then the packing panels p1, p2, the pixel scratch lp and dbs.
+    (z, dz, std, tmp, sq, u), then the custom GEMM's panel buffer p1 (pack2 is empty, kept so the
+    rows stay where they were), the pixel scratch lp and dbs.
     ws64: ll | log w | dlogw | ap | aq | fac (R each) | bound (n).
     """
     act, lik, objective, dreg, want_grad = codes
@@ -302,7 +304,6 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     G = 2 * nl
     E = G + 6 * S
     p1 = ws[bo[E, 0]:bo[E, 0] + bo[E, 2]]
-    p2 = ws[bo[E + 1, 0]:bo[E + 1, 0] + bo[E + 1, 2]]
     lp = _buf(ws, bo, E + 2)
     dbs = ws[bo[E + 3, 0]:bo[E + 3, 0] + bo[E + 3, 2]]
     ll = ws64[:R]
@@ -363,14 +364,14 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     # B3-B4: block dec, dz_1;  G': each p(z_{l-1}|z_l) and block dec{l}, in increasing l so that
     # every dz_l is written (by its block's input gradient) before it is added to;  the prior
     mlp_bwd_(params, grad, lay, blk[1, 0], blk[1, 1], _buf(ws, bo, G), head, _buf(ws, bo, G + 1), ws, bo,
-             nl, act, gemm, p1, p2, mb, nb, True)
+             nl, act, gemm, p1, mb, nb, True)
     for s in range(1, S):
         t1 = blk[2 * s + 1, 1]
         dpm = _buf(ws, bo, nl + t1)
         gauss_logpdf_bwd_(ap, _buf(ws, bo, G + 6 * (s - 1)), _buf(ws, bo, t1), _buf(ws, bo, G + 6 * (s - 1) + 5),
                           _buf(ws, bo, G + 6 * (s - 1) + 1), dpm)
         mlp_bwd_(params, grad, lay, blk[2 * s + 1, 0], t1, _buf(ws, bo, G + 6 * s), dpm,
-                 _buf(ws, bo, G + 6 * s + 1), ws, bo, nl, act, gemm, p1, p2, mb, nb, True)
+                 _buf(ws, bo, G + 6 * s + 1), ws, bo, nl, act, gemm, p1, mb, nb, True)
     if iwae:
         prior_bwd_(ap, _buf(ws, bo, G + 6 * (S - 1)), _buf(ws, bo, G + 6 * (S - 1) + 1))
     if dreg:                                                                     # §12
@@ -389,13 +390,13 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
                        _buf(ws, bo, t1), dout, sq, aq, 0.0 if top_kl else 1.0, beta * c if top_kl else 0.0,
                        dreg == 1, s == 0)
         if s == 0:
-            mlp_bwd_(params, grad, lay, t0, t1, x, dout, dout, ws, bo, nl, act, gemm, p1, p2, mb, nb, False)
+            mlp_bwd_(params, grad, lay, t0, t1, x, dout, dout, ws, bo, nl, act, gemm, p1, mb, nb, False)
         else:
             tmp = _buf(ws, bo, G + 6 * (s - 1) + 3)
             mlp_bwd_(params, grad, lay, t0, t1, _buf(ws, bo, G + 6 * (s - 1)), dout, tmp, ws, bo, nl, act,
-                     gemm, p1, p2, mb, nb, dreg == 0)
+                     gemm, p1, mb, nb, dreg == 0)
             if dreg:                                                             # the input only
-                mlp_bwd_dx_(params, lay, t0, t1, sq, tmp, ws, bo, nl, act, gemm, mb, nb, dbs)
+                mlp_bwd_dx_(params, lay, t0, t1, sq, tmp, ws, bo, nl, act, gemm, p1, mb, nb, dbs)
             add_(_buf(ws, bo, G + 6 * (s - 1) + 1), tmp)
     return loss
 
@@ -415,7 +416,7 @@ class StackWorkspace:
                             ((n, Z_1) for l = 1), the input gradient of enc{l+1} (and the forward's
                             scratch for log p(z_l|z_{l+1})), DReG's stopped upstream of enc{l} (R, 2Z_l),
                             and u = (z_l - m) e^-s of p(z_l|z_{l+1}) (l < S)
-        pack1 pack2         the custom GEMM's packing panels;  lp: per-pixel log-probabilities (R, D);
+        pack1 pack2         the custom GEMM's panel buffer (kernels/gemm.pack_size), and an empty row;  lp: per-pixel log-probabilities (R, D);
         dbs                 a scratch bias gradient (DReG's input-only pass)
     ws64 (float64, named in ``index64``): ll, logw, dlogw, ap, aq, fac (R each), bound (n).
     """
@@ -434,9 +435,10 @@ class StackWorkspace:
             entries += [(f"z{l}", (R, Z)), (f"dz{l}", (R, Z)), (f"std{l}", (n if l == 1 else R, Z)),
                         (f"tmp{l}", (R, Z)), (f"sq{l}", (R, 2 * Z) if l > 1 else (0, 2 * Z)),
                         (f"u{l}", (R, Z) if l < S else (0, Z))]
-        p1 = max(max(i * o for _, i, o in layout.layers), max(r * i for r, (_, i, _) in zip(rows, layout.layers)))
-        p2 = max(r * c for r, c in tab)
-        entries += [("pack1", (1, p1)), ("pack2", (1, p2)), ("lp", (R, spec.x_dim)),
+        # the custom GEMM's panel buffer: the most any product of a pass needs (kernels/gemm.pack_size)
+        p1 = max(max(pack_size("nn", o, i, dtype), pack_size("nt", i, o, dtype), pack_size("tn", o, r, dtype))
+                 for r, (_, i, o) in zip(rows, layout.layers))
+        entries += [("pack1", (1, p1)), ("pack2", (1, 0)), ("lp", (R, spec.x_dim)),
                     ("dbs", (1, max(o for _, _, o in layout.layers)))]
         self.index = {name: k for k, (name, _) in enumerate(entries)}
         self.bo = np.zeros((len(entries), 3), dtype=np.int64)
@@ -543,7 +545,7 @@ class NumbaStackBackend(NumpyBackend):
         outs = [h]
         for t, (W, b) in enumerate(layers):
             a = np.empty((h.shape[0], W.shape[1]), dtype=self.dtype)          # (R, O_t)
-            p1 = np.empty(W.size if gemm else 1, dtype=self.dtype)           # custom GEMM: W^T packed
+            p1 = np.empty(pack_size("nn", W.shape[1], W.shape[0], self.dtype) if gemm else 1, dtype=self.dtype)
             mm_nn(h, W, a, gemm, p1, mb, nb)
             bias_act_(a, b, self.act if t < len(layers) - 1 else 0)
             outs.append(a)
@@ -563,11 +565,12 @@ class NumbaStackBackend(NumpyBackend):
             act_back_colsum_(g, outs[t + 1], db, self.act if t < len(Ws) - 1 else 0)
             dW = np.empty(W.shape, dtype=self.dtype)
             R = hin.shape[0]
-            p1 = np.empty(hin.shape[1] * R if gemm else 1, dtype=self.dtype)
-            p2 = np.empty(W.shape[1] * R if gemm else 1, dtype=self.dtype)
-            mm_tn(hin, g, dW, gemm, p1, p2, mb, nb)                          # dW = h^T g
+            p1 = np.empty(max(pack_size("tn", W.shape[1], R, self.dtype), pack_size("nt", W.shape[0], W.shape[1],
+                                                                               self.dtype)) if gemm else 1,
+                          dtype=self.dtype)                                  # the custom GEMM's panels
+            mm_tn(hin, g, dW, gemm, p1, mb, nb)                              # dW = h^T g
             dh = np.empty(hin.shape, dtype=self.dtype)
-            mm_nt(g, np.ascontiguousarray(W), dh, gemm, mb, nb)              # dh = g W^T
+            mm_nt(g, np.ascontiguousarray(W), dh, gemm, p1, mb, nb)          # dh = g W^T
             grads.append((dW, db))
             g = dh
         return g, grads[::-1]

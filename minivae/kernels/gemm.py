@@ -1,0 +1,239 @@
+"""The custom GEMM of the Numba CPU backend: a register-blocked micro-kernel over prange tiles
+(docs/math.md §2.1, §9; the variants tried and their numbers: benchmarks/README.md, "Custom GEMM").
+
+    C (M, N) = A (M, K) B (K, N), in the three forms a training step uses (minivae.kernels.cpu):
+        nn   a  = h W        A = h (rows, fan_in)        B = W (fan_in, fan_out)
+        nt   dh = da W^T     A = da (rows, fan_out)      B^T = W (fan_in, fan_out), read as B (N, K)
+        tn   dW = h^T da     A^T = h (rows, fan_in)      B = da (rows, fan_out)
+
+The micro-kernel (``ukernel``) keeps an MR x NR tile of C in 2 MR vector registers (MR = 8 rows,
+NR = 2 vectors of 64 bytes: 32 float32 or 16 float64 columns; 16 of the 32 zmm registers of
+AVX-512) and runs the k loop as rank-1 updates: per k, two vector loads of a row of B, MR broadcasts
+of a column of A and 2 MR fused multiply-adds. Numba's own loops do not get there (LLVM vectorizes
+the k loop with gathers instead of keeping the tile in registers, benchmarks/README.md variant 2), so
+the micro-kernel is written as LLVM IR through ``numba.extending.intrinsic``: explicit <W x T>
+vectors and ``llvm.fma``; the assembly is ``vbroadcastss``/``vfmadd231ps`` on zmm registers.
+
+Operands are read where they are, through (row, column) strides, so nothing is packed except what
+the vector loads need contiguous: the rows of B (k, j..j+NR). They are contiguous in the nn and tn
+forms (B is C-contiguous with N columns), except for the last, partial panel of N % NR columns, which
+is copied zero-padded into the panel buffer P; in the nt form B^T is packed panel by panel into P
+(K x NR each) by the parallel task that owns the panel, just before it uses it. A is read by
+broadcasts at any strides: a (M, K) C-contiguous array (nn, nt) or the transpose of a (K, M) one
+(tn). Rows of A beyond M in the last row panel re-read row M - 1; their results are not stored. The
+last column panel runs a tile of 1-3 ymm vectors (8/4 columns each), as many as its columns need.
+
+Parallelism: one prange over (tm x tn) tiles of C (each a block of whole micro-tiles), then a
+sequential sweep of its micro-tiles. BLAS is never called here.
+
+Numba's cache keys a function on its own source file only, and the cached kernels of cpu.py that
+call these embed a copy of them; minivae therefore keeps one cache folder per version of the whole
+package's source (kernels/numba_cache.py), so an edit here never meets a stale copy.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .numba_cache import configure as _configure_cache
+
+_configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
+
+MR = 8            # rows of the register tile
+NV = 2            # vectors of 64 bytes per row of the register tile
+VBYTES = 64       # one zmm register
+
+
+def panel_width(dtype) -> int:
+    """NR: columns of the register tile for this dtype (32 float32, 16 float64)."""
+    return NV * VBYTES // np.dtype(dtype).itemsize
+
+
+def pack_size(form, N, K, dtype) -> int:
+    """Elements of the panel buffer P that a product (M, K) x (K, N) needs: all of B^T packed in
+    panels for "nt", the last column panel for "nn" and "tn"."""
+    nr = panel_width(dtype)
+    return K * nr * (-(-N // nr) if form == "nt" else 1)
+
+
+def make_ukernel(nv, vbytes):
+    """The micro-kernel intrinsic with an (MR, nv vectors of vbytes bytes) register tile."""
+
+    @intrinsic
+    def ukernel(typingctx, K, A, ao, a_i, a_k, mr, B, bo, b_k, C, co, c_i, nr):
+        """C[co + i c_i + j] = sum_k A[ao + min(i, mr-1) a_i + k a_k] B[bo + k b_k + j]
+        for i < mr, j < nr (MR x NR register tile; A, B, C any arrays, flat element offsets).
+
+        Shapes: the tile is (MR, NR) = (8, 2 W), W = 64 bytes / itemsize; B's rows must hold NR
+        readable elements (zero-padded in the last panel), C only nr."""
+        dt = A.dtype
+        W = vbytes // (dt.bitwidth // 8)
+
+        def codegen(context, builder, sig, args):
+            K, A, ao, a_i, a_k, mr, B, bo, b_k, C, co, c_i, nr = args
+            T = context.get_value_type(dt)
+            vty = ir.VectorType(T, W)
+            i64 = ir.IntType(64)
+            i32 = ir.IntType(32)
+            c64 = lambda v: ir.Constant(i64, v)  # noqa: E731
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.v{W}{'f32' if dt.bitwidth == 32 else 'f64'}")
+            pa = context.make_array(sig.args[1])(context, builder, A).data
+            pb = context.make_array(sig.args[6])(context, builder, B).data
+            pc = context.make_array(sig.args[9])(context, builder, C).data
+            vptr = lambda p, off: builder.bitcast(builder.gep(p, [off]), vty.as_pointer())  # noqa: E731
+            undef = ir.Constant(vty, ir.Undefined)
+            splat0 = ir.Constant(ir.VectorType(i32, W), [0] * W)
+            # the 2 MR accumulators: allocas promoted to registers by mem2reg
+            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vty, None)) for _ in range(nv)]
+                   for _ in range(MR)]
+            last = builder.sub(mr, c64(1))
+            rows = [builder.add(ao, builder.mul(builder.select(builder.icmp_signed("<", c64(i), mr), c64(i), last),
+                                                a_i)) for i in range(MR)]
+            with cgutils.for_range(builder, K) as loop:                      # rank-1 update per k
+                k = loop.index
+                ka = builder.mul(k, a_k)
+                kb = builder.add(bo, builder.mul(k, b_k))
+                b = [builder.load(vptr(pb, builder.add(kb, c64(v * W))), align=1) for v in range(nv)]
+                for i in range(MR):
+                    a = builder.load(builder.gep(pa, [builder.add(rows[i], ka)]))
+                    a = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(i32, 0)), undef, splat0)
+                    for v in range(nv):
+                        builder.store(builder.call(fma, [a, b[v], builder.load(acc[i][v])]), acc[i][v])
+            for i in range(MR):                                              # store rows < mr, columns < nr
+                with builder.if_then(builder.icmp_signed("<", c64(i), mr)):
+                    base = builder.add(co, builder.mul(c64(i), c_i))
+                    for v in range(nv):
+                        val = builder.load(acc[i][v])
+                        full = builder.icmp_signed(">=", nr, c64((v + 1) * W))
+                        with builder.if_else(full) as (whole, part):
+                            with whole:
+                                builder.store(val, vptr(pc, builder.add(base, c64(v * W))), align=1)
+                            with part:
+                                for lane in range(W):
+                                    j = v * W + lane
+                                    with builder.if_then(builder.icmp_signed(">", nr, c64(j))):
+                                        builder.store(builder.extract_element(val, ir.Constant(i32, lane)),
+                                                      builder.gep(pc, [builder.add(base, c64(j))]))
+            return context.get_dummy_value()
+
+        return types.void(K, A, ao, a_i, a_k, mr, B, bo, b_k, C, co, c_i, nr), codegen
+
+    return ukernel
+
+
+ukernel = make_ukernel(NV, VBYTES)                 # full panels: 8 x 2 zmm
+# the last, partial panel: 8 x 1-3 ymm vectors, so that it costs what its columns need (Zen 4 runs a zmm
+# FMA as two ymm halves: the narrow tiles lose nothing per flop)
+ukernel_y1 = make_ukernel(1, 32)
+ukernel_y2 = make_ukernel(2, 32)
+ukernel_y3 = make_ukernel(3, 32)
+
+
+@njit(cache=True, error_model="numpy")
+def pack_bt_panel_(Bt, P, nr, p):
+    """P[p K nr + k nr + j] <- Bt[p nr + j, k] (0 beyond N): column panel p of B = Bt^T, K x nr,
+    zero-padded.   Bt: (N, K)."""
+    N, K = Bt.shape
+    base = p * K * nr
+    for j in range(nr):                            # read Bt's rows in order, write P's columns
+        n = p * nr + j
+        if n < N:
+            for k in range(K):
+                P[base + k * nr + j] = Bt[n, k]
+        else:
+            for k in range(K):
+                P[base + k * nr + j] = 0
+
+
+@njit(cache=True, error_model="numpy")
+def pack_b_edge_(B, P, nr):
+    """P <- the last, partial column panel of B zero-padded (K x nr).   B: (K, N)."""
+    K, N = B.shape
+    j0 = (N // nr) * nr
+    for k in range(K):
+        for j in range(nr):
+            P[k * nr + j] = B[k, j0 + j] if j0 + j < N else 0
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack):
+    """C (M, N) = A B over prange tiles of about mb x nb elements (rounded up to whole micro-tiles
+    of MR x NR).
+
+    Column panel p < nfull is read in place from B (row stride b_k); the others from P, packed
+    K x NR each from panel nfull on. A at element i a_i + k a_k. With ``pack`` (nfull = 0), each
+    task first packs its own column panels from Bt (N, K) into P, inside the same parallel region
+    (a second region costs a wake-up of the pool); its tile then spans all rows."""
+    nr = NV * VBYTES // A.itemsize
+    wy = 32 // A.itemsize                          # one ymm vector
+    nmi = (M + MR - 1) // MR                       # micro-tile rows, columns
+    nnj = (N + nr - 1) // nr
+    tm = nmi if pack else max(1, (mb + MR - 1) // MR)     # micro-tiles per task: rows, columns
+    tn = max(1, (nb + nr - 1) // nr)
+    nti = (nmi + tm - 1) // tm
+    ntj = (nnj + tn - 1) // tn
+    for t in prange(nti * ntj):
+        ti = t // ntj
+        tj = t % ntj
+        if pack:
+            for pj in range(tj * tn, min(tj * tn + tn, nnj)):
+                pack_bt_panel_(Bt, P, nr, pj)
+        for pj in range(tj * tn, min(tj * tn + tn, nnj)):
+            j0 = pj * nr
+            e = min(nr, N - j0)                    # columns of this panel
+            if pj < nfull:
+                Bv, bo, bk = B, j0, b_k
+            else:
+                Bv, bo, bk = P, (pj - nfull) * K * nr, nr
+            for pi in range(ti * tm, min(ti * tm + tm, nmi)):
+                i0 = pi * MR
+                mr = min(MR, M - i0)
+                if e == nr:
+                    ukernel(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+                elif e <= wy:
+                    ukernel_y1(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+                elif e <= 2 * wy:
+                    ukernel_y2(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+                elif e <= 3 * wy:
+                    ukernel_y3(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+                else:
+                    ukernel(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+
+
+@njit(cache=True, error_model="numpy")
+def gemm_nn(A, B, C, P, mb, nb):
+    """C = A B over (mb x nb) parallel tiles.   A: (M, K)  B: (K, N)  C: (M, N), all C-contiguous;
+    P: >= pack_size("nn", N, K)."""
+    M, K = A.shape
+    N = B.shape[1]
+    nr = NV * VBYTES // A.itemsize
+    nfull = N // nr
+    if nfull * nr < N:
+        pack_b_edge_(B, P, nr)
+    tiles_(M, N, K, A.reshape(M * K), K, 1, B.reshape(K * N), N, nfull, P, C.reshape(M * N), mb, nb, B, False)
+
+
+@njit(cache=True, error_model="numpy")
+def gemm_nt(A, Bt, C, P, mb, nb):
+    """C = A Bt^T.   A: (M, K)  Bt: (N, K)  C: (M, N), C-contiguous;  P: >= pack_size("nt", N, K)."""
+    M, K = A.shape
+    N = Bt.shape[0]
+    nr = NV * VBYTES // A.itemsize
+    tiles_(M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb, Bt, True)
+
+
+@njit(cache=True, error_model="numpy")
+def gemm_tn(At, B, C, P, mb, nb):
+    """C = At^T B.   At: (R, M)  B: (R, N)  C: (M, N), C-contiguous;  P: >= pack_size("tn", N, R)."""
+    R, M = At.shape
+    N = B.shape[1]
+    nr = NV * VBYTES // At.itemsize
+    nfull = N // nr
+    if nfull * nr < N:
+        pack_b_edge_(B, P, nr)
+    tiles_(M, N, R, At.reshape(R * M), 1, M, B.reshape(R * N), N, nfull, P, C.reshape(M * N), mb, nb, B,
+           False)
