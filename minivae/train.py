@@ -610,6 +610,7 @@ class RunLock:
     the holder deleted it may lock that deleted file; so after locking, the lock is kept only if
     the path still names the very file locked, else it starts over. The lock file is written in
     place, never through atomic_write (a new inode would be a second, independent lock)."""
+    fd = None                                # until locked (a refused lock has none to release)
 
     def __init__(self, run_dir):
         self.path = path = Path(run_dir) / LOCK
