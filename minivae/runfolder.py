@@ -228,6 +228,9 @@ class RunLock:
     the path still names the very file locked, else it starts over. The lock file is written in
     place, never through atomic_write (a new inode would be a second, independent lock)."""
 
+    fd = None                                # the locked descriptor, once held (__del__ of a lock
+                                             # refused or never taken finds None)
+
     def __init__(self, run_dir):
         self.path = path = Path(run_dir) / LOCK
         while True:

@@ -332,23 +332,43 @@ class Run:
                 bar.set_postfix(loss=f"{loss:.2f}", beta=f"{beta:.3g}", refresh=False)
             if interrupted:
                 train_time += time.perf_counter() - t0
-                bar.close()
-                if flush is not None and unreported:
-                    last = flush()
-                    self._check(last, None, epoch, s, steps, bar)
-                    loss_sum += (last or 0.0) * unreported
-                totals = comm.allreduce_sum(np.array([loss_sum, seen], dtype=np.float64))
-                self.save(step=s + 1, perm=perm, partial={"step": s + 1, "loss_sum": float(totals[0]),
-                                                          "seen": int(totals[1]), "train_time_s": train_time})
-                raise Interrupted(f"interrupted at epoch {epoch}, step {s + 1}/{steps}; saved to {self.ckpt_path} "
-                                  f"(continue with: minivae train --resume {self.run_dir})")
+                self._interrupt(bar, flush, unreported, perm, loss_sum, seen, train_time, epoch, s, steps)
         train_time += time.perf_counter() - t0
         bar.close()
 
         total_loss, total_seen = comm.allreduce_sum(np.array([loss_sum, seen], dtype=np.float64))
         self.trainer.sync_params()
+        test_loss, val_loss, eval_time = self._evaluate(epoch)
+        row = {"epoch": epoch, "train_loss": float(total_loss / total_seen), "test_loss": float(test_loss)}
+        if val_loss is not None:
+            row["val_loss"] = float(val_loss)
+        row.update({
+            "train_time_s": train_time, "eval_time_s": eval_time,
+            "train_samples": int(total_seen), "samples_per_s": float(total_seen / train_time) if train_time > 0 else None,
+            "steps": steps, "world_size": comm.size, "beta": beta, "lr": self.optimizer.lr,
+            "objective": "sq_error" if c.model == "ae" else c.objective, "backend": c.backend,
+        })
+        return row
+
+    def _interrupt(self, bar, flush, unreported, perm, loss_sum, seen, train_time, epoch, s, steps):
+        """Ctrl-C after step ``s``: take in the losses not yet reported, save the epoch's state so far
+        (its permutation and partial sums) and raise Interrupted."""
+        bar.close()
+        if flush is not None and unreported:
+            last = flush()
+            self._check(last, None, epoch, s, steps, bar)
+            loss_sum += (last or 0.0) * unreported
+        totals = self.comm.allreduce_sum(np.array([loss_sum, seen], dtype=np.float64))
+        self.save(step=s + 1, perm=perm, partial={"step": s + 1, "loss_sum": float(totals[0]),
+                                                  "seen": int(totals[1]), "train_time_s": train_time})
+        raise Interrupted(f"interrupted at epoch {epoch}, step {s + 1}/{steps}; saved to {self.ckpt_path} "
+                          f"(continue with: minivae train --resume {self.run_dir})")
+
+    def _evaluate(self, epoch):
+        """(test_loss, val_loss or None, seconds): -ELBO per example with the fixed eval noise (the
+        autoencoder: its mean squared error, §13). A non-finite test loss stops the run."""
+        c, comm, m, ebs = self.config, self.comm, self.model, self.config.eval_batch_size
         t1 = time.perf_counter()
-        m, ebs = self.model, c.eval_batch_size
         if c.model == "ae":          # mean squared error per example (§13), the loss it optimizes
             test_loss = ev.mean_sq_error(m, self.x_test, batch_size=ebs, comm=comm, split="test")
             val_loss = ev.mean_sq_error(m, self.x_val, batch_size=ebs, comm=comm, split="validation") \
@@ -362,16 +382,7 @@ class Run:
             kept = self._kept()
             raise TrainingError(f"the test loss became {test_loss} after epoch {epoch} "
                                 f"(lr {self.optimizer.lr:g}); training stopped and {kept}")
-        row = {"epoch": epoch, "train_loss": float(total_loss / total_seen), "test_loss": float(test_loss)}
-        if val_loss is not None:
-            row["val_loss"] = float(val_loss)
-        row.update({
-            "train_time_s": train_time, "eval_time_s": eval_time,
-            "train_samples": int(total_seen), "samples_per_s": float(total_seen / train_time) if train_time > 0 else None,
-            "steps": steps, "world_size": comm.size, "beta": beta, "lr": self.optimizer.lr,
-            "objective": "sq_error" if c.model == "ae" else c.objective, "backend": c.backend,
-        })
-        return row
+        return test_loss, val_loss, eval_time
 
     # -- all epochs ----------------------------------------------------------------------------
     def fit(self):
