@@ -1,6 +1,6 @@
 """Data-parallel training over MPI (mpi4py): the communicator the training loop talks to.
 
-The loop in minivae/train.py is written against a small protocol, implemented by ``train.SerialComm`` for
+The loop in minivae/train.py is written against a small protocol, implemented by ``trainers.SerialComm`` for
 one process and by :class:`MPIComm` here:
 
     rank, size, is_root

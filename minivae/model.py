@@ -341,7 +341,7 @@ class VAE:
         x = self.check_x(x)
         eps = self._eps(eps, x.shape[0], samples, backward=True)
         kw = {} if estimator == "reparam" else dict(estimator=estimator)
-        if estimator not in getattr(self.backend, "estimators", ("reparam",)):
+        if estimator not in self.backend.estimators:          # kernels/interface.py
             raise ValueError(f"estimator {estimator!r} is not implemented on backend {self.backend_name!r}")
         return self.backend.loss_and_grad(self._params, x, eps, beta=beta, objective=objective,
                                           free_bits=free_bits, grad=grad, **kw)

@@ -42,7 +42,7 @@ def elbo_loss(ll, kl, beta=1.0, free_bits=0.0, kl_active=None):
 
     ``kl_active`` (Z,), optional: which dimensions are over the floor, decided on a larger batch than
     this one. A data-parallel rank holds a share of the minibatch; the floor applies to the whole
-    minibatch's KL, so the ranks agree on the decision first (train.HostTrainer). A dimension is then
+    minibatch's KL, so the ranks agree on the decision first (trainers.HostTrainer). A dimension is then
     charged this share's KL when active, and the floor when not: the ranks' weighted mean of the
     losses and gradients is exactly the single-process objective.
     """

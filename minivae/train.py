@@ -1,24 +1,14 @@
-"""The training loop: seeded minibatches, schedules, checkpoints, metrics and progress (docs/math.md §5, §8).
+"""The training loop: seeded minibatches, the epoch loop, its progress and metrics (docs/math.md §5, §8).
 
-It never touches a gradient itself: a *trainer* turns (minibatch, eps, beta) into one optimizer step,
-and a *communicator* combines the ranks of a data-parallel run.
-
-Communicator protocol (``SerialComm`` here, ``minivae.distributed.MPIComm`` for ``--distributed``):
-    rank, size, is_root
-    allreduce_mean_(arr, weight=None)   in place: the mean over ranks (weighted by ``weight``)
-    allreduce_sum(arr)                  the elementwise sum over ranks, as a new float64 array
-    all_ok(ok, message)                 (True, None) when every rank is ok, else (False, a message)
-    barrier()
-
-Trainer protocol (``HostTrainer`` here; a backend may supply its own through
-``backend.make_trainer(params, optimizer, comm, objective, free_bits)``, e.g. one that keeps the
-parameters and the optimizer state on a GPU):
-    step(xb, eps, beta, weight=None) -> float   one step on this rank's share; returns its loss
-                                                (``weight`` is passed only when ranks hold shares of
-                                                unequal size: then it is this rank's row count)
-    sync_params()                               afterwards ``params``, ``optimizer.state`` and
-                                                ``optimizer.t`` on the host are current (the loop
-                                                calls it before every evaluation and checkpoint)
+A run is split by concern (docs/design.md, "The run"):
+    minivae.trainconfig   TrainConfig (every option, validated), auto_backend, beta_at (KL warm-up)
+    minivae.trainers      SerialComm / make_comm (communicators), HostTrainer / AETrainer /
+                          make_trainer (one optimizer step), on_root (rank agreement)
+    minivae.runfolder     RunLock, RunFolder (claim, write, release), read_run / check_train_state /
+                          check_against_data (a resumable checkpoint, read as untrusted), resume_config
+    minivae.train         Run (set-up, the loop, progress and metrics) and train()
+Every name those modules define that was importable from minivae.train before is still re-exported
+here.
 
 Minibatches. ``batch_size`` B is the *global* batch. Each epoch draws one permutation of the n
 training rows and walks it in ceil(n / B) steps; the last, partial minibatch is kept (every example
@@ -32,10 +22,6 @@ minibatch (``--binarize dynamic``), then eps (L, b, Z) for the global minibatch 
 for IWAE). The model's initial weights come from ``default_rng(seed)`` (minivae.model). Evaluation
 uses its own fixed noise (minivae.evaluate, seed 0), the same at every epoch, so test losses are
 comparable from epoch to epoch and equal to ``minivae evaluate``'s ELBO.
-
-KL warm-up (Bowman et al. 2016, Sønderby et al. 2016), per step:
-    beta_t = beta * min(1, (epoch - 1 + s / steps) / warmup)    epoch 1-based, step s 0-based,
-so beta_t rises linearly from 0 over ``warmup`` epochs (0: no warm-up, beta_t = beta).
 
 Metrics. ``RUNDIR/metrics.jsonl`` holds one JSON object per epoch:
     epoch          1-based
@@ -52,44 +38,19 @@ Metrics. ``RUNDIR/metrics.jsonl`` holds one JSON object per epoch:
 With ``--binarize dynamic`` the validation and test splits are evaluated on one fixed binarization
 each (``eval_split``), the same for every epoch and for ``minivae evaluate``.
 
-Checkpoint. ``RUNDIR/model.npz`` (minivae.checkpoint, atomic, no pickle) holds the parameters and the
-model config (``VAE.load`` reads it) and the training state: the optimizer's arrays (``opt.*``), and in
-``meta["train"]`` the training config, the epochs and steps completed, the generator's
-``bit_generator.state`` (JSON), the metrics so far; after an interrupted epoch also the epoch's
-permutation (``train.perm``) and its partial sums. It is written after every epoch, and on Ctrl-C
-after the last completed step, so ``--resume`` continues bit-identically. A NaN or inf loss stops
-the run without writing: the last good checkpoint stays. With P ranks, a NaN on any rank, or an
-exception in one rank's set-up, step or evaluation, stops every rank at the same point with the
-same one-line message naming the first failing rank (``distributed.collective``, ``Run._check``).
-
-The run folder. A run holds ``RUNDIR/.lock`` locked (``fcntl.flock``, advisory, exclusive) from
-before it reads anything until it ends, resume included, and deletes it then (``RunLock``); with P
-ranks only rank 0 holds it. A second run on the same folder stops at once with one line naming the
-holder (pid, host, start time, command: what the holder wrote into the lock file). Under the lock,
-the ``.tmp-*`` temporaries that a process killed mid-write left behind are removed. ``--overwrite``
-replaces nothing up front: the new run validates everything (config, data, model, backend) first,
-and its first checkpoint replaces the old ``model.npz`` and ``metrics.jsonl`` (the old pictures go
-then too), so a typo in ``--data-dir`` loses nothing. A fresh run whose set-up fails removes the
-folder it created.
-
-Backend. ``auto`` (the default of ``train``) becomes ``cuda`` when every rank has a usable GPU, else
-``numba`` (minivae.kernels.resolve_backend); the concrete name is what the checkpoint's config, every
-metrics row and the summary say. On ``--resume``, ``auto`` keeps the run's own backend.
+Failures. A NaN or inf loss stops the run without writing: the last good checkpoint stays. With P
+ranks, a NaN on any rank, or an exception in one rank's set-up, step or evaluation, stops every rank
+at the same point with the same one-line message naming the first failing rank
+(``distributed.collective``, ``Run._check``). Ctrl-C finishes the step, saves and stops.
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import math
-import os
-import shlex
 import signal
-import socket
-import stat
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -100,18 +61,19 @@ from . import data as data_mod
 from . import evaluate as ev
 from . import resources
 from .distributed import collective
-from .distributions import kl_forward
 from .model import VAE
 from .optim import make_optimizer
 from .recipe import init_output_bias, lr_at
+# the split-out concerns; every name below was importable from minivae.train and still is
+from .runfolder import (CHECKPOINT, LOCK, MAX_COUNT, METRICS, RunFolder, RunLock, RunLockedError,  # noqa: F401
+                        check_against_data, check_train_state, holds_run, read_run, resume_config,
+                        write_metrics, _command_line, _expected_arrays, _holder)
+from .trainconfig import MODELS, RESUMABLE, TrainConfig, auto_backend, beta_at, _finite  # noqa: F401
+from .trainers import AETrainer, HostTrainer, SerialComm, make_comm, make_trainer, on_root  # noqa: F401
 
-CHECKPOINT = "model.npz"
-METRICS = "metrics.jsonl"
+_on_root = on_root             # the name this module used before the split
 TRAIN_STREAM = 1             # the training generator is default_rng([seed, TRAIN_STREAM])
 EVAL_BINARIZE_SEED = 0xE1    # --binarize dynamic: the one fixed binarization of val/test
-LOCK = ".lock"              # the run folder's lock file (see the module doc)
-MODELS = ("vae", "ae")
-RESUMABLE = ("epochs", "data_dir", "backend", "quiet", "plots", "eval_batch_size", "distributed")
 
 
 class TrainingError(RuntimeError):
@@ -121,570 +83,6 @@ class TrainingError(RuntimeError):
 class Interrupted(Exception):
     """Ctrl-C: the state after the last completed step is saved; the message says how to resume."""
 
-
-# ----------------------------------------------------------------------------------------------
-# Communicator and trainer
-# ----------------------------------------------------------------------------------------------
-
-class SerialComm:
-    """The communicator of a single process: every collective is the identity."""
-    rank = 0
-    size = 1
-    is_root = True
-
-    def allreduce_mean_(self, arr, weight=None):
-        return arr
-
-    def allreduce_sum(self, arr):
-        return np.array(arr, dtype=np.float64)
-
-    def all_ok(self, ok, message=None):
-        return (True, None) if ok else (False, message)
-
-    def barrier(self):
-        pass
-
-
-def make_comm(distributed=False):
-    """SerialComm, or the MPI communicator for ``--distributed`` (needs mpi4py)."""
-    if not distributed:
-        return SerialComm()
-    from .distributed import MPIComm, mpi_available
-    if not mpi_available():
-        raise RuntimeError("--distributed needs mpi4py and an MPI library: pip install -e '.[mpi]'")
-    return MPIComm()
-
-
-class HostTrainer:
-    """One optimizer step on host arrays: loss_and_grad into a preallocated buffer, the all-reduce of
-    the gradient (the mean over ranks), then the optimizer's in-place update.   §6, §8"""
-
-    def __init__(self, backend, params, optimizer, comm, objective="elbo", free_bits=0.0, estimator="reparam"):
-        self.backend, self.params, self.optimizer, self.comm = backend, params, optimizer, comm
-        self.objective, self.free_bits = objective, free_bits
-        self.est_kw = {} if estimator == "reparam" else {"estimator": estimator}   # numpy backend only
-        self.grad = np.empty_like(params)                     # (P,) reused every step
-        self.error = None      # the exception of the last step on this rank (with more than one rank)
-
-    def step(self, xb, eps, beta, weight=None) -> float:
-        """With P > 1 ranks, an exception in this rank's own arithmetic must not leave the others
-        waiting in the all-reduce: the rank keeps it in ``self.error``, still takes part in every
-        collective of the step (with a NaN gradient) and returns a NaN loss, so the loop's per-step
-        check stops every rank with its message."""
-        self.error = None
-        kw = {}
-        if self.free_bits > 0 and self.comm.size > 1:
-            kw["kl_active"] = self._kl_active(xb)
-        kw.update(self.est_kw)
-        loss = float("nan")
-        if self.error is None:
-            try:
-                if len(xb):
-                    loss = self._loss_and_grad(xb, eps, beta, kw)
-                else:                                          # an empty share of a tiny last batch
-                    loss, self.grad[...] = 0.0, 0
-            except Exception as e:
-                self._failed(e)
-        self.comm.allreduce_mean_(self.grad, weight)
-        self.optimizer.step(self.params, self.grad)
-        return float(loss)
-
-    def _loss_and_grad(self, xb, eps, beta, kw):
-        """This rank's loss; its gradient into ``self.grad``."""
-        loss, _ = self.backend.loss_and_grad(self.params, xb, eps, beta=beta, objective=self.objective,
-                                             free_bits=self.free_bits, grad=self.grad, **kw)
-        return loss
-
-    def _failed(self, e):
-        if self.comm.size == 1:
-            raise e
-        self.error = e
-        self.grad[...] = np.nan
-
-    def _kl_active(self, xb):
-        """Free bits over ranks: the floor applies to the batch-mean KL of the *whole* minibatch, so
-        the ranks add up their per-dimension KL sums (one small all-reduce of Z + 1 numbers, after an
-        encoder pass) and every rank applies the same decision.   §5.3"""
-        kl_sum = np.zeros(self.backend.spec.z_dim)
-        if len(xb):
-            try:
-                mu, logvar = self.backend.encode(self.params, xb)
-                kl_sum = kl_forward(mu.astype(np.float64), logvar.astype(np.float64)).sum(axis=0)
-            except Exception as e:
-                self._failed(e)
-                kl_sum = np.full(self.backend.spec.z_dim, np.nan)
-        total = self.comm.allreduce_sum(np.append(kl_sum, len(xb)))
-        return (total[:-1] / max(total[-1], 1.0) > self.free_bits).astype(np.float64)
-
-    def sync_params(self):
-        pass
-
-
-class AETrainer(HostTrainer):
-    """HostTrainer for the Autoencoder (``--model ae``): no eps, no beta; the loss is the batch
-    mean of the squared error (§13)."""
-
-    def _loss_and_grad(self, xb, eps, beta, kw):
-        loss, _ = self.backend.loss_and_grad(self.params, xb, grad=self.grad)
-        return loss
-
-
-def make_trainer(model, optimizer, comm, objective, free_bits, estimator="reparam"):
-    """The backend's own trainer when it has one (``backend.make_trainer``), else HostTrainer."""
-    if not hasattr(model.spec, "likelihood"):            # minivae.Autoencoder
-        return AETrainer(model.backend, model.params, optimizer, comm)
-    factory = getattr(model.backend, "make_trainer", None)
-    if factory is not None and estimator == "reparam":
-        return factory(model.params, optimizer, comm, objective, free_bits)
-    if estimator not in getattr(model.backend, "estimators", ("reparam",)):
-        raise ValueError(f"--estimator {estimator} is not implemented on --backend {model.backend_name}")
-    return HostTrainer(model.backend, model.params, optimizer, comm, objective, free_bits, estimator)
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class TrainConfig:
-    """Every option of ``minivae train`` (the CLI flag is the field name with dashes)."""
-    dataset: str = "digits"
-    data_dir: str | None = None
-    out: str | None = None                  # the run folder (default runs/<dataset>)
-    epochs: int = 10
-    batch_size: int = 128                   # global minibatch, over all ranks
-    z_dim: int | tuple = 20                 # a tuple (Z_1, ..., Z_S): S stochastic layers (§11)
-    hidden: tuple = (400,)                  # widths of every block, or one tuple per stochastic layer
-    activation: str = "relu"
-    likelihood: str = "bernoulli"
-    optimizer: str = "adam"
-    lr: float | None = None                 # None: the optimizer's default (adam 1e-3, sgd/adagrad 1e-2)
-    lr_schedule: str = "constant"           # constant | step | iwae (minivae.recipe)
-    lr_step_epochs: int = 10                # step: epochs between two decays
-    lr_gamma: float = 0.1                   # step: the factor of each decay
-    adam_eps: float = 1e-8                  # Adam's epsilon (Burda et al. use 1e-4)
-    init_output_bias: str = "zero"          # zero | data: the decoder's output bias (minivae.recipe)
-    momentum: float = 0.9                   # sgd only
-    weight_decay: float = 0.0
-    backend: str = "auto"                   # cuda with a usable GPU, else numba (minivae.kernels)
-    seed: int = 0
-    dtype: str = "float32"
-    samples: int = 1                        # L, Monte Carlo samples per example (elbo)
-    objective: str = "elbo"
-    estimator: str = "reparam"              # "dreg": doubly reparameterized IWAE gradient (§12)
-    k: int = 5                              # importance samples per example (iwae)
-    beta: float = 1.0
-    warmup: float = 0.0                     # epochs of linear KL warm-up (0: none)
-    free_bits: float = 0.0                  # per-dimension KL floor, nats (elbo)
-    binarize: str = "none"
-    val_fraction: float = 0.1
-    eval_batch_size: int = ev.DEFAULT_BATCH_SIZE
-    resume: str | None = None
-    overwrite: bool = False
-    quiet: bool = False
-    plots: bool = True
-    distributed: bool = False
-    model: str = "vae"                      # "vae", or "ae": the deterministic minivae.Autoencoder (§13)
-
-    def validate(self) -> "TrainConfig":
-        """Check every field; a ValueError says which one and what was expected."""
-        from .distributions import LIKELIHOODS
-        from .kernels import BACKENDS
-        from .layers import ACTIVATIONS
-        from .model import DTYPES
-        from .model import ModelSpec
-        from .objectives import ESTIMATORS, OBJECTIVES
-        from .optim import OPTIMIZERS
-        from .recipe import LR_SCHEDULES, OUTPUT_BIAS_INITS
-
-        choices = {"lr_schedule": LR_SCHEDULES, "init_output_bias": OUTPUT_BIAS_INITS, "dataset": data_mod.DATASETS, "activation": ACTIVATIONS, "likelihood": LIKELIHOODS,
-                   "optimizer": OPTIMIZERS, "backend": BACKENDS, "dtype": DTYPES,
-                   "objective": OBJECTIVES, "estimator": ESTIMATORS, "binarize": data_mod.BINARIZE,
-                   "model": MODELS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
-        for name in ("epochs", "batch_size", "samples", "k", "eval_batch_size", "lr_step_epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        hidden = tuple(self.hidden) if not isinstance(self.hidden, (int, np.integer)) else (self.hidden,)
-        if hidden and all(isinstance(h, (list, tuple)) for h in hidden):   # one tuple per stochastic layer
-            hidden = tuple(tuple(h) for h in hidden)
-            flat = [h for block in hidden for h in block]
-        else:
-            flat = hidden
-        if not hidden or any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in flat):
-            raise ValueError(f"hidden must be one or more positive integers, got {self.hidden!r}")
-        self.hidden = tuple(int(h) for h in hidden) if flat is hidden else tuple(tuple(int(h) for h in b) for b in hidden)
-        spec = ModelSpec(1, self.z_dim, self.hidden)       # z_dim and per-layer hidden: the model's checks
-        self.z_dim = spec.z_dim
-        if spec.n_stochastic > 1 and self.free_bits > 0:
-            raise ValueError("--free-bits applies to models with one stochastic layer only")
-        if self.estimator == "score" and (self.objective != "elbo" or spec.n_stochastic > 1):
-            raise ValueError("--estimator score applies to --objective elbo with one stochastic layer only")
-        if self.estimator == "dreg" and self.objective != "iwae":
-            raise ValueError("--estimator dreg applies to --objective iwae only")
-        if self.estimator != "reparam" and not (self.backend in ("numpy", "auto") or spec.n_stochastic > 1):
-            raise ValueError(f"--estimator {self.estimator} runs on --backend numpy (or any backend for a stack) only")
-        if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not (_finite(self.lr_gamma) and 0 < self.lr_gamma <= 1):
-            raise ValueError(f"lr_gamma must be a finite number in (0, 1], got {self.lr_gamma!r}")
-        if not (_finite(self.adam_eps) and self.adam_eps > 0):
-            raise ValueError(f"adam_eps must be a finite number > 0, got {self.adam_eps!r}")
-        if not (_finite(self.momentum) and 0 <= self.momentum < 1):
-            raise ValueError(f"momentum must be a finite number in [0, 1), got {self.momentum!r}")
-        for name in ("beta", "weight_decay", "warmup", "free_bits"):
-            v = getattr(self, name)
-            if not _finite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if not _finite(self.val_fraction) or not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be a number in [0, 1), got {self.val_fraction!r}")
-        if self.objective == "iwae" and self.samples != 1:
-            raise ValueError("--samples is for --objective elbo; --objective iwae takes its samples from --k")
-        if self.objective == "iwae" and self.free_bits > 0:
-            raise ValueError("--free-bits applies to --objective elbo only")
-        if self.model == "ae":
-            self._check_ae()
-        return self
-
-    def _check_ae(self):
-        """--model ae: the options of the VAE's objective do not apply; numpy or numba only."""
-        d = TrainConfig()
-        for name in ("likelihood", "objective", "samples", "k", "beta", "warmup", "free_bits"):
-            if getattr(self, name) != getattr(d, name):
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} applies to --model vae only (the autoencoder's loss is the squared error)")
-        from .autoencoder import BACKENDS as AE_BACKENDS
-        if self.backend not in AE_BACKENDS + ("auto",):
-            raise ValueError(f"--model ae runs on backend {' or '.join(AE_BACKENDS)}, got {self.backend!r}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["hidden"] = [list(h) if isinstance(h, tuple) else h for h in self.hidden]
-        if isinstance(self.z_dim, tuple):
-            d["z_dim"] = list(self.z_dim)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise checkpoint.CheckpointError(f"training config has unknown fields {sorted(unknown)}")
-        c = cls(**d)
-        c.hidden = tuple(tuple(h) if isinstance(h, list) else h for h in c.hidden)
-        if isinstance(c.z_dim, list):
-            c.z_dim = tuple(c.z_dim)
-        return c
-
-    def run_dir(self) -> Path:
-        return Path(self.resume or self.out or f"runs/{self.dataset}")
-
-    def optimizer_hyper(self) -> dict:
-        h = {"weight_decay": self.weight_decay}
-        if self.lr is not None:
-            h["lr"] = self.lr
-        if self.optimizer == "sgd":
-            h["momentum"] = self.momentum
-        if self.optimizer == "adam":
-            h["eps"] = self.adam_eps
-        return h
-
-    def eps_samples(self) -> int:
-        return self.k if self.objective == "iwae" else self.samples
-
-
-def auto_backend(config: TrainConfig, gpu: bool) -> str:
-    """What ``--backend auto`` becomes for this run: the fastest backend that runs its math: cuda with a
-    GPU on every rank, else numba (stacks on their kernels/cpu_stack.py and cuda_stack.py); the score and
-    DReG estimators of one stochastic layer need the numpy reference."""
-    from .model import ModelSpec
-    if config.model == "ae":                              # minivae.Autoencoder: numpy or numba
-        return "numba"
-    stack = ModelSpec(1, config.z_dim, config.hidden).n_stochastic > 1
-    if config.estimator != "reparam" and not stack:
-        return "numpy"
-    return "cuda" if gpu else "numba"
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def beta_at(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
-    """The KL weight of step ``step`` (0-based) of epoch ``epoch`` (1-based): a linear warm-up."""
-    if config.warmup <= 0:
-        return float(config.beta)
-    return float(config.beta) * min(1.0, (epoch - 1 + step / steps) / config.warmup)
-
-
-# ----------------------------------------------------------------------------------------------
-# The run folder and its checkpoint
-# ----------------------------------------------------------------------------------------------
-
-def holds_run(run_dir) -> bool:
-    run_dir = Path(run_dir)
-    return (run_dir / CHECKPOINT).exists() or (run_dir / METRICS).exists()
-
-
-def read_run(run_dir):
-    """The checkpoint of a run folder: (TrainConfig, meta, arrays). CheckpointError when it is not one.
-
-    Everything is checked before use (:func:`check_train_state`): the training config, the model
-    config it must agree with, the sizes of the optimizer's arrays (read only once their headers
-    match), the counters, the generator state and the metrics. What needs the data (the length of
-    ``train.perm``, the step within the epoch) is checked by ``Run._restore``."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise checkpoint.CheckpointError(f"{run_dir}: no such run folder")
-    path = run_dir / CHECKPOINT
-    found = {}
-
-    def expect(meta):
-        found["config"], expected = _expected_arrays(path, meta)
-        return expected
-
-    meta, arrays = checkpoint.load(path, expect=expect)
-    check_train_state(path, found["config"], meta, arrays)
-    return found["config"], meta, arrays
-
-
-MAX_COUNT = 1 << 40            # epochs, steps and examples in a checkpoint: a sane bound on counters
-_BOOLS = ("overwrite", "quiet", "plots", "distributed")
-_PATHS = ("data_dir", "out", "resume")
-
-
-def _expected_arrays(path, meta):
-    """(TrainConfig, {name: checkpoint.Expect}) of a training checkpoint, from its meta alone."""
-    from .model import spec_from_config
-    from .optim import Adagrad, Adam, SGD
-
-    def fail(message):
-        return checkpoint.CheckpointError(f"{path}: {message}")
-
-    state = meta.get("train")
-    if not isinstance(state, dict) or "config" not in state or "rng" not in state:
-        raise fail("a model without training state; it cannot be resumed")
-    d = state["config"]
-    if not isinstance(d, dict):
-        raise fail(f"malformed training config (a JSON {type(d).__name__}, not an object)")
-    try:
-        config = TrainConfig.from_dict(d)
-        config.validate()
-    except checkpoint.CheckpointError as e:
-        raise fail(str(e)) from None
-    except (TypeError, ValueError) as e:
-        raise fail(f"malformed training config ({e})") from None
-    for name in _BOOLS:
-        if not isinstance(getattr(config, name), bool):
-            raise fail(f"malformed training config ({name} must be true or false)")
-    for name in _PATHS:
-        if not isinstance(getattr(config, name), (str, type(None))):
-            raise fail(f"malformed training config ({name} must be a string or null)")
-    for name in ("epochs", "batch_size", "samples", "k", "eval_batch_size", "z_dim"):
-        v = getattr(config, name)
-        if (max(v) if isinstance(v, tuple) else v) > MAX_COUNT:
-            raise fail(f"malformed training config ({name} {getattr(config, name)} is out of range)")
-    if config.seed >= 1 << 64:
-        raise fail(f"malformed training config (seed {config.seed} is out of range)")
-    if "config" not in meta:
-        raise fail("checkpoint has no model config or parameters")
-    try:
-        if config.model == "ae":                 # minivae.Autoencoder: no likelihood
-            from .autoencoder import _spec_from_config
-            spec, dtype = _spec_from_config(meta["config"]), meta["config"]["dtype"]
-            saved = (spec.z_dim, spec.hidden, spec.activation, dtype)
-            wanted = (config.z_dim, config.hidden, config.activation, config.dtype)
-        else:
-            spec, dtype = spec_from_config(meta["config"])
-            saved = (spec.z_dim, spec.hidden, spec.activation, spec.likelihood, dtype)
-            wanted = (config.z_dim, config.hidden, config.activation, config.likelihood, config.dtype)
-    except checkpoint.CheckpointError as e:
-        raise fail(str(e)) from None
-    if saved != wanted:
-        raise fail("the model config does not match the training config")
-    size = spec.layout.size
-    names = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}[config.optimizer].state_names
-    expected = {"params": checkpoint.Expect((size,), dtype, source="the config implies")}
-    for k in names:
-        expected[f"opt.{k}"] = checkpoint.Expect((size,), dtype, source=f"the {config.optimizer} optimizer implies")
-    expected["opt.t"] = checkpoint.Expect((), np.int64)
-    expected["train.perm"] = checkpoint.Expect((None,), np.int64, required=state.get("partial") is not None)
-    return config, expected
-
-
-def _count(v, lo=0, hi=MAX_COUNT) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
-
-def _number(v, lo=-math.inf) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= lo
-
-
-def check_train_state(path, config, meta, arrays):
-    """Refuse a training state that could not have been written by a run (CheckpointError)."""
-    def fail(message):
-        return checkpoint.CheckpointError(f"{path}: bad training state ({message})")
-
-    state = meta["train"]
-    epoch, step = state.get("epoch"), state.get("step", 0)
-    if not _count(epoch):
-        raise fail(f"epoch must be a count, got {str(epoch)[:40]}")
-    if not _count(step):
-        raise fail(f"step must be a count, got {str(step)[:40]}")
-    rng = state["rng"]
-    ok = (isinstance(rng, dict) and rng.get("bit_generator") == "PCG64" and isinstance(rng.get("state"), dict)
-          and set(rng["state"]) == {"state", "inc"} and all(_count(v, 0, (1 << 128) - 1) for v in rng["state"].values())
-          and rng.get("has_uint32") in (0, 1) and _count(rng.get("uinteger"), 0, (1 << 32) - 1))
-    if ok:
-        try:
-            np.random.default_rng(0).bit_generator.state = rng
-        except (TypeError, ValueError, KeyError, OverflowError):
-            ok = False
-    if not ok:
-        raise fail("the generator state is not a PCG64 state")
-    metrics = state.get("metrics")
-    if not isinstance(metrics, list) or len(metrics) != epoch:
-        raise fail(f"metrics must be a list of one row per epoch ({epoch})")
-    for i, row in enumerate(metrics):
-        good = (isinstance(row, dict) and row.get("epoch") == i + 1
-                and all(_number(row.get(k)) for k in ("train_loss", "test_loss"))
-                and ("val_loss" not in row or _number(row["val_loss"]))
-                and _number(row.get("train_time_s"), 0) and _count(row.get("train_samples"))
-                and _count(row.get("world_size"), 1))
-        if not good:
-            raise fail(f"metrics row {i + 1} is malformed")
-    partial = state.get("partial")
-    if partial is not None:
-        if not (isinstance(partial, dict) and _count(partial.get("step")) and _number(partial.get("loss_sum"))
-                and _count(partial.get("seen")) and _number(partial.get("train_time_s"), 0)):
-            raise fail("the interrupted epoch's partial state is malformed")
-        if partial["step"] != step:
-            raise fail(f"the interrupted epoch's step {partial['step']} is not the saved step {step}")
-    elif "train.perm" in arrays:
-        raise fail("a permutation without an interrupted epoch")
-    t = arrays["opt.t"]
-    if not 0 <= int(t) <= MAX_COUNT:
-        raise fail(f"the optimizer's step count {int(t)} is out of range")
-    for name, a in arrays.items():
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise fail(f"{name} contains NaN or inf")
-    for name in ("opt.v", "opt.sum_sq"):                 # sums of squares
-        if name in arrays and config.optimizer in ("adam", "adagrad") and (arrays[name] < 0).any():
-            raise fail(f"{name} holds negative values")
-
-
-def resume_config(run_dir, overrides: dict) -> TrainConfig:
-    """The saved config of ``run_dir`` with the fields a resume may change (RESUMABLE) taken from
-    ``overrides``; any other field in ``overrides`` must equal the saved value."""
-    saved, _, _ = read_run(run_dir)
-    changes = {}
-    for name, value in overrides.items():
-        if name in ("resume", "out", "overwrite"):
-            continue
-        if name in RESUMABLE:
-            changes[name] = value
-        elif name == "hidden" and tuple(tuple(v) if isinstance(v, list) else v for v in value) == tuple(saved.hidden):
-            continue
-        elif getattr(saved, name) != value:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} cannot change on --resume (the run in {run_dir} uses {getattr(saved, name)!r})")
-    return replace(saved, resume=str(run_dir), out=str(run_dir), overwrite=False, **changes)
-
-
-class RunLockedError(ValueError):
-    """The run folder is locked by another running ``minivae train``."""
-
-
-class RunLock:
-    """An exclusive advisory lock on ``run_dir/.lock`` (fcntl.flock, never waits), held until
-    :meth:`release` (or the end of the process, whatever ends it). The holder writes who it is into
-    the file (one JSON line: pid, host, started, command) so that a second run can say who holds it,
-    and deletes the file when it releases it, so a finished run folder holds only the run.
-
-    Deleting a lock file is safe with one more check: a process that opened the file just before
-    the holder deleted it may lock that deleted file; so after locking, the lock is kept only if
-    the path still names the very file locked, else it starts over. The lock file is written in
-    place, never through atomic_write (a new inode would be a second, independent lock)."""
-    fd = None                                # until locked (a refused lock has none to release)
-
-    def __init__(self, run_dir):
-        self.path = path = Path(run_dir) / LOCK
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
-            try:
-                if self._lock(fd, run_dir):
-                    break
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)                     # the holder deleted it as it ended: take the new one
-        self.fd = fd
-
-    def _lock(self, fd, run_dir) -> bool:
-        """Lock ``fd``; False when its file is no longer at ``self.path``."""
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise checkpoint.NotARegularFileError(f"{self.path}: the lock file is not a regular file")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLockedError(f"{run_dir} is in use by another training run ({_holder(os.pread(fd, 4096, 0))}); "
-                                 f"wait for it to end, or train into another --out") from None
-        try:
-            now = os.stat(self.path, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        mine = os.fstat(fd)
-        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
-            return False
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": _command_line()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
-        return True
-
-    def release(self):
-        """Delete the lock file (still holding the lock), then let go of it."""
-        if self.fd is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            os.close(self.fd)                # closing the descriptor releases the flock
-            self.fd = None
-
-    def __del__(self):                       # a Run dropped without close() still lets go
-        try:
-            self.release()
-        except OSError:
-            pass
-
-
-def _command_line() -> str:
-    """This process's command line, the way it was typed: ``minivae ...`` for the console script
-    and ``python -m minivae`` alike (sys.argv[0] is then minivae/__main__.py)."""
-    if not sys.argv:
-        return ""
-    name = Path(sys.argv[0]).name
-    return shlex.join(["minivae" if name in ("__main__.py", "minivae") else name] + sys.argv[1:])
-
-
-def _holder(raw: bytes) -> str:
-    """The holder's lock-file line as words: "pid 12 on host h since 2026-...Z: minivae train ..."."""
-    try:
-        info = json.loads(raw.decode("utf-8"))
-        return f"pid {info['pid']} on {info['host']} since {info['started']}: {info['command']}"
-    except (ValueError, KeyError, TypeError):
-        return "its lock file does not say which process; it is still running"
-
-
-def write_metrics(path, metrics):
-    text = "".join(json.dumps(row) + "\n" for row in metrics)
-    checkpoint.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
@@ -731,19 +129,13 @@ class _StopFlag:
 # The loop
 # ----------------------------------------------------------------------------------------------
 
-def _on_root(comm, fn, what):
-    return collective(comm, fn if comm.is_root else (lambda: None), what)
-
-
 class Run:
     """One training run: the data, the model, the optimizer, the state of the loop."""
 
     def __init__(self, config: TrainConfig, comm):
         config.validate()
         self.comm = comm
-        self.lock = None                     # root's RunLock
-        self._created = False                # root made the folder (removed again if set-up fails)
-        self._replaces = False               # --overwrite: the old run goes at the first checkpoint
+        self.folder = RunFolder()            # root's hold on the run folder (minivae.runfolder)
         self.has_checkpoint = False          # this run's own checkpoint exists (written or resumed)
         try:
             self._setup(config)
@@ -755,7 +147,7 @@ class Run:
         comm = self.comm
         saved = None
         if config.resume:                    # every rank reads the state; the saved config rules
-            _on_root(comm, lambda: self._claim(Path(config.resume), resume=True), "locking the run folder")
+            on_root(comm, lambda: self.folder.claim(config.resume, resume=True), "locking the run folder")
             saved_config, meta, arrays = collective(comm, lambda: read_run(config.resume), "reading the checkpoint")
             given = {name: getattr(config, name) for name in RESUMABLE}
             if given["backend"] == "auto":   # no choice made: the run keeps its own backend
@@ -766,8 +158,8 @@ class Run:
             saved = (meta, arrays)
             self.has_checkpoint = True
         else:
-            _on_root(comm, lambda: self._claim(config.run_dir(), resume=False,
-                                                   overwrite=config.overwrite), "preparing the run folder")
+            on_root(comm, lambda: self.folder.claim(config.run_dir(), resume=False, overwrite=config.overwrite),
+                    "preparing the run folder")
         self.backend_auto = config.backend == "auto"
         if self.backend_auto:                # cuda only when every rank can use a GPU
             from .kernels import gpu_usable    # never raises: any failure to probe means no GPU
@@ -809,62 +201,18 @@ class Run:
                                                              c.estimator),
                                    "setting up the trainer")
 
-    # -- setup ---------------------------------------------------------------------------------
-    def _claim(self, run_dir, resume, overwrite=False):
-        """Root only: create the folder (a fresh run), lock it, clear stale temporaries, and refuse
-        a folder that holds a run unless --overwrite (which replaces it only at the first checkpoint)."""
-        if resume and not run_dir.is_dir():
-            return                                     # read_run says: no such run folder
-        self._created = not run_dir.exists()
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise ValueError(f"{run_dir}: exists and is not a folder; --out names the run folder") from None
-        self.lock = RunLock(run_dir)
-        checkpoint.remove_stale_temporaries(run_dir)
-        if not resume and holds_run(run_dir):
-            if not overwrite:
-                raise ValueError(f"{run_dir} already holds a run ({CHECKPOINT} or {METRICS}); pass "
-                                 f"--resume {run_dir} to continue it or --overwrite to replace it")
-            self._replaces = True
-
+    # -- the run folder --------------------------------------------------------------------------
     def close(self, failed=False):
         """Release the run folder (root); after a failed set-up, remove the folder if this run made it
         and it is empty."""
-        if self.lock is None:
-            return
-        run_dir = self.lock.path.parent
-        self.lock.release()
-        self.lock = None
-        if failed and self._created:
-            try:
-                run_dir.rmdir()                        # only when it is empty
-            except OSError:
-                pass
+        self.folder.release(failed)
 
     def _restore(self, meta, arrays):
         """Load the state read (and checked) by read_run, after checking what needs the data."""
         state, path, m = meta["train"], self.ckpt_path, self.model
-        p = arrays.get("params")
-        if p is None or p.shape != m.params.shape or p.dtype != m.dtype:
-            raise checkpoint.CheckpointError(f"{path}: parameters do not match the model of the saved config")
         n = len(self.x_train)
-        steps = math.ceil(n / self.config.batch_size)
+        check_against_data(path, state, arrays, m.params, n, math.ceil(n / self.config.batch_size))
         partial = state.get("partial")
-        if partial is not None:
-            perm = arrays.get("train.perm")
-            if perm is None or perm.shape != (n,):
-                raise checkpoint.CheckpointError(
-                    f"{path}: bad training state (the interrupted epoch's permutation has shape "
-                    f"{None if perm is None else perm.shape}, the data has {n} training rows)")
-            if perm.min(initial=0) < 0 or perm.max(initial=0) >= n or \
-                    np.bincount(perm, minlength=n).max(initial=1) != 1:
-                raise checkpoint.CheckpointError(f"{path}: bad training state (train.perm is not a "
-                                                 f"permutation of the {n} training rows)")
-            if not (partial["step"] <= steps and partial["seen"] <= n):
-                raise checkpoint.CheckpointError(
-                    f"{path}: bad training state (step {partial['step']} of an epoch of {steps} steps, "
-                    f"{partial['seen']} of {n} examples seen)")
         try:
             self.optimizer.load_state_dict(arrays)
             self.rng.bit_generator.state = state["rng"]
@@ -874,7 +222,7 @@ class Run:
                 self.partial = dict(partial, perm=arrays["train.perm"])
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise checkpoint.CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: {e})") from None
-        m.params[...] = p
+        m.params[...] = arrays["params"]
 
     # -- checkpoint ----------------------------------------------------------------------------
     def _kept(self):
@@ -897,15 +245,8 @@ class Run:
         meta = {"train": state, "dataset": self.config.dataset,
                 "image_shape": [int(v) for v in self.dataset.image_shape], "minivae_version": __version__}
 
-        def write():
-            self.model.save(self.ckpt_path, extra_meta=meta, extra_arrays=arrays)
-            write_metrics(self.metrics_path, self.metrics)
-            if self._replaces:               # --overwrite: the old run's pictures go with it
-                from .plots import FILENAMES
-                for name in FILENAMES.values():
-                    (self.run_dir / name).unlink(missing_ok=True)
-                self._replaces = False
-        _on_root(self.comm, write, "writing the checkpoint")
+        on_root(self.comm, lambda: self.folder.write(self.model, self.run_dir, meta, arrays, self.metrics),
+                "writing the checkpoint")
         self.has_checkpoint = True
 
     # -- one epoch -----------------------------------------------------------------------------
@@ -991,23 +332,43 @@ class Run:
                 bar.set_postfix(loss=f"{loss:.2f}", beta=f"{beta:.3g}", refresh=False)
             if interrupted:
                 train_time += time.perf_counter() - t0
-                bar.close()
-                if flush is not None and unreported:
-                    last = flush()
-                    self._check(last, None, epoch, s, steps, bar)
-                    loss_sum += (last or 0.0) * unreported
-                totals = comm.allreduce_sum(np.array([loss_sum, seen], dtype=np.float64))
-                self.save(step=s + 1, perm=perm, partial={"step": s + 1, "loss_sum": float(totals[0]),
-                                                          "seen": int(totals[1]), "train_time_s": train_time})
-                raise Interrupted(f"interrupted at epoch {epoch}, step {s + 1}/{steps}; saved to {self.ckpt_path} "
-                                  f"(continue with: minivae train --resume {self.run_dir})")
+                self._interrupt(bar, flush, unreported, perm, loss_sum, seen, train_time, epoch, s, steps)
         train_time += time.perf_counter() - t0
         bar.close()
 
         total_loss, total_seen = comm.allreduce_sum(np.array([loss_sum, seen], dtype=np.float64))
         self.trainer.sync_params()
+        test_loss, val_loss, eval_time = self._evaluate(epoch)
+        row = {"epoch": epoch, "train_loss": float(total_loss / total_seen), "test_loss": float(test_loss)}
+        if val_loss is not None:
+            row["val_loss"] = float(val_loss)
+        row.update({
+            "train_time_s": train_time, "eval_time_s": eval_time,
+            "train_samples": int(total_seen), "samples_per_s": float(total_seen / train_time) if train_time > 0 else None,
+            "steps": steps, "world_size": comm.size, "beta": beta, "lr": self.optimizer.lr,
+            "objective": "sq_error" if c.model == "ae" else c.objective, "backend": c.backend,
+        })
+        return row
+
+    def _interrupt(self, bar, flush, unreported, perm, loss_sum, seen, train_time, epoch, s, steps):
+        """Ctrl-C after step ``s``: take in the losses not yet reported, save the epoch's state so far
+        (its permutation and partial sums) and raise Interrupted."""
+        bar.close()
+        if flush is not None and unreported:
+            last = flush()
+            self._check(last, None, epoch, s, steps, bar)
+            loss_sum += (last or 0.0) * unreported
+        totals = self.comm.allreduce_sum(np.array([loss_sum, seen], dtype=np.float64))
+        self.save(step=s + 1, perm=perm, partial={"step": s + 1, "loss_sum": float(totals[0]),
+                                                  "seen": int(totals[1]), "train_time_s": train_time})
+        raise Interrupted(f"interrupted at epoch {epoch}, step {s + 1}/{steps}; saved to {self.ckpt_path} "
+                          f"(continue with: minivae train --resume {self.run_dir})")
+
+    def _evaluate(self, epoch):
+        """(test_loss, val_loss or None, seconds): -ELBO per example with the fixed eval noise (the
+        autoencoder: its mean squared error, §13). A non-finite test loss stops the run."""
+        c, comm, m, ebs = self.config, self.comm, self.model, self.config.eval_batch_size
         t1 = time.perf_counter()
-        m, ebs = self.model, c.eval_batch_size
         if c.model == "ae":          # mean squared error per example (§13), the loss it optimizes
             test_loss = ev.mean_sq_error(m, self.x_test, batch_size=ebs, comm=comm, split="test")
             val_loss = ev.mean_sq_error(m, self.x_val, batch_size=ebs, comm=comm, split="validation") \
@@ -1022,16 +383,7 @@ class Run:
                 kept = self._kept()
                 raise TrainingError(f"the {split} loss became {value} after epoch {epoch} "
                                     f"(lr {self.optimizer.lr:g}); training stopped and {kept}")
-        row = {"epoch": epoch, "train_loss": float(total_loss / total_seen), "test_loss": float(test_loss)}
-        if val_loss is not None:
-            row["val_loss"] = float(val_loss)
-        row.update({
-            "train_time_s": train_time, "eval_time_s": eval_time,
-            "train_samples": int(total_seen), "samples_per_s": float(total_seen / train_time) if train_time > 0 else None,
-            "steps": steps, "world_size": comm.size, "beta": beta, "lr": self.optimizer.lr,
-            "objective": "sq_error" if c.model == "ae" else c.objective, "backend": c.backend,
-        })
-        return row
+        return test_loss, val_loss, eval_time
 
     # -- all epochs ----------------------------------------------------------------------------
     def fit(self):
@@ -1183,7 +535,7 @@ def train(config: TrainConfig, comm=None) -> dict:
                 from . import plots as plots_mod
                 return plots_mod.save_all(run.run_dir, run.model, run.dataset, run.metrics)
             try:
-                plots = _on_root(comm, draw, "drawing the pictures") or []
+                plots = on_root(comm, draw, "drawing the pictures") or []
             except (ValueError, OSError, RuntimeError) as e:
                 if comm.is_root:
                     print(f"minivae: warning: the pictures could not be drawn ({e})", file=sys.stderr)

@@ -1,8 +1,11 @@
 """Backends: one interface, several implementations, chosen by name.
 
-Every backend is a class built as ``Backend(spec, dtype)`` with the same methods as
-:class:`minivae.kernels.numpy_.NumpyBackend` (``encode``, ``decode``, ``bound``, ``loss_and_grad``).
-The NumPy backend is the reference; faster ones are tested against it.
+Every backend is a class built as ``Backend(spec, dtype)`` with the methods and optional capabilities
+declared in :class:`minivae.kernels.interface.Backend` (``encode``, ``decode``, ``bound``,
+``loss_and_grad``; ``estimators``, ``make_trainer``, ``update_kernels``). The classes are registered in
+:data:`REGISTRY`, one line each, and handed out by :func:`backend_class`, which gives each the
+capabilities' defaults it lacks (``interface.declare``). The NumPy backend is the reference; faster
+ones are tested against it (docs/design.md, "The backend interface" and "Adding a backend").
 
 ``auto`` stands for the fastest backend this machine can run: ``cuda`` when a GPU is usable
 (numba.cuda imports and ``cuda.is_available()``; numba's CUDA simulator is not a GPU and does not
@@ -36,21 +39,36 @@ def resolve_backend(name: str) -> str:
     return name
 
 
+# (concrete name, stack): "module:Class". stack=False: one stochastic layer; True: S > 1 (§11)
+REGISTRY = {
+    ("numpy", False): "numpy_:NumpyBackend",
+    ("numpy", True): "numpy_:NumpyBackend",          # the reference runs any S
+    ("numba", False): "cpu:NumbaBackend",              # fused, one stochastic layer
+    ("numba", True): "cpu_stack:NumbaStackBackend",
+    ("cuda", False): "cuda:CudaBackend",               # fused, one stochastic layer
+    ("cuda", True): "cuda_stack:CudaStackBackend",
+}
+
+
+def backend_class(name: str, stack: bool = False):
+    """The registered class of concrete backend ``name`` (for a stack when ``stack``), imported, with
+    every optional capability declared (interface.declare). Importing never needs a GPU."""
+    import importlib
+    from .interface import declare
+    module, cls = REGISTRY[(name, bool(stack))].split(":")
+    return declare(getattr(importlib.import_module(f"{__name__}.{module}"), cls))
+
+
 def get_backend(name: str):
     """The backend class for ``name`` (``auto`` included); a clear ValueError/RuntimeError when it
     cannot be used."""
     name = resolve_backend(name)
-    if name == "numpy":
-        from .numpy_ import NumpyBackend
-        return NumpyBackend
     if name == "numba":
         try:
-            from .cpu import NumbaBackend
+            return backend_class("numba")
         except ImportError as e:  # pragma: no cover - numba is a hard dependency
             raise RuntimeError(f"backend 'numba' needs numba: {e}") from None
-        return NumbaBackend
-    from .cuda import CudaBackend  # raises RuntimeError with the cause when no GPU can be used
-    return CudaBackend
+    return backend_class(name)    # cuda: building one raises RuntimeError with the cause when no GPU
 
 
 def require_one_stochastic_layer(name: str, spec):
@@ -64,11 +82,4 @@ def stack_class(name: str, cls):
     """The class that builds backend ``name`` for a stack of stochastic layers (S > 1, docs/math.md §11):
     on 'numba', the unfused kernels/cpu_stack.py; on 'cuda', kernels/cuda_stack.py; otherwise ``cls``
     itself (numpy runs stacks; the fused one-layer classes refuse them with one line)."""
-    name = resolve_backend(name)
-    if name == "numba":
-        from .cpu_stack import NumbaStackBackend
-        return NumbaStackBackend
-    if name == "cuda":
-        from .cuda_stack import CudaStackBackend   # building one raises RuntimeError when no GPU
-        return CudaStackBackend
-    return cls
+    return backend_class(resolve_backend(name), stack=True) if name != "numpy" else cls

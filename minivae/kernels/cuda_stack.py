@@ -21,7 +21,7 @@ the input, every layer's output, the upstream gradient, every layer input's grad
 Not done here (what the fused one-layer backend has): the Gaussian stage (reparameterization, log N,
 the top KL), the likelihood and the objective on the device (they run in NumPy on the host, between the
 blocks, so every block's input and output crosses the bus once per pass), and a device-resident trainer
-(training goes through train.HostTrainer).
+(training goes through trainers.HostTrainer).
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ Python lists index them from 0 (``enc[l-1]`` is layer l).
 """
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import numpy as np
 
 from .. import distributions as dist
@@ -25,7 +27,10 @@ from ..layers import linear_backward, linear_forward, mlp_backward, mlp_forward
 
 class NumpyBackend:
     name = "numpy"
+    # the optional capabilities of kernels/interface.Backend, declared
     estimators = ("reparam", "score", "dreg")   # objectives.ESTIMATORS this backend implements
+    make_trainer = None                         # trains through trainers.HostTrainer
+    update_kernels = MappingProxyType({})       # optim.py's NumPy updates
 
     def __init__(self, spec, dtype):
         self.spec = spec               # ModelSpec: x_dim, z_dim(s), hidden, dec_hidden, activation, ...
