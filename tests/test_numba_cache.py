@@ -39,3 +39,41 @@ def test_numba_cache_dir_is_the_base_when_set(tmp_path):
     assert r.returncode == 0, r.stderr
     folder, digest = r.stdout.split()
     assert folder == str(tmp_path / "base" / digest)
+
+
+def test_cache_writes_are_serialized_and_write_the_code_first(tmp_path, monkeypatch):
+    """numba picks a cache file number from the index it reads: the save must hold the index's lock
+    while it reads, numbers and writes, and write the code before the index entry that names it."""
+    import fcntl
+    import threading
+
+    from numba.core import caching
+
+    assert caching.IndexDataCacheFile.save is numba_cache._locked_save
+    cache = caching.IndexDataCacheFile(str(tmp_path), "f-1", source_stamp=("stamp", 1))
+    order = []
+    real_data, real_index = cache._save_data, cache._save_index
+    monkeypatch.setattr(cache, "_save_data", lambda name, data: (order.append(("data", name)),
+                                                                  real_data(name, data)))
+
+    def save_index(overloads):
+        for name in overloads.values():                   # every entry's code is already on disk
+            assert (tmp_path / name).is_file()
+        order.append(("index", tuple(sorted(overloads.values()))))
+        real_index(overloads)
+    monkeypatch.setattr(cache, "_save_index", save_index)
+
+    held = open(cache._index_path + ".lock", "a+b")
+    fcntl.flock(held, fcntl.LOCK_EX)                       # another process is saving
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (cache.save("sig-a", (1, 2)), done.set()))
+    t.start()
+    assert not done.wait(0.5)                              # it waits for the lock
+    fcntl.flock(held, fcntl.LOCK_UN)
+    held.close()
+    t.join(10)
+    assert done.is_set()
+    cache.save("sig-b", (3, 4))
+    assert [kind for kind, _ in order] == ["data", "index", "data", "index"]
+    assert cache.load("sig-a") == (1, 2) and cache.load("sig-b") == (3, 4)
+    assert order[0][1] != order[2][1]                      # two signatures, two files

@@ -13,13 +13,23 @@ compile, ~30 s), and a stale cache is never loaded. ``<base>`` is ``$NUMBA_CACHE
 set, else ``$XDG_CACHE_HOME/minivae/numba`` (``~/.cache/minivae/numba``). Folders of other versions
 are left for the user to remove (``minivae`` never deletes what it did not write in this run).
 
+Numba's own cache writes are not safe between processes: to add a specialization it reads the
+function's index, picks the first unused file number, writes the index, then the code. Two processes
+compiling *different* specializations at once (two first runs, the workers of a benchmark, the
+xdist workers of the tests) can pick the same number; the index then names one signature and the
+file holds the other's machine code, and the next process to load it crashes. :func:`configure` also
+makes that sequence safe: an exclusive ``fcntl.flock`` on ``<index>.lock`` around it, and the code
+written before the index that points at it (each file is still replaced atomically by numba).
+
 It must run before the first ``@njit(cache=True)`` decorator: every module of the package that
 defines cached kernels calls it first. Idempotent; when no folder can be made it leaves Numba's own
 default (``__pycache__`` beside the sources) in place.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -45,12 +55,39 @@ def cache_dir() -> Path:
     return Path(base) / source_hash()
 
 
+def _locked_save(self, key, data):
+    """numba.core.caching.IndexDataCacheFile.save, serialized between processes by an flock on the
+    index's lock file, and with the code written before the index entry that names it."""
+    with open(self._index_path + ".lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            overloads = self._load_index()
+            data_name = overloads.get(key)
+            if data_name is None:                   # the first number no signature uses
+                existing = set(overloads.values())
+                data_name = next(name for name in (self._data_name(i) for i in itertools.count(1))
+                                 if name not in existing)
+                overloads[key] = data_name
+            self._save_data(data_name, data)
+            self._save_index(overloads)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def make_cache_writes_safe():
+    """Replace numba's cache-file ``save`` by :func:`_locked_save` (once; see the module doc)."""
+    from numba.core import caching
+    if caching.IndexDataCacheFile.save is not _locked_save:
+        caching.IndexDataCacheFile.save = _locked_save
+
+
 def configure():
     """Point numba.config.CACHE_DIR at this source version's folder (once per process); returns it,
     or None when it cannot be created (numba then keeps its default)."""
     global _DONE
     if _DONE is not None:
         return _DONE or None
+    make_cache_writes_safe()
     from numba.core import config as numba_config
     try:
         folder = cache_dir()
