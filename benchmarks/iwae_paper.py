@@ -244,7 +244,8 @@ def main(argv=None):
             fmt = (lambda v: "-" if v is None else f"{v:.2f}")
             print(table([[r["model"], r["k"], fmt(r["paper_nll"]), fmt(r["minivae_nll"]), fmt(r["torch_nll"]),
                           fmt(r["minivae_s_per_epoch"]), fmt(r["torch_s_per_epoch"])] for r in res],
-                        ["model", "k", "paper NLL", "minivae NLL", "torch NLL", "minivae s/pass", "torch s/pass"]))
+                        ["model", "k (training)", "paper NLL (k = 1 VAE, 50 IWAE)", "minivae NLL", "torch NLL",
+                         "minivae s/pass", "torch s/pass"]))
             results = {"train": res}
     if args.json is not None:
         results.update(machine=machine(), args={k: (str(v) if isinstance(v, Path) else v)
