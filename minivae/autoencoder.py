@@ -19,7 +19,7 @@ import numpy as np
 from . import checkpoint, checks, resources
 from .layers import ACTIVATIONS
 from .model import DTYPES, _int_tuple, check_x
-from .params import ParamLayout
+from .params import FlatParams, ParamLayout
 
 KIND = "ae"                     # meta["kind"] of an Autoencoder checkpoint (a VAE's is "model")
 BACKENDS = ("numpy", "numba")          # "auto" stands for numba (there are no CUDA kernels for it)
@@ -89,7 +89,7 @@ def get_ae_backend(name):
     raise ValueError(f"unknown backend {name!r} for the Autoencoder; expected one of {', '.join(BACKENDS)}")
 
 
-class Autoencoder:
+class Autoencoder(FlatParams):
     """A deterministic MLP autoencoder with a sigmoid output and the squared-error loss (§13).
 
     ``x`` is (n, x_dim) in [0, 1] (the sigmoid's range); ``z`` is (m, z_dim), any real values.
@@ -126,24 +126,6 @@ class Autoencoder:
 
     def config(self) -> dict:
         return dict(self.spec.to_dict(), dtype=self.dtype.name, seed=self.seed, backend=self.backend_name)
-
-    @property
-    def params(self) -> np.ndarray:
-        """The flat, contiguous, writable parameter vector the model computes from."""
-        return self._params
-
-    @params.setter
-    def params(self, value):
-        value = checks.real_array("params", value)
-        if value.shape != self._params.shape:
-            raise ValueError(f"params must have shape {self._params.shape}, got {value.shape}")
-        if not np.isfinite(value).all():
-            raise ValueError("params must be finite: they contain NaN or inf")
-        self._params[...] = value
-
-    def views(self, flat=None) -> dict:
-        """Named views (``enc.0.W``, ...) into ``flat`` (default: the parameters)."""
-        return self.layout.views(self._params if flat is None else flat)
 
     # -- input checks -------------------------------------------------------------------------
     def check_x(self, x) -> np.ndarray:

@@ -14,7 +14,7 @@ from . import distributions as dist
 from .kernels import BACKENDS, get_backend, resolve_backend, stack_class
 from .layers import ACTIVATIONS
 from .objectives import check_estimator, check_objective
-from .params import ParamLayout
+from .params import FlatParams, ParamLayout
 
 DTYPES = ("float32", "float64")
 
@@ -169,7 +169,7 @@ def _int_tuple(name, v):
     return t
 
 
-class VAE:
+class VAE(FlatParams):
     """A Gaussian-latent VAE with MLP encoder and decoder and a choice of pixel likelihood.
 
     >>> model = VAE(64, 2, hidden=(32,), likelihood="bernoulli", dtype="float64")
@@ -222,25 +222,6 @@ class VAE:
 
     def config(self) -> dict:
         return dict(self.spec.to_dict(), dtype=self.dtype.name, seed=self.seed, backend=self.backend_name)
-
-    @property
-    def params(self) -> np.ndarray:
-        """The flat, contiguous, writable parameter vector the model computes from."""
-        return self._params
-
-    @params.setter
-    def params(self, value):
-        """Copy ``value`` (a finite real array of the parameters' shape) into the same buffer."""
-        value = checks.real_array("params", value)
-        if value.shape != self._params.shape:
-            raise ValueError(f"params must have shape {self._params.shape}, got {value.shape}")
-        if not np.isfinite(value).all():
-            raise ValueError("params must be finite: the new values contain NaN or inf")
-        self._params[...] = value
-
-    def views(self, flat=None) -> dict:
-        """Named views (``enc.0.W``, ...) into ``flat`` (default: the parameters)."""
-        return self.layout.views(self._params if flat is None else flat)
 
     # -- input checks -------------------------------------------------------------------------
     def check_x(self, x) -> np.ndarray:

@@ -71,3 +71,28 @@ class ParamLayout:
                 v = self.view(flat, n)
                 v[...] = rng.uniform(-bound, bound, size=v.shape)
         return flat
+
+
+class FlatParams:
+    """The ``params`` and ``views`` of a model that keeps one flat vector ``self._params`` laid out by
+    ``self.layout`` (minivae.VAE, minivae.Autoencoder).   §1"""
+
+    @property
+    def params(self) -> np.ndarray:
+        """The flat, contiguous, writable parameter vector the model computes from."""
+        return self._params
+
+    @params.setter
+    def params(self, value):
+        """Copy ``value`` (a finite real array of the parameters' shape) into the same buffer."""
+        from . import checks
+        value = checks.real_array("params", value)
+        if value.shape != self._params.shape:
+            raise ValueError(f"params must have shape {self._params.shape}, got {value.shape}")
+        if not np.isfinite(value).all():
+            raise ValueError("params must be finite: the new values contain NaN or inf")
+        self._params[...] = value
+
+    def views(self, flat=None) -> dict:
+        """Named views (``enc.0.W``, ...) into ``flat`` (default: the parameters)."""
+        return self.layout.views(self._params if flat is None else flat)

@@ -10,6 +10,7 @@ from minivae import Autoencoder, VAE, gradcheck
 from minivae.checkpoint import CheckpointError
 from minivae.gradcheck import KINK_MARGIN, check_model, format_report
 from minivae.layers import ACTIVATIONS
+from cliutil import cli, one_line_error
 
 MODEL_TOL = 1e-6
 widths = st.lists(st.integers(1, 5), min_size=0, max_size=2).map(tuple)
@@ -232,17 +233,6 @@ def test_numba_checkpoint_loads_on_either_backend(tmp_path):
 AE_RUN = ["train", "--model", "ae", "--dataset", "digits", "--epochs", "3", "--batch-size", "64",
           "--z-dim", "2", "--hidden", "16", "--quiet", "--lr", "3e-3"]
 
-
-def cli(capsys, *args):
-    from minivae.cli import main
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err, prefix="minivae: error:"):
-    lines = err.strip().splitlines()
-    return len(lines) == 1 and lines[0].startswith(prefix) and "Traceback" not in err
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,12 @@ from minivae import gradcheck as gradcheck_mod
 from minivae.cli import main
 from minivae.data import read_idx, write_idx
 from minivae.train import HostTrainer
+from cliutil import cli, one_line_error
 
 MNIST = Path("/work/shared/data/mnist")
 DIGITS_RUN = ["train", "--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--z-dim", "2",
               "--hidden", "16", "--quiet", "--no-plots"]
 
-
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err, prefix="minivae: error:"):
-    lines = err.strip().splitlines()
-    return len(lines) == 1 and lines[0].startswith(prefix) and "Traceback" not in err
 
 
 @pytest.fixture(scope="module")

@@ -21,19 +21,10 @@ from minivae.kernels.numpy_ import NumpyBackend
 from minivae.model import ModelSpec
 from minivae.optim import make_optimizer
 from minivae.train import SerialComm
+from cliutil import cli, one_line_error as one_line
 
 BACKENDS = ["numpy", "numba"]
 
-
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err, prefix="minivae: error:"):
-    lines = err.strip().splitlines()
-    return len(lines) == 1 and lines[0].startswith(prefix) and "Traceback" not in err
 
 
 def binary(n, d, seed=0):

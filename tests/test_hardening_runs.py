@@ -23,21 +23,12 @@ from minivae.checkpoint import NotARegularFileError, atomic_write, remove_stale_
 from minivae.cli import main
 from minivae.kernels import BACKENDS, CONCRETE_BACKENDS, get_backend, resolve_backend
 from minivae.train import LOCK, RunLock, TrainConfig, train
+from cliutil import cli, one_line_error as one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TINY = ["--dataset", "digits", "--batch-size", "64", "--z-dim", "2", "--hidden", "8", "--no-plots"]
 
-
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err, prefix="minivae: error:"):
-    lines = err.strip().splitlines()
-    return len(lines) == 1 and lines[0].startswith(prefix) and "Traceback" not in err
 
 
 def env():

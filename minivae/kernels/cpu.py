@@ -798,6 +798,25 @@ def adam_update(params, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
 # The backend
 # ----------------------------------------------------------------------------------------------
 
+def gemm_settings():
+    """(GEMM code, MB, NB) as kernels/config says at call time (never baked into a kernel)."""
+    mb, nb = config.tiles()
+    return config.gemm_code(), mb, nb
+
+
+def cached_workspace(cache, key, most, make):
+    """The workspace of ``key`` from the OrderedDict ``cache``: made by ``make()`` on first use, then
+    reused; beyond ``most`` entries the least recently used is dropped (every fast backend's buffers)."""
+    ws = cache.get(key)
+    if ws is None:
+        ws = cache[key] = make()
+        if len(cache) > most:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return ws
+
+
 class Workspace:
     """Every buffer of one (n, L) pass in one flat array of the model dtype (+ a small float64 one).
 
@@ -855,21 +874,10 @@ class NumbaBackend:
 
     def workspace(self, n, L) -> Workspace:
         """The buffers of an (n, L) pass, allocated on first use and then reused."""
-        key = (n, L)
-        ws = self._ws.get(key)
-        if ws is None:
-            ws = Workspace(self.layout, self.ne, n, L, self.spec.z_dim, self.dtype)
-            self._ws[key] = ws
-            if len(self._ws) > self.max_workspaces:
-                self._ws.popitem(last=False)
-        else:
-            self._ws.move_to_end(key)
-        return ws
+        return cached_workspace(self._ws, (n, L), self.max_workspaces,
+                                lambda: Workspace(self.layout, self.ne, n, L, self.spec.z_dim, self.dtype))
 
-    @staticmethod
-    def _gemm():
-        mb, nb = config.tiles()
-        return config.gemm_code(), mb, nb
+    _gemm = staticmethod(gemm_settings)
 
     def _check(self, params, x, eps=None):
         if params.dtype != self.dtype or x.dtype != self.dtype:

@@ -16,9 +16,8 @@ from collections import OrderedDict
 import numpy as np
 from numba import njit
 
-from . import config
 from .numba_cache import configure as _configure_cache
-from .cpu import ACT_CODES, NumbaBackend, exp_nonpos, mlp_bwd_, mlp_fwd_
+from .cpu import ACT_CODES, NumbaBackend, cached_workspace, exp_nonpos, gemm_settings, mlp_bwd_, mlp_fwd_
 from .gemm import pack_size
 
 _configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
@@ -96,19 +95,10 @@ class AENumbaBackend:
         self._ws = OrderedDict()
 
     def workspace(self, n) -> AEWorkspace:
-        ws = self._ws.get(n)
-        if ws is None:
-            ws = self._ws[n] = AEWorkspace(self.layout, n, self.dtype)
-            if len(self._ws) > self.max_workspaces:
-                self._ws.popitem(last=False)
-        else:
-            self._ws.move_to_end(n)
-        return ws
+        """The buffers of an n-row pass, allocated on first use and then reused."""
+        return cached_workspace(self._ws, n, self.max_workspaces, lambda: AEWorkspace(self.layout, n, self.dtype))
 
-    @staticmethod
-    def _gemm():
-        mb, nb = config.tiles()
-        return config.gemm_code(), mb, nb
+    _gemm = staticmethod(gemm_settings)
 
     def _pass(self, params, x, grad):
         """Forward (§13.1) and, when ``grad`` is given, backward (§13.2) into it; returns the loss.

@@ -32,10 +32,9 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from . import config
 from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, _buf, act_back_colsum_, adagrad_update, adam_update,
-                  bias_act_, exp_nonpos_f32, iwae_objective_, likelihood_, mlp_bwd_, mlp_fwd_, mm_nn, mm_nt,
-                  mm_tn, row_sum_f64_, scale_rows_, sgd_update)
+                  bias_act_, cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, likelihood_,
+                  mlp_bwd_, mlp_fwd_, mm_nn, mm_nt, mm_tn, row_sum_f64_, scale_rows_, sgd_update)
 from .gemm import pack_size
 from .numpy_ import NumpyBackend
 from ..distributions import _CB_TAYLOR
@@ -489,21 +488,10 @@ class NumbaStackBackend(NumpyBackend):
 
     def workspace(self, n, L) -> StackWorkspace:
         """The buffers of an (n, L) pass, allocated on first use and then reused."""
-        key = (n, L)
-        ws = self._ws.get(key)
-        if ws is None:
-            ws = StackWorkspace(self.spec, n, L, self.dtype)
-            self._ws[key] = ws
-            if len(self._ws) > self.max_workspaces:
-                self._ws.popitem(last=False)
-        else:
-            self._ws.move_to_end(key)
-        return ws
+        return cached_workspace(self._ws, (n, L), self.max_workspaces,
+                                lambda: StackWorkspace(self.spec, n, L, self.dtype))
 
-    @staticmethod
-    def _gemm():
-        mb, nb = config.tiles()
-        return config.gemm_code(), mb, nb
+    _gemm = staticmethod(gemm_settings)
 
     def _step(self, params, x, eps, grad, objective, beta, estimator, want_grad):
         if params.dtype != self.dtype or x.dtype != self.dtype:
