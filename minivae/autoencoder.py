@@ -18,7 +18,7 @@ import numpy as np
 
 from . import checkpoint, checks, resources
 from .layers import ACTIVATIONS
-from .model import DTYPES, _int_tuple, check_x
+from .model import DTYPES, _int_tuple, check_x, check_z
 from .params import FlatParams, ParamLayout
 
 KIND = "ae"                     # meta["kind"] of an Autoencoder checkpoint (a VAE's is "model")
@@ -137,15 +137,8 @@ class Autoencoder(FlatParams):
                         f"a pass of {n} examples")
 
     def _z(self, z):
-        z = checks.real_array("z", z)
-        if z.ndim != 2 or z.shape[1] != self.spec.z_dim:
-            raise ValueError(f"z must be a 2-D array (m, {self.spec.z_dim}), got shape {z.shape}")
-        if z.shape[0] == 0:
-            raise ValueError("z must have at least one row")
+        z = check_z(z, self.spec.z_dim, self.dtype)
         self._check_memory(z.shape[0])
-        z = np.ascontiguousarray(z, dtype=self.dtype)
-        if not np.isfinite(z).all():
-            raise ValueError("z must be finite: it contains NaN or inf")
         return z
 
     # -- the math, delegated to the backend ----------------------------------------------------

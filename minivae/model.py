@@ -274,16 +274,8 @@ class VAE(FlatParams):
                               f"{samples} samples")
 
     def _z(self, z):
-        Z = self.spec.z_dims[0]      # decode takes z_1, the bottom layer
-        z = checks.real_array("z", z)
-        if z.ndim != 2 or z.shape[1] != Z:
-            raise ValueError(f"z must be a 2-D array (m, {Z}), got shape {z.shape}")
-        if z.shape[0] == 0:
-            raise ValueError("z must have at least one row")
+        z = check_z(z, self.spec.z_dims[0], self.dtype)   # decode takes z_1, the bottom layer
         self._check_memory(z.shape[0])
-        z = np.ascontiguousarray(z, dtype=self.dtype)
-        if not np.isfinite(z).all():
-            raise ValueError("z must be finite: it contains NaN or inf")
         return z
 
     # -- the math, delegated to the backend ----------------------------------------------------
@@ -506,6 +498,20 @@ def spec_from_config(config):
     if spec.layout.size != count:             # the count above is the layout's, by construction
         raise checkpoint.CheckpointError("checkpoint config: inconsistent parameter count")
     return spec, config["dtype"]
+
+
+def check_z(z, z_dim, dtype) -> np.ndarray:
+    """z as a C-contiguous, finite (m, z_dim) array of ``dtype``, m >= 1, or a ValueError saying what was
+    expected. Shared by VAE and Autoencoder."""
+    z = checks.real_array("z", z)
+    if z.ndim != 2 or z.shape[1] != z_dim:
+        raise ValueError(f"z must be a 2-D array (m, {z_dim}), got shape {z.shape}")
+    if z.shape[0] == 0:
+        raise ValueError("z must have at least one row")
+    z = np.ascontiguousarray(z, dtype=dtype)
+    if not np.isfinite(z).all():
+        raise ValueError("z must be finite: it contains NaN or inf")
+    return z
 
 
 def check_x(x, x_dim, dtype, unit_interval_for=None) -> np.ndarray:

@@ -798,6 +798,13 @@ def adam_update(params, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
 # The backend
 # ----------------------------------------------------------------------------------------------
 
+def layer_table(layout) -> np.ndarray:
+    """(W offset, b offset, fan_in, fan_out) of every layer in layout order, the int64 table the kernels
+    read the flat parameter vector with.   (layers, 4)   §1"""
+    return np.array([[layout.slots[p + ".W"].offset, layout.slots[p + ".b"].offset, i, o]
+                     for p, i, o in layout.layers], dtype=np.int64)
+
+
 def gemm_settings():
     """(GEMM code, MB, NB) as kernels/config says at call time (never baked into a kernel)."""
     mb, nb = config.tiles()
@@ -865,8 +872,7 @@ class NumbaBackend:
         self.layout = spec.layout
         self.dtype = np.dtype(dtype)
         self.ne = len(spec.hidden)
-        self.lay = np.array([[self.layout.slots[p + ".W"].offset, self.layout.slots[p + ".b"].offset, i, o]
-                             for p, i, o in self.layout.layers], dtype=np.int64)
+        self.lay = layer_table(self.layout)
         self.act = ACT_CODES[spec.activation]
         self.lik = LIK_CODES[spec.likelihood]
         self.cb_switch = float(_CB_TAYLOR.get(self.dtype, 1e-2))

@@ -17,7 +17,8 @@ import numpy as np
 from numba import njit
 
 from .numba_cache import configure as _configure_cache
-from .cpu import ACT_CODES, NumbaBackend, cached_workspace, exp_nonpos, gemm_settings, mlp_bwd_, mlp_fwd_
+from .cpu import (ACT_CODES, NumbaBackend, cached_workspace, exp_nonpos, gemm_settings, layer_table,
+                  mlp_bwd_, mlp_fwd_)
 from .gemm import pack_size
 
 _configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
@@ -89,8 +90,7 @@ class AENumbaBackend:
         self.layout = spec.layout
         self.dtype = np.dtype(dtype)
         self.ne = len(spec.hidden)
-        self.lay = np.array([[self.layout.slots[p + ".W"].offset, self.layout.slots[p + ".b"].offset, i, o]
-                             for p, i, o in self.layout.layers], dtype=np.int64)
+        self.lay = layer_table(self.layout)
         self.act = ACT_CODES[spec.activation]
         self._ws = OrderedDict()
 

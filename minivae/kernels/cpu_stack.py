@@ -33,7 +33,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, _buf, act_back_colsum_, adagrad_update, adam_update,
-                  bias_act_, cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, likelihood_,
+                  bias_act_, cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, layer_table, likelihood_,
                   mlp_bwd_, mlp_fwd_, mm_nn, mm_nt, mm_tn, row_sum_f64_, scale_rows_, sgd_update)
 from .gemm import pack_size
 from .numpy_ import NumpyBackend
@@ -474,8 +474,7 @@ class NumbaStackBackend(NumpyBackend):
         self.lik = LIK_CODES[spec.likelihood]
         self.cb_switch = float(_CB_TAYLOR.get(self.dtype, 1e-2))
         lay = self.layout
-        self.lay = np.array([[lay.slots[p + ".W"].offset, lay.slots[p + ".b"].offset, i, o]
-                             for p, i, o in lay.layers], dtype=np.int64)
+        self.lay = layer_table(lay)
         prefixes = [p.split(".")[0] for p, _, _ in lay.layers]
         blk = []
         for l in range(1, self.S + 1):
