@@ -40,6 +40,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+_OMP_WAIT_POLICY_BEFORE = os.environ.get("OMP_WAIT_POLICY")    # before minivae sets its own (threads.py)
+
 from common import MNIST_DIR, machine, table  # noqa: E402
 from minivae import VAE  # noqa: E402
 from minivae.data import find_idx_files, read_idx  # noqa: E402
@@ -158,31 +160,76 @@ def train_pair(name, x_train, x_test, args, torch):
             "torch_s_per_epoch": t_torch / args.epochs if net is not None else None}
 
 
+def _spawn(cmd, env):
+    """A timing worker (torch_iwae.serve_steps) started and warmed up."""
+    import subprocess
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    line = p.stdout.readline().strip()
+    if line != "ready":
+        p.kill()
+        raise SystemExit(f"iwae_paper: the timing worker {' '.join(cmd[1:3])} did not start (said {line!r})")
+    return p
+
+
+def _timed(p, steps):
+    p.stdin.write(f"{steps}\n")
+    p.stdin.flush()
+    return float(p.stdout.readline())
+
+
 def speed(args, torch):
-    """Training steps per second of the two-layer IWAE, minivae against torch eager, alternating."""
+    """Training steps per second of the two-layer IWAE, minivae against torch eager, in alternating blocks.
+
+    By default each framework runs in a process of its own (``--speed-worker``), started with the caller's
+    environment as it was before minivae was imported: minivae sets OMP_WAIT_POLICY=PASSIVE for its own
+    threads, which slows PyTorch's OpenMP threads down, and neither's idle thread pool spins while the other
+    is timed (each block starts --pause seconds after the other's ended: OpenBLAS's idle workers spin
+    for about 0.1 s after a call, and would take a core from the other). ``--same-process`` times both in this process instead (the setting of earlier tables)."""
     import torch_iwae
+    if not args.same_process:
+        env = dict(os.environ)
+        if _OMP_WAIT_POLICY_BEFORE is None:
+            env.pop("OMP_WAIT_POLICY", None)
+        else:
+            env["OMP_WAIT_POLICY"] = _OMP_WAIT_POLICY_BEFORE
     rows, out = [], []
-    z_dims, hidden, _ = MODELS["iwae2"]
+    z_dims, hidden = torch_iwae.SPEED_MODEL
+    assert (z_dims, hidden) == MODELS["iwae2"][:2]
     for B in args.batches:
-        rng = np.random.default_rng(0)
-        x = (rng.random((B, 784)) < 0.3).astype(np.float32)
-        eps = eps_for(rng, z_dims, args.k, B)
-        ours = minivae_model("iwae2", 0, args.backend)
-        opt = make_optimizer("adam", ours.params.size, "float32", backend=ours.backend, lr=1e-4, **ADAM)
-        net = torch_iwae.build(torch, 784, z_dims, hidden, "tanh", seed=0)
-        topt = torch.optim.Adam(net.parameters(), lr=1e-4, **ADAM)
-        fns = {"minivae": lambda: minivae_step(ours, opt, x, eps, "iwae", args.k, args.estimator),
-               "torch": lambda: torch_step(torch, net, topt, x, eps, "iwae")}
-        for f in fns.values():                      # compile / warm up
-            for _ in range(3):
-                f()
-        times = {name: [] for name in fns}
-        for _ in range(args.repeats):               # alternate, so that load hits both alike
-            for name, f in fns.items():
+        if args.same_process:
+            x, eps = torch_iwae.speed_batch(B, args.k, z_dims)
+            ours = minivae_model("iwae2", 0, args.backend)
+            opt = make_optimizer("adam", ours.params.size, "float32", backend=ours.backend, lr=1e-4, **ADAM)
+            net = torch_iwae.build(torch, 784, z_dims, hidden, "tanh", seed=0)
+            topt = torch.optim.Adam(net.parameters(), **torch_iwae.SPEED_ADAM)
+            fns = {"minivae": lambda: minivae_step(ours, opt, x, eps, "iwae", args.k, args.estimator),
+                   "torch": lambda: torch_step(torch, net, topt, x, eps, "iwae")}
+            for f in fns.values():                  # compile / warm up
+                for _ in range(3):
+                    f()
+
+            def block(name):
                 t = time.perf_counter()
                 for _ in range(args.steps):
-                    f()
-                times[name].append((time.perf_counter() - t) / args.steps)
+                    fns[name]()
+                return time.perf_counter() - t
+        else:
+            common = ["--batch", str(B), "--k", str(args.k), "--threads", str(args.threads)]
+            procs = {"minivae": _spawn([sys.executable, __file__, "--speed-worker"] + common +
+                                       ["--estimator", args.estimator, "--backend", args.backend], os.environ),
+                     "torch": _spawn([sys.executable, str(HERE / "torch_iwae.py"), "--speed-worker"] + common, env)}
+
+            def block(name):
+                time.sleep(args.pause)              # the other's idle threads (OpenBLAS spins ~0.1 s) asleep
+                return _timed(procs[name], args.steps)
+        times = {"minivae": [], "torch": []}
+        for _ in range(args.repeats):               # alternate, so that load hits both alike
+            for name in times:
+                times[name].append(block(name) / args.steps)
+        if not args.same_process:
+            for p in procs.values():
+                p.stdin.close()
+                p.wait()
         med = {name: float(np.median(v)) for name, v in times.items()}
         ratio = med["torch"] / med["minivae"]
         out.append({"batch": B, "k": args.k, "minivae_ms": 1e3 * med["minivae"], "torch_ms": 1e3 * med["torch"],
@@ -195,7 +242,28 @@ def speed(args, torch):
     return out
 
 
+def _speed_worker(argv):
+    """minivae's side of ``speed`` in a process of its own (torch_iwae.serve_steps)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--speed-worker", action="store_true", required=True)
+    for name in ("batch", "k", "threads"):
+        ap.add_argument(f"--{name}", type=int, required=True)
+    ap.add_argument("--estimator", default="reparam")
+    ap.add_argument("--backend", default="numba")
+    args = ap.parse_args(argv)
+    import torch_iwae
+    x, eps = torch_iwae.speed_batch(args.batch, args.k, MODELS["iwae2"][0])
+    ours = minivae_model("iwae2", 0, args.backend)
+    opt = make_optimizer("adam", ours.params.size, "float32", backend=ours.backend, lr=1e-4, **ADAM)
+    with limit_threads(args.threads):
+        torch_iwae.serve_steps(lambda: minivae_step(ours, opt, x, eps, "iwae", args.k, args.estimator))
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--speed-worker" in argv:
+        return _speed_worker(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, default=MNIST_DIR if MNIST_DIR.is_dir() else HERE.parents[2] / "shared/data/mnist")
     ap.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
@@ -211,6 +279,9 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="minivae only")
     ap.add_argument("--speed", action="store_true", help="time training steps of the two-layer IWAE only")
     ap.add_argument("--batches", type=int, nargs="+", default=[20, 128])
+    ap.add_argument("--pause", type=float, default=0.3, help="--speed: seconds of rest before each timed block")
+    ap.add_argument("--same-process", action="store_true",
+                    help="--speed: time minivae and torch in this one process (default: a process each)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -233,7 +304,8 @@ def main(argv=None):
         if args.speed:
             print(f"# two-layer IWAE 784-200-200-100-100-100-50 tanh, k={args.k}, estimator {args.estimator}, "
                   f"float32, {args.threads} threads, backend {args.backend}, torch {torch.__version__} eager; "
-                  f"median of {args.repeats} x {args.steps} steps, alternating")
+                  f"median of {args.repeats} x {args.steps} steps, alternating, "
+                  f"{'one process' if args.same_process else 'a process each'}")
             results = {"speed": speed(args, torch)}
         else:
             x_train, x_test, what = load_mnist(args.data_dir)

@@ -99,3 +99,68 @@ def iw_log_likelihood(torch, net, x, K, rng, chunk=100, rows=50):
                 done += kc
             out[lo:lo + len(xb)] = (acc - math.log(K)).numpy()
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing in a process of its own (benchmarks/iwae_paper.py --speed)
+# ----------------------------------------------------------------------------------------------
+
+SPEED_MODEL = ((100, 50), ((200, 200), (100, 100)))       # the paper's two-layer model: z_dims, hidden
+SPEED_ADAM = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-4)
+
+
+def speed_batch(n, k, z_dims, seed=0):
+    """The timed minibatch: x (n, 784) binary float32 and one eps (k, n, Z_l) per layer, the same in every
+    process that asks with the same arguments."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n, 784)) < 0.3).astype(np.float32)
+    return x, [rng.standard_normal((k, n, z), dtype=np.float32) for z in z_dims]
+
+
+def serve_steps(step, out=None, inp=None):
+    """The worker side of the alternating timing: after ``ready``, each line ``N`` read runs ``step()`` N times
+    and answers the seconds it took; an empty line (end of input) ends it."""
+    import sys
+    import time
+    out = out or sys.stdout
+    inp = inp or sys.stdin
+    for _ in range(3):                       # warm up (numba compiles or loads its cache here)
+        step()
+    print("ready", file=out, flush=True)
+    for line in inp:
+        n = int(line)
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        print(repr(time.perf_counter() - t), file=out, flush=True)
+
+
+def _worker(argv=None):
+    """python benchmarks/torch_iwae.py --speed-worker --batch B --k K --threads T: PyTorch alone in this
+    process (no minivae import, so none of its thread settings), timed on request (serve_steps)."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--speed-worker", action="store_true", required=True)
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--k", type=int, required=True)
+    ap.add_argument("--threads", type=int, required=True)
+    args = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    z_dims, hidden = SPEED_MODEL
+    x, eps = speed_batch(args.batch, args.k, z_dims)
+    net = build(torch, 784, z_dims, hidden, "tanh", seed=0)
+    opt = torch.optim.Adam(net.parameters(), **SPEED_ADAM)
+    xt, et = torch.from_numpy(x), [torch.from_numpy(e) for e in eps]
+
+    def step():
+        opt.zero_grad()
+        net.loss(xt, et, "iwae").backward()
+        opt.step()
+
+    serve_steps(step)
+
+
+if __name__ == "__main__":
+    _worker()

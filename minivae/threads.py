@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 
 # OpenMP workers that spin after a parallel region take the core that BLAS (or the caller, or another
@@ -64,3 +64,19 @@ def limit_threads(n: int | None = None, blas: int | None = None):
             yield
     finally:
         numba.set_num_threads(old)
+
+
+_CONTROLLER = None
+
+
+@contextlib.contextmanager
+def blas_single_threaded():
+    """Every BLAS loaded (NumPy's and SciPy's OpenBLAS) at one thread inside the block, restored on
+    exit: for code that runs several BLAS callers in threads of its own (kernels/batchsplit.py).
+    The controller is found once (~4 ms) and kept; entering costs ~15 us."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _load_scipy_blas()
+        _CONTROLLER = ThreadpoolController()
+    with _CONTROLLER.limit(limits=1, user_api="blas"):
+        yield

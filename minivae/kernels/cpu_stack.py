@@ -35,6 +35,7 @@ from numba.extending import overload
 from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, _buf, act_back_colsum_, adagrad_update, adam_update,
                   bias_act_, cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, layer_table, likelihood_,
                   mlp_bwd_, mlp_fwd_, mm_nn, mm_nt, mm_tn, row_sum_f64_, scale_rows_, sgd_update)
+from .batchsplit import ExampleSplit, part_bounds
 from .gemm import pack_size
 from .numpy_ import NumpyBackend
 from ..distributions import _CB_TAYLOR
@@ -281,7 +282,7 @@ def dreg_factor_(dlogw, n, beta, fac, aq):
 # The whole pass                                                                   §6, §11.3, §12
 # ----------------------------------------------------------------------------------------------
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm_tiles):
     """Forward (F1-F6, G of §11.3), the objective (B1) and, when want_grad, the backward (B2-B9) into
     ``grad``. Returns the loss; the per-example bound is left in ws64's ``bound``.
@@ -460,6 +461,20 @@ class StackWorkspace:
         return self.ws[o:o + r * c].reshape(r, c)
 
 
+class SplitWorkspace:
+    """An (n, L) pass cut into P parts of contiguous examples (kernels/batchsplit.py): per part its
+    StackWorkspace, its eps (copied from the caller's, C-contiguous), its gradient row and its loss."""
+
+    def __init__(self, spec, n, L, P, dtype):
+        self.bounds = part_bounds(n, P)
+        sizes = np.diff(self.bounds)
+        self.weights = sizes / n                                    # (P,) float64: n_p / n
+        self.parts = [StackWorkspace(spec, int(m), L, dtype) for m in sizes]
+        self.eps = [tuple(np.empty((L, int(m), Z), dtype=dtype) for Z in spec.z_dims) for m in sizes]
+        self.grads = np.empty((P, spec.layout.size), dtype=dtype)
+        self.losses = np.zeros(P, dtype=np.float64)
+
+
 class NumbaStackBackend(NumpyBackend):
     """The numba backend for S > 1 (built through ``kernels.stack_class``): loss_and_grad and bound in
     the fused ``stack_step_``; the pieces (encode, decode, sampling) are the reference's composition with
@@ -484,15 +499,22 @@ class NumbaStackBackend(NumpyBackend):
                 blk.append((ts[0], ts[-1]))
         self.blk = np.array(blk, dtype=np.int64)       # row 2(l-1): enc{l}; row 2(l-1)+1: dec{l}
         self._ws = OrderedDict()
+        self.split = ExampleSplit()
 
     def workspace(self, n, L) -> StackWorkspace:
         """The buffers of an (n, L) pass, allocated on first use and then reused."""
         return cached_workspace(self._ws, (n, L), self.max_workspaces,
                                 lambda: StackWorkspace(self.spec, n, L, self.dtype))
 
+    def split_workspace(self, n, L, P) -> "SplitWorkspace":
+        """The buffers of an (n, L) pass cut into P parts (kernels/batchsplit.py)."""
+        return cached_workspace(self._ws, (n, L, P), self.max_workspaces,
+                                lambda: SplitWorkspace(self.spec, n, L, P, self.dtype))
+
     _gemm = staticmethod(gemm_settings)
 
     def _step(self, params, x, eps, grad, objective, beta, estimator, want_grad):
+        """One pass (``stack_step_``), whole or in example parts; returns (loss, per-example bound (n,))."""
         if params.dtype != self.dtype or x.dtype != self.dtype:
             raise ValueError(f"params and x must be {self.dtype}, got {params.dtype} and {x.dtype}")
         eps = tuple(eps)
@@ -501,12 +523,29 @@ class NumbaStackBackend(NumpyBackend):
         if not x.flags.c_contiguous:
             raise ValueError("x must be a C-contiguous array")
         L, n, _ = eps[0].shape
-        ws = self.workspace(n, L)
         codes = (self.act, self.lik, OBJECTIVES.index(objective), int(estimator == "dreg"), int(want_grad))
         reals = (float(beta), float(self.spec.var_floor), self.cb_switch)
-        loss = stack_step_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.blk, codes, reals,
-                           self._gemm())
-        return float(loss), ws
+        gemm = self._gemm()
+        P = self.split.parts(n, gemm[0])
+        if P == 1:
+            ws = self.workspace(n, L)
+            loss = stack_step_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm)
+            return float(loss), ws.view("bound")
+        sw = self.split_workspace(n, L, P)
+        b = sw.bounds
+
+        def part(p):                                   # examples b[p]:b[p+1], on one core
+            ws, ep = sw.parts[p], sw.eps[p]
+            for e, buf in zip(eps, ep):
+                np.copyto(buf, e[:, b[p]:b[p + 1]])
+            sw.losses[p] = stack_step_(params, sw.grads[p] if want_grad else params, x[b[p]:b[p + 1]], ep, ws.ws,
+                                       ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm)
+
+        self.split.run(P, part)
+        if want_grad:
+            self.split.reduce(grad, sw.grads, sw.weights)
+        bound = np.concatenate([ws.view("bound") for ws in sw.parts])
+        return float(sw.weights @ sw.losses), bound
 
     def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
                       kl_active=None, estimator="reparam"):
@@ -520,8 +559,8 @@ class NumbaStackBackend(NumpyBackend):
 
     def bound(self, params, x, eps, objective="elbo", beta=1.0):
         """Per-example bound (n,): the ELBO with the top KL analytic, or the IWAE bound.   §11.2"""
-        _, ws = self._step(params, x, eps, params, objective, beta, "reparam", False)
-        return ws.view("bound").astype(self.dtype)
+        _, bound = self._step(params, x, eps, params, objective, beta, "reparam", False)
+        return bound.astype(self.dtype)
 
     # -- the pieces' MLP blocks (encode, decode, sampling): cpu.py's kernels, allocated per call -------
     def _block_forward(self, params, prefix, h):

@@ -1,0 +1,95 @@
+"""The example-parallel step of the numba stack backend (minivae/kernels/batchsplit.py).
+
+The split pass is the same mathematics as the whole one (every bound is a mean over examples), so its
+loss, gradient and per-example bound equal the unsplit pass's and the NumPy reference's in float64, for
+every objective and estimator, odd part sizes and more parts than threads; the parts' reduction equals
+NumPy's weighted sum; a failing part raises in the caller and the BLAS thread counts come back.
+"""
+import numpy as np
+import pytest
+
+from minivae import VAE, gradcheck
+from minivae.kernels import batchsplit
+from minivae.kernels.batchsplit import ExampleSplit, part_bounds, weighted_sum_
+from minivae.threads import blas_info, limit_threads
+
+rel_error = gradcheck.rel_error
+
+
+@pytest.mark.parametrize("n,P", [(1, 1), (7, 2), (8, 2), (97, 3), (128, 5)])
+def test_part_bounds_cover_every_example_once_in_near_equal_parts(n, P):
+    b = part_bounds(n, P)
+    assert b[0] == 0 and b[-1] == n and len(b) == P + 1
+    sizes = np.diff(b)
+    assert sizes.min() >= n // P and sizes.max() <= -(-n // P)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_weighted_sum_matches_numpy(dtype):
+    rng = np.random.default_rng(0)
+    parts = rng.standard_normal((3, 1001)).astype(dtype)
+    w = np.array([0.2, 0.5, 0.3])
+    out = np.full(1001, np.nan, dtype=dtype)
+    weighted_sum_(out, parts, w, 0, 1001)
+    ref = (w[:, None] * parts.astype(np.float64)).sum(0)
+    assert rel_error(out.astype(np.float64), ref) <= (1e-15 if dtype == np.float64 else 1e-6)
+    out2 = np.zeros(1001, dtype=dtype)
+    weighted_sum_(out2, parts, w, 100, 300)                       # a segment only
+    assert np.array_equal(out2[100:300], out[100:300]) and not out2[:100].any() and not out2[300:].any()
+
+
+def stack(backend, seed=0, likelihood="bernoulli"):
+    return VAE(x_dim=12, z_dim=(5, 3), hidden=((7,), (6,)), activation="tanh", likelihood=likelihood,
+               dtype="float64", seed=seed, backend=backend)
+
+
+@pytest.mark.parametrize("objective,estimator", [("elbo", "reparam"), ("iwae", "reparam"), ("iwae", "dreg")])
+@pytest.mark.parametrize("P", [2, 3])
+def test_split_pass_equals_the_whole_pass_and_the_reference(monkeypatch, objective, estimator, P):
+    rng = np.random.default_rng(1)
+    n, L = 11, 4                                                   # parts of 5/6 or 3/4/4 examples
+    x = (rng.random((n, 12)) < 0.4).astype(np.float64)
+    eps = (rng.standard_normal((L, n, 5)), rng.standard_normal((L, n, 3)))
+    fast, ref = stack("numba"), stack("numpy")
+    kw = dict(eps=eps, objective=objective, samples=L, estimator=estimator)
+    loss_ref, g_ref = ref.loss_and_grad(x, **kw)
+    b_ref = ref.backend.bound(ref.params, x, eps, objective=objective)
+    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n, gemm: 1))
+    loss_1, g_1 = fast.loss_and_grad(x, **kw)
+    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n, gemm: P))
+    calls = []
+    orig = ExampleSplit.run
+    monkeypatch.setattr(ExampleSplit, "run", lambda self, p, f: (calls.append(p), orig(self, p, f)))
+    loss_p, g_p = fast.loss_and_grad(x, **kw)
+    b_p = fast.backend.bound(fast.params, x, eps, objective=objective)
+    assert calls == [P, P]                                         # the split really ran
+    for a, b in ((loss_p, loss_1), (loss_p, loss_ref)):
+        assert abs(a - b) <= 1e-12 * abs(b)
+    assert rel_error(g_p, g_1) <= 1e-12 and rel_error(g_p, g_ref) <= 1e-12
+    assert b_p.shape == (n,) and rel_error(b_p, b_ref) <= 1e-12
+
+
+def test_the_split_is_chosen_from_the_thread_budget_and_the_batch():
+    with limit_threads(1):
+        assert ExampleSplit.parts(1000, 0) == 1
+    with limit_threads(2):
+        import numba
+        two = min(2, numba.config.NUMBA_NUM_THREADS)
+        assert ExampleSplit.parts(2 * batchsplit.MIN_EXAMPLES, 0) == two
+        assert ExampleSplit.parts(2 * batchsplit.MIN_EXAMPLES - 1, 0) == 1
+        assert ExampleSplit.parts(1000, 1) == 1                     # the custom GEMM threads itself
+
+
+def test_a_failing_part_raises_in_the_caller_and_blas_threads_come_back():
+    before = [d["num_threads"] for d in blas_info()]
+    done = []
+
+    def part(p):
+        if p == 1:
+            raise ValueError("part 1 failed")
+        done.append(p)
+
+    with pytest.raises(ValueError, match="part 1 failed"):
+        ExampleSplit().run(3, part)
+    assert sorted(done) == [0, 2]
+    assert [d["num_threads"] for d in blas_info()] == before
