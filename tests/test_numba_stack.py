@@ -171,11 +171,11 @@ def test_mlp_bwd_dx_is_the_blocks_input_gradient(dtype, activation):
     h = rng.standard_normal((12, 3)).astype(dtype)
     t0, t1 = be.blk[2]                                    # enc2
     gemm, mb, nb = be._gemm()
-    cs.mlp_fwd_(params, be.lay, t0, t1, h, ws.ws, ws.bo, be.act, gemm, ws.view("pack1")[0], mb, nb)
+    cs.mlp_fwd_(params, be.lay, t0, t1, h, ws.ws, ws.bo, be.act, gemm, ws.view("pack")[0], mb, nb)
     dout = rng.standard_normal((12, 4)).astype(dtype)
     dx = np.empty((12, 3), dtype)
     nl = len(be.lay)
-    cs.mlp_bwd_dx_(params, be.lay, t0, t1, dout.copy(), dx, ws.ws, ws.bo, nl, be.act, gemm, ws.view("pack1")[0],
+    cs.mlp_bwd_dx_(params, be.lay, t0, t1, dout.copy(), dx, ws.ws, ws.bo, nl, be.act, gemm, ws.view("pack")[0],
                    mb, nb, ws.view("dbs")[0])
     ref = NumpyBackend(m.spec, "float64")
     _, cache = ref._block_forward(m.params, "enc2", h.astype(np.float64))

@@ -22,7 +22,7 @@ uses float32 constants (``dt = a.dtype.type``), so no float64 literal promotes a
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 
 import numpy as np
 from llvmlite import ir
@@ -650,31 +650,33 @@ def mlp_bwd_(params, grad, lay, t0, t1, first_in, dlast, dfirst, ws, bo, nl, act
 
 
 @njit(cache=True, error_model="numpy")
-def forward_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch, gemm, mb, nb,
+def forward_(params, x, eps, ws, bo, slots, ws64, lay, ne, act, lik, var_floor, cb_switch, gemm, mb, nb,
              scale, want_score):
     """F1-F6 of §6: encoder, reparameterization, decoder, likelihood. Leaves ll in ws64[:R] and, when
-    ``want_score``, scale * score in the head buffer."""
+    ``want_score``, scale * score in the head buffer. ``slots``: the named buffers' rows (PassSlots)."""
+    z_, dz_, std_, pack_, lp_ = slots
     nl = lay.shape[0]
     L, n, Z = eps.shape
-    p1 = ws[bo[2 * nl + 3, 0]:bo[2 * nl + 3, 0] + bo[2 * nl + 3, 2]]
+    p1 = _buf(ws, bo, pack_)[0]
     mlp_fwd_(params, lay, 0, ne, x, ws, bo, act, gemm, p1, mb, nb)               # F1-F2
     out = _buf(ws, bo, ne)                                                        # (n, 2Z)
-    std = _buf(ws, bo, 2 * nl + 2)
-    z = _buf(ws, bo, 2 * nl)                                                      # (R, Z)
+    std = _buf(ws, bo, std_)                                                 # (n, Z)
+    z = _buf(ws, bo, z_)                                                     # (R, Z)
     reparam_fwd_(out, eps, std, z)                                                # F3
     mlp_fwd_(params, lay, ne + 1, nl - 1, z, ws, bo, act, gemm, p1, mb, nb)      # F4-F5
     head = _buf(ws, bo, nl - 1)                                                   # (R, K)
-    lp = _buf(ws, bo, 2 * nl + 5)                                                 # (R, D)
+    lp = _buf(ws, bo, lp_)                                                   # (R, D)
     likelihood_(x, head, ws64[:L * n], lp, lik, var_floor, cb_switch, scale, want_score)  # F6
 
 
 @njit(cache=True, error_model="numpy")
-def loss_and_grad_(params, grad, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch,
+def loss_and_grad_(params, grad, x, eps, ws, bo, slots, ws64, lay, ne, act, lik, var_floor, cb_switch,
                    objective, beta, free_bits, kl_active, gemm_tiles):
     """The whole §6 pass into ``grad``; returns the loss. objective 0 ELBO, 1 IWAE.
     ``gemm_tiles`` = (gemm, mb, nb) travel as one tuple: numba's dispatcher leaks ~200 bytes a call
     for functions of 20 or more arguments (measured with numba 0.68)."""
     gemm, mb, nb = gemm_tiles
+    z_, dz_, std_, pack_, lp_ = slots                # the named buffers' rows (PassSlots)
     nl = lay.shape[0]
     L, n, Z = eps.shape
     R = L * n
@@ -685,10 +687,10 @@ def loss_and_grad_(params, grad, x, eps, ws, bo, ws64, lay, ne, act, lik, var_fl
     dkl = ws64[2 * R + n + Z:2 * R + n + 2 * Z]
     iwae = objective == 1
     scale = 1.0 if iwae else -1.0 / (n * L)          # ELBO: dll = -1/(nL) is known before ll
-    forward_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch, gemm, mb, nb,
+    forward_(params, x, eps, ws, bo, slots, ws64, lay, ne, act, lik, var_floor, cb_switch, gemm, mb, nb,
              scale, True)
     out = _buf(ws, bo, ne)
-    z = _buf(ws, bo, 2 * nl)
+    z = _buf(ws, bo, z_)
     head = _buf(ws, bo, nl - 1)
     if iwae:                                                                     # step 1
         iwae_logw_(ll, out, eps, z, beta, aux)
@@ -697,31 +699,32 @@ def loss_and_grad_(params, grad, x, eps, ws, bo, ws64, lay, ne, act, lik, var_fl
     else:
         kl_dim_(out, Z, kld)
         loss = elbo_objective_(ll, kld, n, L, beta, free_bits, kl_active, dkl)
-    p1 = ws[bo[2 * nl + 3, 0]:bo[2 * nl + 3, 0] + bo[2 * nl + 3, 2]]
-    dz = _buf(ws, bo, 2 * nl + 1)
+    p1 = _buf(ws, bo, pack_)[0]
+    dz = _buf(ws, bo, dz_)
     mlp_bwd_(params, grad, lay, ne + 1, nl - 1, z, head, dz, ws, bo, nl, act, gemm, p1, mb, nb,
              True)                                                               # steps 3-4
     dout = _buf(ws, bo, nl + ne)
-    posterior_bwd_(dz, eps, z, _buf(ws, bo, 2 * nl + 2), out, dout, dkl, aux, beta, iwae)  # 5-6
+    posterior_bwd_(dz, eps, z, _buf(ws, bo, std_), out, dout, dkl, aux, beta, iwae)   # 5-6
     mlp_bwd_(params, grad, lay, 0, ne, x, dout, dz, ws, bo, nl, act, gemm, p1, mb, nb,
              False)                                                              # steps 7-8
     return loss
 
 
 @njit(cache=True, error_model="numpy")
-def bound_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch, objective, beta,
+def bound_(params, x, eps, ws, bo, slots, ws64, lay, ne, act, lik, var_floor, cb_switch, objective, beta,
            gemm, mb, nb, res):
     """Per-example bound into res (n,): ELBO (mean_l ll - beta sum_j KL) or IWAE.   §5.1, §5.2"""
     nl = lay.shape[0]
+    z_ = slots[0]                                    # PassSlots.z
     L, n, Z = eps.shape
     R = L * n
     ll = ws64[:R]
-    forward_(params, x, eps, ws, bo, ws64, lay, ne, act, lik, var_floor, cb_switch, gemm, mb, nb,
+    forward_(params, x, eps, ws, bo, slots, ws64, lay, ne, act, lik, var_floor, cb_switch, gemm, mb, nb,
              1.0, False)
     out = _buf(ws, bo, ne)
     if objective == 1:
         aux = ws64[R:2 * R]
-        iwae_logw_(ll, out, eps, _buf(ws, bo, 2 * nl), beta, aux)
+        iwae_logw_(ll, out, eps, _buf(ws, bo, z_), beta, aux)
         iwae_objective_(aux, L, n, res, aux)
     else:
         half = out.dtype.type(0.5)
@@ -824,38 +827,71 @@ def cached_workspace(cache, key, most, make):
     return ws
 
 
-class Workspace:
-    """Every buffer of one (n, L) pass in one flat array of the model dtype (+ a small float64 one).
+class BufferTable:
+    """Named 2-D buffers in one flat array of one dtype: the workspace of a fused pass.
 
-    Table ``bo`` (rows: offset, rows, cols) for nl layers:
-        0 .. nl-1        layer outputs: enc hidden (n, H), enc head (n, 2Z), dec hidden (R, H'), head (R, K)
-        nl .. 2nl-1      their gradients (dh of hidden layers; nl+ne is dout (n, 2Z); the head's is in place)
-        2nl, 2nl+1       z, dz (R, Z);   2nl+2  std (n, Z)
-        2nl+3            panel buffer of the custom GEMM (1, size): kernels/gemm.pack_size
-        2nl+4            unused (1, 0) (was a second packing buffer; kept so the indexes stay)
-        2nl+5            per-pixel log-probabilities (R, D), summed into ll
+    ``entries``: (name, (rows, cols)) in order. Row k of the int64 table ``bo`` (offset, rows, cols) is
+    entry k, which a kernel reads with ``_buf(ws, bo, k)``; ``index[name]`` = k; ``view(name)`` gives the
+    array; ``slots_of(Cls)`` the indexes of a namedtuple class's fields, for the kernels to name buffers by
+    (unpacked in the kernel as ``z_, dz_, ... = slots``, rather than row numbers)."""
+
+    def __init__(self, entries, dtype):
+        self.index = {name: k for k, (name, _) in enumerate(entries)}
+        assert len(self.index) == len(entries), "buffer names must be unique"
+        self.bo = np.zeros((len(entries), 3), dtype=np.int64)
+        off = 0
+        for k, (_, (r, c)) in enumerate(entries):
+            self.bo[k] = off, r, c
+            off += r * c
+        self.ws = np.zeros(off, dtype=dtype)
+
+    def view(self, name):
+        """The buffer ``name`` as a (rows, cols) view of ``ws``."""
+        o, r, c = self.bo[self.index[name]]
+        return self.ws[o:o + r * c].reshape(r, c)
+
+    def slots_of(self, cls):
+        return cls(*(self.index[f] for f in cls._fields))
+
+
+def layer_entries(layout, rows):
+    """The layer buffers every pass starts with: entry t (t < nl) is layout layer t's output, named as the
+    layer, (rows[t], fan_out); entry nl + t its gradient "d:<name>" (dh of a hidden layer, d[mu | logvar]
+    of a head), except the last layer's, (0, K): its score is written in place of its output."""
+    names = [p for p, _, _ in layout.layers]
+    outs = [(r, o) for r, (_, _, o) in zip(rows, layout.layers)]
+    grads = outs[:-1] + [(0, outs[-1][1])]
+    return list(zip(names, outs)) + [("d:" + p, g) for p, g in zip(names, grads)]
+
+
+def pack_entry(layout, rows, dtype):
+    """("pack", (1, size)): the custom GEMM's panel buffer, the most any product of the pass needs
+    (h W, g W^T and h^T g of every layer; kernels/gemm.pack_size)."""
+    return ("pack", (1, max(max(pack_size("nn", o, i, dtype), pack_size("nt", i, o, dtype),
+                                pack_size("tn", o, r, dtype)) for r, (_, i, o) in zip(rows, layout.layers))))
+
+
+# The one-layer pass's named buffers beyond the layers' (their rows in ``bo``), as the kernels see them.
+PassSlots = namedtuple("PassSlots", "z dz std pack lp")
+
+
+class Workspace(BufferTable):
+    """Every buffer of one (n, L) pass of the one-layer model in one flat array of the model dtype
+    (+ a small float64 one). Named entries (BufferTable):
+        <layer> / d:<layer>   the layers' outputs and gradients (layer_entries): enc rows n, dec rows R = L n
+        z, dz                 the sample and its gradient (R, Z);   std: exp(logvar/2) (n, Z)
+        pack                  the custom GEMM's panel buffer (1, size)
+        lp                    per-pixel log-probabilities (R, D), summed into ll
     ws64: ll (R) | log w / dlogw (R) | bound (n) | kl per dim (Z) | dkl (Z).
     """
 
     def __init__(self, layout, ne, n, L, z_dim, dtype):
         R = L * n
-        shapes = []
-        for t, (_, fan_in, fan_out) in enumerate(layout.layers):
-            shapes.append((n if t <= ne else R, fan_out))
-        nl = len(shapes)
-        grads = [s if t not in (nl - 1,) else (0, s[1]) for t, s in enumerate(shapes)]
-        # panels of the custom GEMM: h W (nn), dh = g W^T (nt), dW = h^T g (tn) of every layer
-        p1 = max(max(pack_size("nn", o, i, dtype), pack_size("nt", i, o, dtype),
-                     pack_size("tn", o, n if t <= ne else R, dtype))
-                 for t, (_, i, o) in enumerate(layout.layers))
-        tab = shapes + grads + [(R, z_dim), (R, z_dim), (n, z_dim), (1, p1), (1, 0),
-                                (R, layout.layers[0][1])]
-        self.bo = np.zeros((len(tab), 3), dtype=np.int64)
-        off = 0
-        for k, (r, c) in enumerate(tab):
-            self.bo[k] = off, r, c
-            off += r * c
-        self.ws = np.zeros(off, dtype=dtype)
+        rows = [n if t <= ne else R for t in range(len(layout.layers))]
+        super().__init__(layer_entries(layout, rows) + [
+            ("z", (R, z_dim)), ("dz", (R, z_dim)), ("std", (n, z_dim)), pack_entry(layout, rows, dtype),
+            ("lp", (R, layout.layers[0][1]))], dtype)
+        self.slots = tuple(self.slots_of(PassSlots))    # a plain tuple: numba's dispatcher leaks on namedtuples
         self.ws64 = np.zeros(2 * R + n + 2 * z_dim, dtype=np.float64)
         self.res = np.zeros(n, dtype=dtype)
 
@@ -897,11 +933,8 @@ class NumbaBackend:
         self._check(params, x)
         gemm, mb, nb = self._gemm()
         ws = self.workspace(x.shape[0], 1)
-        nl = len(self.lay)
-        p1 = ws.ws[ws.bo[2 * nl + 3, 0]:][:ws.bo[2 * nl + 3, 2]]
-        mlp_fwd_(params, self.lay, 0, self.ne, x, ws.ws, ws.bo, self.act, gemm, p1, mb, nb)
-        o, r, c = ws.bo[self.ne]
-        out = ws.ws[o:o + r * c].reshape(r, c)
+        mlp_fwd_(params, self.lay, 0, self.ne, x, ws.ws, ws.bo, self.act, gemm, ws.view("pack")[0], mb, nb)
+        out = ws.view("enc.head")
         Z = self.spec.z_dim
         return out[:, :Z].copy(), out[:, Z:].copy()
 
@@ -911,10 +944,8 @@ class NumbaBackend:
         gemm, mb, nb = self._gemm()
         ws = self.workspace(z.shape[0], 1)
         nl = len(self.lay)
-        p1 = ws.ws[ws.bo[2 * nl + 3, 0]:][:ws.bo[2 * nl + 3, 2]]
-        mlp_fwd_(params, self.lay, self.ne + 1, nl - 1, z, ws.ws, ws.bo, self.act, gemm, p1, mb, nb)
-        o, r, c = ws.bo[nl - 1]
-        return ws.ws[o:o + r * c].reshape(r, c).copy()
+        mlp_fwd_(params, self.lay, self.ne + 1, nl - 1, z, ws.ws, ws.bo, self.act, gemm, ws.view("pack")[0], mb, nb)
+        return ws.view("dec.head").copy()
 
     # -- the whole pass -------------------------------------------------------------------------
     def bound(self, params, x, eps, objective="elbo", beta=1.0):
@@ -924,7 +955,7 @@ class NumbaBackend:
         gemm, mb, nb = self._gemm()
         ws = self.workspace(n, L)
         res = np.empty(n, dtype=self.dtype)
-        bound_(params, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.ne, self.act, self.lik,
+        bound_(params, x, eps, ws.ws, ws.bo, ws.slots, ws.ws64, self.lay, self.ne, self.act, self.lik,
                self.spec.var_floor, self.cb_switch, OBJECTIVES.index(objective), float(beta),
                gemm, mb, nb, res)
         return res
@@ -940,7 +971,7 @@ class NumbaBackend:
         ws = self.workspace(n, L)
         if grad is None:
             grad = np.empty(self.layout.size, dtype=self.dtype)
-        loss = loss_and_grad_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.ne,
+        loss = loss_and_grad_(params, grad, x, eps, ws.ws, ws.bo, ws.slots, ws.ws64, self.lay, self.ne,
                               self.act, self.lik, self.spec.var_floor, self.cb_switch,
                               OBJECTIVES.index(objective), float(beta), float(free_bits), active,
                               (gemm, mb, nb))

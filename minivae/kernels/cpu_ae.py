@@ -17,9 +17,8 @@ import numpy as np
 from numba import njit
 
 from .numba_cache import configure as _configure_cache
-from .cpu import (ACT_CODES, NumbaBackend, cached_workspace, exp_nonpos, gemm_settings, layer_table,
-                  mlp_bwd_, mlp_fwd_)
-from .gemm import pack_size
+from .cpu import (ACT_CODES, BufferTable, NumbaBackend, cached_workspace, exp_nonpos, gemm_settings, layer_entries,
+                  layer_table, mlp_bwd_, mlp_fwd_, pack_entry)
 
 _configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
 
@@ -57,25 +56,14 @@ def sq_error_sigmoid_(head, x, err, scale, want_grad):
         err[r] = s
 
 
-class AEWorkspace:
-    """Every buffer of an n-row pass in one flat array of the model dtype (table ``bo``: offset,
-    rows, cols), as kernels/cpu.Workspace with L = 1 and no posterior."""
+class AEWorkspace(BufferTable):
+    """Every buffer of an n-row pass in one flat array of the model dtype, named as in kernels/cpu.Workspace
+    (the layers' outputs and gradients, ``pack``) with L = 1 and no posterior; ``err``: the per-example
+    squared error (float64)."""
 
     def __init__(self, layout, n, dtype):
-        shapes = [(n, fan_out) for _, _, fan_out in layout.layers]
-        nl = len(shapes)
-        grads = [s if t != nl - 1 else (0, s[1]) for t, s in enumerate(shapes)]  # the head's: in place
-        # the custom GEMM's panel buffer: the most any product of a pass needs (kernels/gemm.pack_size);
-        # row 2nl + 1 stays, empty, so the rows keep their numbers
-        p1 = max(max(pack_size("nn", o, i, dtype), pack_size("nt", i, o, dtype), pack_size("tn", o, n, dtype))
-                 for _, i, o in layout.layers)
-        tab = shapes + grads + [(1, p1), (1, 0)]
-        self.bo = np.zeros((len(tab), 3), dtype=np.int64)
-        off = 0
-        for k, (r, c) in enumerate(tab):
-            self.bo[k] = off, r, c
-            off += r * c
-        self.ws = np.zeros(off, dtype=dtype)
+        rows = [n] * len(layout.layers)
+        super().__init__(layer_entries(layout, rows) + [pack_entry(layout, rows, dtype)], dtype)
         self.err = np.zeros(n, dtype=np.float64)
 
 
@@ -116,7 +104,7 @@ class AENumbaBackend:
         gemm, mb, nb = self._gemm()
         ws = self.workspace(n)
         nl, ne, lay, act, bo, w = len(self.lay), self.ne, self.lay, self.act, ws.bo, ws.ws
-        p1 = self._out(ws, 2 * nl).reshape(-1)
+        p1 = ws.view("pack")[0]
         mlp_fwd_(params, lay, 0, ne, x, w, bo, act, gemm, p1, mb, nb)                  # z: buffer ne
         z = self._out(ws, ne)
         mlp_fwd_(params, lay, ne + 1, nl - 1, z, w, bo, act, gemm, p1, mb, nb)         # logits
@@ -138,9 +126,7 @@ class AENumbaBackend:
         """x: (n, D) -> z: (n, Z)."""
         gemm, mb, nb = self._gemm()
         ws = self.workspace(x.shape[0])
-        nl = len(self.lay)
-        p1 = ws.ws[ws.bo[2 * nl, 0]:][:ws.bo[2 * nl, 2]]
-        mlp_fwd_(params, self.lay, 0, self.ne, x, ws.ws, ws.bo, self.act, gemm, p1, mb, nb)
+        mlp_fwd_(params, self.lay, 0, self.ne, x, ws.ws, ws.bo, self.act, gemm, ws.view("pack")[0], mb, nb)
         return self._out(ws, self.ne).copy()
 
     def decode(self, params, z):
@@ -149,8 +135,7 @@ class AENumbaBackend:
         gemm, mb, nb = self._gemm()
         ws = self.workspace(z.shape[0])
         nl = len(self.lay)
-        p1 = ws.ws[ws.bo[2 * nl, 0]:][:ws.bo[2 * nl, 2]]
-        mlp_fwd_(params, self.lay, self.ne + 1, nl - 1, z, ws.ws, ws.bo, self.act, gemm, p1, mb, nb)
+        mlp_fwd_(params, self.lay, self.ne + 1, nl - 1, z, ws.ws, ws.bo, self.act, gemm, ws.view("pack")[0], mb, nb)
         head = self._out(ws, nl - 1)
         sigmoid_(head)
         return head.copy()

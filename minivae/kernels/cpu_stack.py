@@ -32,9 +32,10 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, _buf, act_back_colsum_, adagrad_update, adam_update,
-                  bias_act_, cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, layer_table, likelihood_,
-                  mlp_bwd_, mlp_fwd_, mm_nn, mm_nt, mm_tn, row_sum_f64_, scale_rows_, sgd_update)
+from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, BufferTable, _buf, act_back_colsum_, adagrad_update, adam_update,
+                  bias_act_, cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, layer_entries,
+                  layer_table, likelihood_, mlp_bwd_, mlp_fwd_, mm_nn, mm_nt, mm_tn, pack_entry, row_sum_f64_,
+                  scale_rows_, sgd_update)
 from .batchsplit import ExampleSplit, part_bounds
 from .gemm import pack_size
 from .numpy_ import NumpyBackend
@@ -405,7 +406,7 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
 # The backend
 # ----------------------------------------------------------------------------------------------
 
-class StackWorkspace:
+class StackWorkspace(BufferTable):
     """Every buffer of one (n, L) pass of a stack, named, in one flat array of the model dtype (+ float64).
 
     ``index[name]`` is the row of the table ``bo`` (offset, rows, cols) that ``stack_step_`` reads:
@@ -416,7 +417,7 @@ class StackWorkspace:
                             ((n, Z_1) for l = 1), the input gradient of enc{l+1} (and the forward's
                             scratch for log p(z_l|z_{l+1})), DReG's stopped upstream of enc{l} (R, 2Z_l),
                             and u = (z_l - m) e^-s of p(z_l|z_{l+1}) (l < S)
-        pack1 pack2         the custom GEMM's panel buffer (kernels/gemm.pack_size), and an empty row;  lp: per-pixel log-probabilities (R, D);
+        pack pack2          the custom GEMM's panel buffer (kernels/gemm.pack_size), and an empty row;  lp: per-pixel log-probabilities (R, D);
         dbs                 a scratch bias gradient (DReG's input-only pass)
     ws64 (float64, named in ``index64``): ll, logw, dlogw, ap, aq, fac (R each), bound (n).
     """
@@ -425,29 +426,17 @@ class StackWorkspace:
         layout = spec.layout
         R = L * n
         S = spec.n_stochastic
-        names = [p for p, _, _ in layout.layers]
-        rows = [n if p.split(".")[0] == "enc" else R for p in names]
-        tab = [(r, o) for r, (_, _, o) in zip(rows, layout.layers)]
-        nl = len(tab)
-        grads = tab[:-1] + [(0, tab[-1][1])]          # the last layer, dec.head: its score in place
-        entries = list(zip(names, tab)) + [("d:" + p, g) for p, g in zip(names, grads)]
+        rows = [n if p.split(".")[0] == "enc" else R for p, _, _ in layout.layers]
+        entries = layer_entries(layout, rows)
         for l, Z in enumerate(spec.z_dims, start=1):
             entries += [(f"z{l}", (R, Z)), (f"dz{l}", (R, Z)), (f"std{l}", (n if l == 1 else R, Z)),
                         (f"tmp{l}", (R, Z)), (f"sq{l}", (R, 2 * Z) if l > 1 else (0, 2 * Z)),
                         (f"u{l}", (R, Z) if l < S else (0, Z))]
-        # the custom GEMM's panel buffer: the most any product of a pass needs (kernels/gemm.pack_size)
-        p1 = max(max(pack_size("nn", o, i, dtype), pack_size("nt", i, o, dtype), pack_size("tn", o, r, dtype))
-                 for r, (_, i, o) in zip(rows, layout.layers))
-        entries += [("pack1", (1, p1)), ("pack2", (1, 0)), ("lp", (R, spec.x_dim)),
+        entries += [pack_entry(layout, rows, dtype), ("pack2", (1, 0)), ("lp", (R, spec.x_dim)),
                     ("dbs", (1, max(o for _, _, o in layout.layers)))]
-        self.index = {name: k for k, (name, _) in enumerate(entries)}
-        self.bo = np.zeros((len(entries), 3), dtype=np.int64)
-        off = 0
-        for k, (_, (r, c)) in enumerate(entries):
-            self.bo[k] = off, r, c
-            off += r * c
-        assert self.index["z1"] == 2 * nl and self.index["pack1"] == 2 * nl + 6 * S
-        self.ws = np.zeros(off, dtype=dtype)
+        super().__init__(entries, dtype)
+        nl = len(rows)
+        assert self.index["z1"] == 2 * nl and self.index["pack"] == 2 * nl + 6 * S
         self.index64 = {k: (i * R, R) for i, k in enumerate(("ll", "logw", "dlogw", "ap", "aq", "fac"))}
         self.index64["bound"] = (6 * R, n)
         self.ws64 = np.zeros(6 * R + n, dtype=np.float64)
@@ -457,8 +446,7 @@ class StackWorkspace:
         if name in self.index64:
             o, m = self.index64[name]
             return self.ws64[o:o + m]
-        o, r, c = self.bo[self.index[name]]
-        return self.ws[o:o + r * c].reshape(r, c)
+        return super().view(name)
 
 
 class SplitWorkspace:
