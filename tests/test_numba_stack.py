@@ -280,3 +280,22 @@ def test_no_native_allocation_per_step(tmp_path):
     alloc, free, mi_alloc, mi_free = map(int, r.stdout.split())
     assert alloc == mi_alloc == 50 * BOUNDARY_ARRAYS_PER_STEP, (alloc, mi_alloc)
     assert (free, mi_free) == (alloc, mi_alloc)
+
+
+def test_the_pieces_reuse_one_workspace_and_match_the_reference():
+    """encode / encode_up / decode / decode_down on numba run cpu.mlp_fwd_ into a workspace cached per row
+    count (nothing but the returned array allocated per call), with the reference's numbers."""
+    kw = dict(x_dim=12, z_dim=(5, 3), hidden=((7, 6), (6,)), activation="tanh", dtype="float64", seed=0)
+    fast, ref = VAE(backend="numba", **kw), VAE(backend="numpy", **kw)
+    rng = np.random.default_rng(0)
+    x, z1, z2 = rng.random((9, 12)), rng.standard_normal((9, 5)), rng.standard_normal((9, 3))
+    calls = [("encode", (x,)), ("encode_up", (z1, 2)), ("decode", (z1,)), ("decode_down", (z2, 2))]
+    for name, args in calls:
+        a = getattr(fast.backend, name)(fast.params, *args)
+        b = getattr(ref.backend, name)(ref.params, *args)
+        assert rel_error(np.asarray(a), np.asarray(b)) <= 1e-12, name
+    ws = fast.backend.piece_workspace(9)
+    out1 = fast.backend.decode(fast.params, z1)
+    assert fast.backend.piece_workspace(9) is ws and not np.shares_memory(out1, ws.ws)
+    out2 = fast.backend.decode(fast.params, z1 + 1.0)
+    assert not np.array_equal(out1, out2)                        # the first result was not overwritten

@@ -33,9 +33,8 @@ from numba import njit, types
 from numba.extending import overload
 
 from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, BufferTable, _buf, act_back_colsum_, adagrad_update, adam_update,
-                  bias_act_, cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, layer_entries,
-                  layer_table, likelihood_, mlp_bwd_, mlp_fwd_, mm_nn, mm_nt, mm_tn, pack_entry, row_sum_f64_,
-                  scale_rows_, sgd_update)
+                  cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, layer_entries, layer_table,
+                  likelihood_, mlp_bwd_, mlp_fwd_, mm_nt, mm_tn, pack_entry, row_sum_f64_, scale_rows_, sgd_update)
 from .batchsplit import ExampleSplit, part_bounds
 from .gemm import pack_size
 from .numpy_ import NumpyBackend
@@ -465,8 +464,9 @@ class SplitWorkspace:
 
 class NumbaStackBackend(NumpyBackend):
     """The numba backend for S > 1 (built through ``kernels.stack_class``): loss_and_grad and bound in
-    the fused ``stack_step_``; the pieces (encode, decode, sampling) are the reference's composition with
-    the MLP blocks in cpu.py's kernels. Oracle: ``NumpyBackend``."""
+    the fused ``stack_step_`` (in example parts on several threads: kernels/batchsplit.py); the pieces
+    (encode, decode, sampling) are the reference's composition with the MLP blocks in cpu.py's kernels
+    over a cached workspace. Oracle: ``NumpyBackend``."""
     name = "numba"
     update_kernels = {"sgd": sgd_update, "adagrad": adagrad_update, "adam": adam_update}
     max_workspaces = 4       # (n, L) shapes kept; evaluation's last short batch adds one more
@@ -486,6 +486,7 @@ class NumbaStackBackend(NumpyBackend):
                 assert ts == list(range(ts[0], ts[-1] + 1))
                 blk.append((ts[0], ts[-1]))
         self.blk = np.array(blk, dtype=np.int64)       # row 2(l-1): enc{l}; row 2(l-1)+1: dec{l}
+        self.block_of = {prefixes[t0]: (t0, t1) for t0, t1 in blk}
         self._ws = OrderedDict()
         self.split = ExampleSplit()
 
@@ -550,21 +551,26 @@ class NumbaStackBackend(NumpyBackend):
         _, bound = self._step(params, x, eps, params, objective, beta, "reparam", False)
         return bound.astype(self.dtype)
 
-    # -- the pieces' MLP blocks (encode, decode, sampling): cpu.py's kernels, allocated per call -------
+    # -- the pieces' MLP blocks (encode, decode, sampling): cpu.py's kernels into a cached workspace -----
+    def piece_workspace(self, m) -> BufferTable:
+        """The buffers of the pieces' blocks over m rows: every layer's output (named as the layer) and
+        the custom GEMM's panels, allocated on first use and then reused."""
+        rows = [m] * len(self.lay)
+        return cached_workspace(self._ws, ("pieces", m), self.max_workspaces, lambda: BufferTable(
+            layer_entries(self.layout, rows)[:len(rows)] + [pack_entry(self.layout, rows, self.dtype)], self.dtype))
+
     def _block_forward(self, params, prefix, h):
-        """h: (R, I) -> out: (R, O). Layer t: a = h W + b, then f in place (identity for the head).  §2.3"""
+        """h: (m, I) -> out: (m, O), a new array, and the block's cache (its layers' outputs, its weights).
+        cpu.mlp_fwd_ writes every layer into the pieces' workspace of m rows, so nothing is allocated but
+        the output; the cache holds views of that workspace, valid until the next call for the same block
+        and row count (NumpyBackend.forward runs each block once before its backward).  §2.3"""
         gemm, mb, nb = self._gemm()
-        layers = self.layout.layer_views(params, prefix)
         h = np.ascontiguousarray(h, dtype=self.dtype)
-        outs = [h]
-        for t, (W, b) in enumerate(layers):
-            a = np.empty((h.shape[0], W.shape[1]), dtype=self.dtype)          # (R, O_t)
-            p1 = np.empty(pack_size("nn", W.shape[1], W.shape[0], self.dtype) if gemm else 1, dtype=self.dtype)
-            mm_nn(h, W, a, gemm, p1, mb, nb)
-            bias_act_(a, b, self.act if t < len(layers) - 1 else 0)
-            outs.append(a)
-            h = a
-        return outs[-1], (outs, [W for W, _ in layers])
+        ws = self.piece_workspace(h.shape[0])
+        t0, t1 = self.block_of[prefix]
+        mlp_fwd_(params, self.lay, t0, t1, h, ws.ws, ws.bo, self.act, gemm, ws.view("pack")[0], mb, nb)
+        outs = [h] + [ws.view(self.layout.layers[t][0]) for t in range(t0, t1 + 1)]
+        return outs[-1].copy(), (outs, [W for W, _ in self.layout.layer_views(params, prefix)])
 
     def _block_backward(self, dout, cache):
         """dout: (R, O) -> dh: (R, I) and [(dW, db), ...] for the hidden layers and the head.  §2.1, §2.3"""
