@@ -33,6 +33,7 @@ import numpy as np
 
 from .distributed import collective
 from .distributions import kl_forward
+from .kernels.interface import require_estimator
 
 
 def on_root(comm, fn, what):
@@ -76,7 +77,7 @@ class HostTrainer:
     def __init__(self, backend, params, optimizer, comm, objective="elbo", free_bits=0.0, estimator="reparam"):
         self.backend, self.params, self.optimizer, self.comm = backend, params, optimizer, comm
         self.objective, self.free_bits = objective, free_bits
-        self.est_kw = {} if estimator == "reparam" else {"estimator": estimator}   # numpy backend only
+        self.est_kw = {"estimator": estimator}        # one of backend.estimators (interface.py)
         self.grad = np.empty_like(params)                     # (P,) reused every step
         self.error = None      # the exception of the last step on this rank (with more than one rank)
 
@@ -150,7 +151,6 @@ def make_trainer(model, optimizer, comm, objective, free_bits, estimator="repara
     backend = model.backend                     # capabilities declared (kernels/interface.py)
     if backend.make_trainer is not None and estimator == "reparam":
         return backend.make_trainer(model.params, optimizer, comm, objective, free_bits)
-    if estimator not in backend.estimators:
-        raise ValueError(f"--estimator {estimator} is not implemented on --backend {model.backend_name}")
+    require_estimator(backend, estimator)
     return HostTrainer(model.backend, model.params, optimizer, comm, objective, free_bits, estimator)
 

@@ -474,15 +474,19 @@ def rowsum_kernels(B, dtype):
                 cuda.atomic.add(loss_acc, 0, loss_w * total)
 
     @cuda.jit
-    def posterior_backward(out, eps, z, dz, kl, dlw, dout, beta, free_bits, iwae, loss_acc):
+    def posterior_backward(out, eps, z, dz, kl, dlw, dout, beta, free_bits, kl_active, given, iwae,
+                           loss_acc):
         """One block per latent dim j, threads over the n examples. Back through z = mu + std eps
         and the KL (or, for IWAE, log p(z) - log q(z|x)) into dout = [dmu | dlogvar]:   §3, §5, §6
 
-          ELBO: kl_j = 1/n sum_i KL_ij (block sum); charged max(kl_j, free_bits) into the loss;
-                dKL_ij = beta/n if kl_j > free_bits (or no free bits) else 0
+          ELBO: kl_j = 1/n sum_i KL_ij (block sum); with free bits, dim j is on when kl_j > free_bits,
+                or, when ``given``, when kl_active[j] > 0 (the decision taken over every rank's share,
+                §5.3, §10); charged kl_j if on else free_bits into the loss;
+                dKL_ij = beta/n if on (or no free bits) else 0   (oracle: objectives.elbo_loss)
                 dmu = sum_l dz + dKL mu;   dlogvar = std/2 sum_l dz eps + dKL expm1(logvar)/2
           IWAE: dz += beta dlogw (-z)   (d log p(z)/dz);   dlogvar += beta/2 sum_l dlogw
-        out, dout: (n, 2Z); eps: (L, n, Z); z, dz: (R, Z); kl: (n, Z); dlw: (L, n)."""
+        out, dout: (n, 2Z); eps: (L, n, Z); z, dz: (R, Z); kl: (n, Z); dlw: (L, n); kl_active: (Z,)
+        float64 when ``given``, else any placeholder."""
         sh = cuda.shared.array(B, acc)
         j = cuda.blockIdx.x
         L = eps.shape[0]
@@ -495,8 +499,9 @@ def rowsum_kernels(B, dtype):
                 s += kl[i, j]
             kl_j = _block_sum(sh, s) / n
             if free_bits > 0:
-                charged = kl_j if kl_j > free_bits else free_bits
-                dkl = beta / n if kl_j > free_bits else 0.0
+                on = kl_active[j] > 0 if given else kl_j > free_bits
+                charged = kl_j if on else free_bits
+                dkl = beta / n if on else 0.0
             else:
                 charged = kl_j
                 dkl = beta / n

@@ -61,6 +61,7 @@ class CudaStackBackend(NumpyBackend):
     """NumpyBackend with the MLP blocks in numba.cuda kernels; built through ``kernels.stack_class``
     for backend 'cuda' and S > 1. Host arrays in and out, as every backend."""
     name = "cuda"
+    estimators = ("reparam", "dreg")   # NumpyBackend's composition; score is for one stochastic layer
     max_buffers = 32          # (block, rows) buffer sets kept; the least recently used is dropped
 
     def __init__(self, spec, dtype, config=None):
