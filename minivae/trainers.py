@@ -70,6 +70,14 @@ def make_comm(distributed=False):
     return MPIComm()
 
 
+def kl_active_over_ranks(comm, kl_sum, n, free_bits):
+    """The free-bits decision (§5.3) for the whole minibatch split over ranks: each rank gives its
+    per-dimension KL sum kl_sum (Z,) over its n rows; one all-reduce of Z + 1 numbers; dimension j is
+    active (1.0) when the minibatch's mean KL_j exceeds free_bits. Every rank gets the same (Z,)."""
+    total = comm.allreduce_sum(np.append(kl_sum, n))
+    return (total[:-1] / max(total[-1], 1.0) > free_bits).astype(np.float64)
+
+
 class HostTrainer:
     """One optimizer step on host arrays: loss_and_grad into a preallocated buffer, the all-reduce of
     the gradient (the mean over ranks), then the optimizer's in-place update.   §6, §8"""
@@ -128,8 +136,7 @@ class HostTrainer:
             except Exception as e:
                 self._failed(e)
                 kl_sum = np.full(self.backend.spec.z_dim, np.nan)
-        total = self.comm.allreduce_sum(np.append(kl_sum, len(xb)))
-        return (total[:-1] / max(total[-1], 1.0) > self.free_bits).astype(np.float64)
+        return kl_active_over_ranks(self.comm, kl_sum, len(xb), self.free_bits)
 
     def sync_params(self):
         pass

@@ -512,9 +512,6 @@ class CudaTrainer:
         obj.check_objective(objective)
         if free_bits > 0 and objective != "elbo":
             raise ValueError("free_bits applies to the ELBO objective only")
-        if free_bits > 0 and comm is not None and getattr(comm, "size", 1) > 1:
-            raise ValueError("free bits with --distributed is not supported on the cuda backend "
-                             "(use --backend numpy or numba, or drop --free-bits)")
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
         if isinstance(loss_every, bool) or not isinstance(loss_every, (int, np.integer)) or loss_every < 1:
@@ -543,6 +540,7 @@ class CudaTrainer:
         self._states = None
         self._idx = {}
         self._g_host = None
+        self._kl_active = None                                     # (Z,) device: free bits over ranks
 
     # -- data on the device ---------------------------------------------------------------------
     def attach_data(self, x_train):
@@ -607,13 +605,15 @@ class CudaTrainer:
         if self._g_host is None and (distributed or ws is None):
             self._g_host = np.zeros(self.dg.shape, dtype=self.dg.dtype)
         self.error = None
+        active = self._kl_active_over_ranks(ws) if distributed and self.free_bits > 0 else None
         if ws is None:
             self._g_host[...] = 0                        # no rows: a zero gradient, no loss
             self.dg.copy_to_device(self._g_host)
-        else:
+        elif self.error is None:
             saved, be._loss = be._loss, self.loss_acc    # accumulate this trainer's losses
             try:
-                be._forward_backward(self.P, self.Gr, ws, float(beta), self.objective, self.free_bits, states)
+                be._forward_backward(self.P, self.Gr, ws, float(beta), self.objective, self.free_bits, states,
+                                     kl_active=active)
             except Exception as e:
                 # with other ranks waiting in the all-reduce, keep the exception and join it with a
                 # NaN gradient: the training loop reads ``error`` and stops every rank (as HostTrainer)
@@ -637,6 +637,27 @@ class CudaTrainer:
         if self.pending >= self.loss_every:
             return self.flush_loss()
         return None
+
+    def _kl_active_over_ranks(self, ws):
+        """Free bits over ranks (§5.3, §10): this share's per-dimension KL sum from an encoder pass
+        (its (n, 2Z) posterior copied to the host), the ranks' all-reduce of Z + 1 numbers
+        (trainers.kl_active_over_ranks, as HostTrainer) and the decision, (Z,), back to the device."""
+        from ..trainers import kl_active_over_ranks
+        be, Z = self.backend, self.backend.spec.z_dim
+        kl_sum, n = np.zeros(Z), 0
+        if ws is not None:
+            try:
+                be._encoder(self.P, ws.x, ws.h_enc, ws.out)
+                out = ws.out.copy_to_host().astype(np.float64)
+                kl_sum, n = dist.kl_forward(out[:, :Z], out[:, Z:]).sum(axis=0), ws.n
+            except Exception as e:     # joins the collective all the same (see _step)
+                self.error, kl_sum = e, np.full(Z, np.nan)
+        active = kl_active_over_ranks(self.comm, kl_sum, n, self.free_bits)
+        if self._kl_active is None:
+            self._kl_active = self.cuda.to_device(active)
+        else:
+            self._kl_active.copy_to_device(active)
+        return self._kl_active
 
     def _update(self):
         """The optimizer step on the device; the step count t stays on the host.   §8"""
