@@ -21,8 +21,9 @@ the oracle of the whole pass is ``NumpyBackend`` (tests/cuda_sim/sim_stack.py). 
 the device once per pass, the gradient comes back once; x and eps go up, the loss (or the bound)
 comes back. Device buffers are preallocated per (n, L) (:class:`_StackBuffers`) and per MLP block and
 rows (:class:`_BlockBuffers`). The pieces (encode, decode, sampling) are the reference's composition
-with the blocks on the device (``_block_forward``). Not done: a device-resident trainer (training
-goes through trainers.HostTrainer, so the parameters cross the bus every step).
+with the blocks on the device (``_block_forward``). ``make_trainer`` returns a :class:`CudaStackTrainer`
+(kernels/cuda.py's CudaTrainer driving this pass): parameters, gradient and optimizer state stay on
+the device between steps; x and eps go up each step (DReG trains through trainers.HostTrainer).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .cpu import cached_workspace
-from .cuda import CudaBackend, _Layer, recording_backend, unavailable_reason
+from .cuda import CudaBackend, CudaTrainer, _Layer, recording_backend, unavailable_reason
 from .interface import require_estimator
 from .numpy_ import NumpyBackend
 
@@ -225,25 +226,45 @@ class CudaStackBackend(NumpyBackend):
             self.dev._linear_backward(inputs[t], layers[t], G[prefix][t], dy, d, self.act if t > 0 else 0)
             dy = d
 
-    def _pass(self, params, x, eps, objective, beta, estimator, want_grad):
-        """Forward (F1-F6, G of §11.3), the objective (B1) and, when ``want_grad``, the backward
-        (B2-B9), as cpu_stack.stack_step_. Returns (loss, the device gradient (P,) or None, ws)."""
-        cuda, ck, dev = self.cuda, self.dev.ck, self.dev
-        enc, dec = self.spec.enc_prefix, self.spec.dec_prefix
+    def _upload_batch(self, x, eps) -> _StackBuffers:
+        """The (n, L) buffers with x (n, D) and eps (a sequence of S arrays (L, n, Z_l)) uploaded."""
         eps = self._eps_list(eps)
+        ws = self._workspace(x.shape[0], eps[0].shape[0])
+        ws.x.copy_to_device(np.ascontiguousarray(x, dtype=self.dtype))
+        for s in range(self.S):
+            ws.eps[s].copy_to_device(np.ascontiguousarray(eps[s], dtype=self.dtype))
+        return ws
+
+    def _pass(self, params, x, eps, objective, beta, estimator, want_grad):
+        """One pass from host arrays: (loss, the device gradient (P,) or None, the buffers)."""
+        ws = self._upload_batch(x, eps)
+        dg = self.cuda.device_array(self.layout.size, dtype=self.dtype) if want_grad else None
+        self.dev._take_loss()                                              # a zero accumulator
+        self._forward_backward(self._upload(params), None if dg is None else self._views(dg), ws, beta,
+                               objective, estimator=estimator)
+        return self.dev._take_loss(), dg, ws
+
+    def _forward_backward(self, P, Gr, ws, beta, objective, free_bits=0.0, states=None, kl_active=None,
+                          estimator="reparam"):
+        """Forward (F1-F6, G of §11.3), the objective (B1) and, when ``Gr`` (device views of the
+        gradient) is not None, the backward (B2-B9), as cpu_stack.stack_step_, on the device
+        buffers ws (x and eps uploaded); the loss is added to the accumulator ``dev._loss``. The
+        signature of CudaBackend._forward_backward, which CudaTrainer drives; no free bits (S = 1
+        only) and no eps drawn on the device (``states``) for a stack."""
+        if free_bits > 0 or kl_active is not None:
+            raise ValueError("free_bits applies to models with one stochastic layer only")
+        if states is not None:
+            raise ValueError("the cuda stack takes eps from the host (no device noise for a stack)")
+        ck, dev = self.dev.ck, self.dev
+        enc, dec = self.spec.enc_prefix, self.spec.dec_prefix
         S = self.S
-        L, n, _ = eps[0].shape
+        n, L = ws.n, ws.L
         R = L * n
         c = 1.0 / (n * L)
         iwae = objective == "iwae"
         dreg = estimator == "dreg"
-        ws = self._workspace(n, L)
-        ws.x.copy_to_device(np.ascontiguousarray(x, dtype=self.dtype))
-        for s in range(S):
-            ws.eps[s].copy_to_device(np.ascontiguousarray(eps[s], dtype=self.dtype))
-        P = self._upload(params)
+        want_grad = Gr is not None
         run = dev._launch1
-        dev._take_loss()                                                   # a zero accumulator
 
         # F1-F3: block enc{l} on z_{l-1} (x for l = 1), then the reparameterization
         heads = {}
@@ -270,11 +291,8 @@ class CudaStackBackend(NumpyBackend):
         else:
             run(ck.stack_kl_add, R, top, ws.logw, -beta)
             run(ck.stack_elbo_bound, n, ws.logw, L, ws.bound, dev._loss)
-        loss = dev._take_loss()
         if not want_grad:
-            return loss, None, ws
-        dg = cuda.device_array(self.layout.size, dtype=self.dtype)
-        Gr = self._views(dg)
+            return
         run(ck.stack_upstream, R, ws.dlogw, int(iwae), beta, c, ws.ap, ws.aq)
         if iwae:
             dev._launch2(ck.scale_rows, R, G.shape[1], G, ws.dlogw)             # B2: dll = dlogw
@@ -306,7 +324,6 @@ class CudaStackBackend(NumpyBackend):
                 if dreg:                                       # the input only, from the stopped upstream
                     self._bwd(P, {enc(s + 1): bufs.g}, enc(s + 1), ws.z[s - 1], ws.sq[s], ws.tmp[s - 1])
                 run(ck.stack_add, R, ws.dz[s - 1], ws.tmp[s - 1])
-        return loss, dg, ws
 
     def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
                       kl_active=None, estimator="reparam"):
@@ -328,6 +345,49 @@ class CudaStackBackend(NumpyBackend):
         """Per-example bound (n,) float64: the ELBO with the top KL analytic, or the IWAE bound.  §11.2"""
         _, _, ws = self._pass(params, x, eps, objective, float(beta), "reparam", False)
         return ws.bound.copy_to_host()
+
+
+    # -- training on the device: CudaTrainer drives _forward_backward through these ------------------
+    ck = property(lambda self: self.dev.ck)
+    _launch1 = property(lambda self: self.dev._launch1)
+
+    @property
+    def _loss(self):
+        return self.dev._loss
+
+    @_loss.setter
+    def _loss(self, acc):
+        self.dev._loss = acc
+
+    def _take_loss(self, acc=None):
+        return self.dev._take_loss(acc)
+
+    def make_trainer(self, params, optimizer, comm=None, objective="elbo", free_bits=0.0, loss_every=None):
+        """A trainer that keeps the parameters, the gradient and the optimizer state on the device
+        (CudaTrainer's update kernels); a step uploads x and eps and runs the pass of
+        ``_forward_backward``.   §8, §9"""
+        if free_bits > 0:
+            raise ValueError("free_bits applies to models with one stochastic layer only")
+        return CudaStackTrainer(self, params, optimizer, comm, objective, 0.0, 1, 0,
+                                self.config.loss_every if loss_every is None else loss_every)
+
+
+class CudaStackTrainer(CudaTrainer):
+    """CudaTrainer for a stack: ``step(xb, eps, beta)`` with host eps (a sequence of S arrays
+    (L, n, Z_l)); the parameters, gradient and optimizer state stay on the device between steps; the
+    loss comes back every ``loss_every`` steps. No device noise, no attach_data/step_indices (yet)."""
+
+    def step(self, xb, eps=None, beta=1.0, weight=None):
+        be = self.backend
+        if eps is None:
+            raise ValueError("the cuda stack trainer takes eps from the host: step(xb, eps, beta)")
+        xb = np.ascontiguousarray(xb, dtype=be.dtype)
+        if xb.shape[0] == 0:                             # an empty share of a tiny last batch
+            return self._step(None, beta, None, weight)
+        return self._step(be._upload_batch(xb, eps), beta, None, weight)
+
+    def step_indices(self, idx, beta=1.0, weight=None):
+        raise ValueError("the cuda stack trainer takes host minibatches and eps: use step(xb, eps, beta)")
 
 
 def recording_stack_backend(spec, dtype, config=None):

@@ -125,3 +125,36 @@ def test_vae_and_training_on_cuda_with_a_stack(rng, monkeypatch):
             trainer.step(x, eps, 1.0)
         trainer.sync_params()
     np.testing.assert_allclose(m_gpu.params, m_cpu.params, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective,name", [("elbo", "adam"), ("iwae", "sgd")])
+def test_the_device_trainer_of_a_stack_matches_host_steps(objective, name, rng):
+    """CudaStackBackend.make_trainer (parameters, gradient and optimizer state on the device) against
+    NumPy steps: loss_and_grad of the reference and optim.py's update, three steps, float64; the loss
+    comes back every loss_every steps; an empty share joins with a zero gradient."""
+    from minivae.kernels.cuda_stack import CudaStackTrainer
+    from minivae.optim import make_optimizer
+    spec, ref, be = stack_backend(2, "bernoulli", "tanh", np.float64, CONFIGS[0])
+    params, x, _ = inputs(spec, "bernoulli", np.float64, rng)
+    hyper = dict(lr=0.05, momentum=0.9) if name == "sgd" else dict(lr=0.05)
+    opt_dev = make_optimizer(name, params.size, "float64", **hyper)
+    opt_host = make_optimizer(name, params.size, "float64", **hyper)
+    p_host = params.copy()
+    trainer = be.make_trainer(params.copy(), opt_dev, None, objective, 0.0, loss_every=3)
+    assert isinstance(trainer, CudaStackTrainer)
+    losses, got = [], []
+    for step in range(3):
+        eps = tuple(rng.standard_normal((2, 3, z)) for z in spec.z_dims)
+        loss, g = ref.loss_and_grad(p_host, x, eps, beta=0.8, objective=objective)
+        opt_host.step(p_host, g)
+        losses.append(loss)
+        got.append(trainer.step(x, eps, 0.8))
+    assert got[:2] == [None, None] and got[2] == pytest.approx(np.mean(losses), rel=1e-12)
+    trainer.sync_params()
+    np.testing.assert_allclose(trainer.params, p_host, rtol=1e-10, atol=1e-12)
+    for k in opt_host.state:
+        np.testing.assert_allclose(opt_dev.state[k], opt_host.state[k], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="takes eps from the host"):
+        trainer.step(x, None, 1.0)
+    with pytest.raises(ValueError, match="free_bits applies to models with one stochastic layer only"):
+        be.make_trainer(params, opt_dev, None, "elbo", 0.5)
