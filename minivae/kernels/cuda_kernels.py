@@ -798,14 +798,6 @@ def stack_add(a, b):
 
 
 @cuda.jit
-def stack_copy_f64(src, dst):
-    """dst[r] = src[r] in float64 (log w starts from log p(x|z_1)).   (R,)"""
-    r = cuda.grid(1)
-    if r < dst.shape[0]:
-        dst[r] = src[r]
-
-
-@cuda.jit
 def stack_elbo_bound(logw, L, bound, loss_acc):
     """One thread per example i: bound_i = 1/L sum_l logw[l n + i] (the stack's ELBO, §11.2), and
     -bound_i / n added to the loss.   logw: (R,) float64, bound: (n,) float64.
