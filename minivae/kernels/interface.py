@@ -81,6 +81,8 @@ def implementing(estimator, stack=False) -> list[str]:
     declares ``estimator`` in its ``estimators``, in the registry's order. Importing the classes
     needs no GPU."""
     from . import CONCRETE_BACKENDS, backend_class
+    if estimator == "reparam":                    # every backend's (missing_or_different checks it)
+        return list(CONCRETE_BACKENDS)
     return [name for name in CONCRETE_BACKENDS if estimator in backend_class(name, stack).estimators]
 
 
