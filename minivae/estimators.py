@@ -48,22 +48,20 @@ def score_backward(w, eps, logvar):
 
 
 def check_estimator_use(estimator, objective, backend, n_stochastic=1):
-    """One-line ValueError when ``estimator`` cannot be used with this objective, backend and model."""
+    """One-line ValueError when ``estimator`` cannot be used with this objective, backend and model:
+    the objectives and models it applies to, then whether concrete ``backend``'s class declares it
+    (kernels/interface.require_estimator, which names the backends that do)."""
     check_estimator(estimator)
-    if estimator == "dreg":
-        if objective != "iwae":
-            raise ValueError("estimator 'dreg' applies to the iwae objective only")
-        if backend not in ("numpy", "numba") or (backend == "numba" and n_stochastic == 1):
-            raise ValueError(f"estimator 'dreg' runs on backend 'numpy' (and 'numba' for a stack of "
-                             f"stochastic layers), got backend {backend!r}")
+    if estimator == "dreg" and objective != "iwae":
+        raise ValueError("estimator 'dreg' applies to the iwae objective only")
     if estimator == "score":
         if objective != "elbo":
             raise ValueError(f"estimator 'score' is implemented for objective 'elbo' only, got {objective!r}")
         if n_stochastic > 1:
             raise ValueError("estimator 'score' is implemented for one stochastic layer only")
-        if backend != "numpy":
-            raise ValueError(f"estimator 'score' runs on backend 'numpy' only (a study tool, not a "
-                             f"training kernel), got backend {backend!r}")
+    from .kernels import backend_class
+    from .kernels.interface import require_estimator
+    require_estimator(backend_class(backend, n_stochastic > 1), estimator, n_stochastic > 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -300,7 +300,7 @@ class VAE(FlatParams):
         check_objective(objective)
         check_estimator(estimator)
         if estimator != "reparam":
-            from .estimators import check_estimator_use
+            from .estimators import check_estimator_use      # the backend's capability included
             check_estimator_use(estimator, objective, self.backend_name, self.spec.n_stochastic)
         beta = checks.number("beta", beta, lo=0.0)
         free_bits = checks.number("free_bits", free_bits, lo=0.0)
@@ -313,11 +313,8 @@ class VAE(FlatParams):
         grad = checks.grad_buffer(grad, self._params)
         x = self.check_x(x)
         eps = self._eps(eps, x.shape[0], samples, backward=True)
-        kw = {} if estimator == "reparam" else dict(estimator=estimator)
-        if estimator not in self.backend.estimators:          # kernels/interface.py
-            raise ValueError(f"estimator {estimator!r} is not implemented on backend {self.backend_name!r}")
         return self.backend.loss_and_grad(self._params, x, eps, beta=beta, objective=objective,
-                                          free_bits=free_bits, grad=grad, **kw)
+                                          free_bits=free_bits, grad=grad, estimator=estimator)
 
     def elbo(self, x, eps=None, samples=1):
         """Per-example ELBO (analytic KL, beta = 1), shape (n,).  §5.1"""

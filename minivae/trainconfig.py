@@ -109,8 +109,12 @@ class TrainConfig:
             raise ValueError("--estimator score applies to --objective elbo with one stochastic layer only")
         if self.estimator == "dreg" and self.objective != "iwae":
             raise ValueError("--estimator dreg applies to --objective iwae only")
-        if self.estimator != "reparam" and not (self.backend in ("numpy", "auto") or spec.n_stochastic > 1):
-            raise ValueError(f"--estimator {self.estimator} runs on --backend numpy (or any backend for a stack) only")
+        if self.estimator != "reparam" and self.backend != "auto":
+            from .kernels.interface import implementing          # the backends' declared estimators
+            where = implementing(self.estimator, spec.n_stochastic > 1)
+            if self.backend not in where:
+                raise ValueError(f"--estimator {self.estimator} runs on --backend {' or '.join(where)} only"
+                                 f"{' for a stack' if spec.n_stochastic > 1 else ''}, got {self.backend!r}")
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not (_finite(self.lr_gamma) and 0 < self.lr_gamma <= 1):
@@ -182,15 +186,16 @@ class TrainConfig:
 
 def auto_backend(config: TrainConfig, gpu: bool) -> str:
     """What ``--backend auto`` becomes for this run: the fastest backend that runs its math: cuda with a
-    GPU on every rank, else numba (stacks on their kernels/cpu_stack.py and cuda_stack.py); the score and
-    DReG estimators of one stochastic layer need the numpy reference."""
+    GPU on every rank, else numba (stacks on their kernels/cpu_stack.py and cuda_stack.py), among the
+    backends that implement the estimator (kernels/interface.implementing: score of one stochastic
+    layer needs the numpy reference)."""
+    from .kernels.interface import implementing
     from .model import ModelSpec
     if config.model == "ae":                              # minivae.Autoencoder: numpy or numba
         return "numba"
     stack = ModelSpec(1, config.z_dim, config.hidden).n_stochastic > 1
-    if config.estimator != "reparam" and not stack:
-        return "numpy"
-    return "cuda" if gpu else "numba"
+    where = implementing(config.estimator, stack)
+    return next(b for b in (("cuda",) if gpu else ()) + ("numba", "numpy") if b in where)
 
 
 def _finite(v) -> bool:

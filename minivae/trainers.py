@@ -33,6 +33,7 @@ import numpy as np
 
 from .distributed import collective
 from .distributions import kl_forward
+from .kernels.interface import require_estimator
 
 
 def on_root(comm, fn, what):
@@ -69,6 +70,14 @@ def make_comm(distributed=False):
     return MPIComm()
 
 
+def kl_active_over_ranks(comm, kl_sum, n, free_bits):
+    """The free-bits decision (§5.3) for the whole minibatch split over ranks: each rank gives its
+    per-dimension KL sum kl_sum (Z,) over its n rows; one all-reduce of Z + 1 numbers; dimension j is
+    active (1.0) when the minibatch's mean KL_j exceeds free_bits. Every rank gets the same (Z,)."""
+    total = comm.allreduce_sum(np.append(kl_sum, n))
+    return (total[:-1] / max(total[-1], 1.0) > free_bits).astype(np.float64)
+
+
 class HostTrainer:
     """One optimizer step on host arrays: loss_and_grad into a preallocated buffer, the all-reduce of
     the gradient (the mean over ranks), then the optimizer's in-place update.   §6, §8"""
@@ -76,7 +85,7 @@ class HostTrainer:
     def __init__(self, backend, params, optimizer, comm, objective="elbo", free_bits=0.0, estimator="reparam"):
         self.backend, self.params, self.optimizer, self.comm = backend, params, optimizer, comm
         self.objective, self.free_bits = objective, free_bits
-        self.est_kw = {} if estimator == "reparam" else {"estimator": estimator}   # numpy backend only
+        self.est_kw = {"estimator": estimator}        # one of backend.estimators (interface.py)
         self.grad = np.empty_like(params)                     # (P,) reused every step
         self.error = None      # the exception of the last step on this rank (with more than one rank)
 
@@ -127,8 +136,7 @@ class HostTrainer:
             except Exception as e:
                 self._failed(e)
                 kl_sum = np.full(self.backend.spec.z_dim, np.nan)
-        total = self.comm.allreduce_sum(np.append(kl_sum, len(xb)))
-        return (total[:-1] / max(total[-1], 1.0) > self.free_bits).astype(np.float64)
+        return kl_active_over_ranks(self.comm, kl_sum, len(xb), self.free_bits)
 
     def sync_params(self):
         pass
@@ -150,7 +158,6 @@ def make_trainer(model, optimizer, comm, objective, free_bits, estimator="repara
     backend = model.backend                     # capabilities declared (kernels/interface.py)
     if backend.make_trainer is not None and estimator == "reparam":
         return backend.make_trainer(model.params, optimizer, comm, objective, free_bits)
-    if estimator not in backend.estimators:
-        raise ValueError(f"--estimator {estimator} is not implemented on --backend {model.backend_name}")
+    require_estimator(backend, estimator)
     return HostTrainer(model.backend, model.params, optimizer, comm, objective, free_bits, estimator)
 

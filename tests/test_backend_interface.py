@@ -8,13 +8,9 @@ from minivae import VAE, kernels
 from minivae.kernels import interface
 from minivae.kernels.interface import Backend, declare, missing_or_different
 
-# backend classes that differ from the Protocol today, and why (each is an xfail of its own case)
-KNOWN_DIFFERENCES = {
-    ("numba", False): "NumbaBackend.loss_and_grad takes no estimator keyword (kernels/cpu.py: the fused "
-                      "one-layer pass implements the reparameterized gradient only; estimators == ('reparam',))",
-    ("cuda", False): "CudaBackend.loss_and_grad takes neither kl_active nor estimator (kernels/cuda.py: "
-                     "free bits over ranks and the score/DReG estimators are not on the fused cuda path)",
-}
+# backend classes that differ from the Protocol today, and why (each is an xfail of its own case);
+# none today: kernels/cpu.py's NumbaBackend and kernels/cuda.py's CudaBackend take kl_active and estimator
+KNOWN_DIFFERENCES = {}
 
 
 def _case(key):
@@ -46,7 +42,9 @@ def test_the_registry_names_the_classes_the_brief_lists():
 def test_the_known_capabilities_of_each_backend():
     """What the backends declare today (the defaults fill in only what a class lacks)."""
     assert kernels.backend_class("numpy").estimators == ("reparam", "score", "dreg")
-    assert kernels.backend_class("numba").estimators == ("reparam",)              # the default
+    assert kernels.backend_class("numba").estimators == ("reparam", "dreg")      # dreg: cpu_stack's pass
+    assert kernels.backend_class("cuda").estimators == ("reparam",)
+    assert kernels.backend_class("cuda", stack=True).estimators == ("reparam", "dreg")
     assert set(kernels.backend_class("numba").update_kernels) == {"sgd", "adagrad", "adam"}
     assert kernels.backend_class("cuda").make_trainer is not None                  # CudaTrainer
     assert kernels.backend_class("numpy").make_trainer is None
@@ -84,3 +82,46 @@ def test_a_backend_that_a_model_uses_satisfies_the_runtime_protocol():
     loss, grad = m.backend.loss_and_grad(m.params, x.astype(np.float64), np.zeros((1, 3, 2)),
                                          kl_active=None, estimator="reparam")
     assert np.isfinite(loss) and grad.shape == m.params.shape
+
+
+def test_an_estimator_a_backend_lacks_is_refused_naming_the_backends_that_have_it():
+    """interface.require_estimator, the one check of the capability (the backends' loss_and_grad, the
+    model, the trainers and the run's configuration use it): one line, naming the backends whose class
+    declares the estimator for this kind of model."""
+    assert interface.implementing("reparam") == ["numpy", "numba", "cuda"]
+    assert interface.implementing("dreg") == ["numpy", "numba"]
+    assert interface.implementing("dreg", stack=True) == ["numpy", "numba", "cuda"]
+    assert interface.implementing("score") == ["numpy"]
+    interface.require_estimator(kernels.backend_class("numba"), "dreg")          # declared: no error
+    with pytest.raises(ValueError) as e:
+        interface.require_estimator(kernels.backend_class("cuda"), "dreg", stack=False)
+    assert str(e.value) == ("estimator 'dreg' is not implemented on backend 'cuda' for one stochastic layer; "
+                            "it runs on backend 'numpy' or 'numba' only")
+    with pytest.raises(ValueError, match="^unknown estimator 'pathwise'"):
+        interface.require_estimator(kernels.backend_class("numba"), "pathwise")
+
+
+def test_the_numba_backend_refuses_what_it_lacks_in_loss_and_grad():
+    """Called directly (not through the model), the backend itself refuses an estimator it lacks."""
+    m = VAE(6, 2, hidden=(5,), dtype="float64", backend="numba")
+    x = (np.random.default_rng(1).random((3, 6)) > 0.5).astype(np.float64)
+    with pytest.raises(ValueError, match="estimator 'score' is not implemented on backend 'numba' for one "
+                                         "stochastic layer; it runs on backend 'numpy' only"):
+        m.backend.loss_and_grad(m.params, x, np.zeros((1, 3, 2)), estimator="score")
+
+
+def test_the_run_configuration_and_auto_follow_the_declared_estimators():
+    """trainconfig: --estimator dreg of one stochastic layer on numba is accepted (the backend declares
+    it), on cuda refused with the backends that run it; --backend auto picks the fastest that does."""
+    from minivae.trainconfig import TrainConfig, auto_backend
+    TrainConfig(objective="iwae", estimator="dreg", backend="numba").validate()
+    with pytest.raises(ValueError, match="--estimator dreg runs on --backend numpy or numba only, got 'cuda'"):
+        TrainConfig(objective="iwae", estimator="dreg", backend="cuda").validate()
+    TrainConfig(objective="iwae", estimator="dreg", backend="cuda", z_dim=(3, 2), hidden=((4,), ())).validate()
+    dreg = TrainConfig(objective="iwae", estimator="dreg", backend="auto")
+    assert auto_backend(dreg, gpu=True) == "numba" and auto_backend(dreg, gpu=False) == "numba"
+    score = TrainConfig(objective="elbo", estimator="score", backend="auto")
+    assert auto_backend(score, gpu=True) == "numpy"
+    stack = TrainConfig(objective="iwae", estimator="dreg", backend="auto", z_dim=(3, 2), hidden=((4,), ()))
+    assert auto_backend(stack, gpu=True) == "cuda"
+    assert auto_backend(TrainConfig(), gpu=True) == "cuda" and auto_backend(TrainConfig(), gpu=False) == "numba"

@@ -171,7 +171,9 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch):
             sparams = stack.spec.layout.init(rng, dtype)
             seps = (eps, rng.standard_normal((2, n, 2)).astype(dtype))
             stack.loss_and_grad(sparams, x, seps, objective="iwae", estimator="dreg")
+            stack.loss_and_grad(sparams, x, seps, objective="elbo")
             stack.bound(sparams, x, seps, "elbo")
+            stack.make_trainer(sparams.copy(), make_optimizer("adam", sparams.size, dtype.__name__)).step(x, seps)
             assert stack.recorded
             launches.update(stack.recorded)
     for grid, block in launches.values():
@@ -188,3 +190,7 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch):
     assert names >= {"gemm_tiled", "gemm_regtile", "bias_act", "act_backward", "bias_grad", "reparam_kl",
                      "likelihood", "iwae_weights", "scale_rows", "posterior_backward", "gather_rows",
                      "adam_update", "sgd_update", "adagrad_update"}, names
+    stack_kernels = {"stack_gauss_fwd", "stack_gauss_logpdf_add", "stack_gauss_logpdf_bwd", "stack_prior_add",
+                     "stack_prior_bwd", "stack_logq_eps_add", "stack_kl_add", "stack_posterior_bwd", "stack_upstream",
+                     "stack_dreg_factor", "stack_scale_rows_by", "stack_add", "stack_elbo_bound"}
+    assert names >= stack_kernels, stack_kernels - names

@@ -30,6 +30,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import config, require_one_stochastic_layer
+from .interface import require_estimator
 from .numba_cache import configure as _configure_cache
 from .gemm import gemm_nn, gemm_nt, gemm_tn, pack_size
 from .. import threads  # noqa: F401  (sets OMP_WAIT_POLICY before the first prange)
@@ -899,6 +900,7 @@ class Workspace(BufferTable):
 class NumbaBackend:
     """Same interface and numbers as NumpyBackend (§6), computed by the fused kernels above."""
     name = "numba"
+    estimators = ("reparam", "dreg")     # dreg: through cpu_stack.stack_step_ with S = 1 (_dreg)
     update_kernels = {"sgd": sgd_update, "adagrad": adagrad_update, "adam": adam_update}
     max_workspaces = 4       # (n, L) shapes kept; evaluation's last short batch adds one more
 
@@ -913,6 +915,7 @@ class NumbaBackend:
         self.lik = LIK_CODES[spec.likelihood]
         self.cb_switch = float(_CB_TAYLOR.get(self.dtype, 1e-2))
         self._ws = OrderedDict()
+        self._stack = None       # cpu_stack.NumbaStackBackend for S = 1: DReG's pass, built on first use
 
     def workspace(self, n, L) -> Workspace:
         """The buffers of an (n, L) pass, allocated on first use and then reused."""
@@ -961,10 +964,14 @@ class NumbaBackend:
         return res
 
     def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
-                      kl_active=None):
+                      kl_active=None, estimator="reparam"):
         """Batch mean of the negative bound and its gradient in the flat layout.   §6
-        ``kl_active``: see objectives.elbo_loss (free bits decided on a larger batch)."""
+        ``kl_active``: see objectives.elbo_loss (free bits decided on a larger batch).
+        ``estimator="dreg"`` (IWAE, §12): the stack's fused pass, cpu_stack.stack_step_, for S = 1."""
+        require_estimator(self, estimator)
         self._check(params, x, eps)
+        if estimator == "dreg":
+            return self._dreg(params, x, eps, beta, objective, grad)
         active = _NO_MASK if kl_active is None else np.ascontiguousarray(kl_active, dtype=np.float64)
         L, n, _ = eps.shape
         gemm, mb, nb = self._gemm()
@@ -976,3 +983,14 @@ class NumbaBackend:
                               OBJECTIVES.index(objective), float(beta), float(free_bits), active,
                               (gemm, mb, nb))
         return float(loss), grad
+
+    def _dreg(self, params, x, eps, beta, objective, grad):
+        """DReG (§12) through kernels/cpu_stack.py's pass with S = 1 (eps as a tuple of one array):
+        the fused one-layer pass above implements the reparameterized gradient only."""
+        if objective != "iwae":
+            raise ValueError("estimator 'dreg' applies to the iwae objective only")
+        if self._stack is None:
+            from .cpu_stack import NumbaStackBackend
+            self._stack = NumbaStackBackend(self.spec, self.dtype)
+        return self._stack.loss_and_grad(params, x, (eps,), beta=beta, objective=objective, grad=grad,
+                                         estimator="dreg")

@@ -161,16 +161,19 @@ def logq_eps_add_(eps, out, shared, acc, w):
 
 @njit(cache=True, error_model="numpy")
 def kl_add_(out, acc, w):
-    """acc[r] += w sum_j KL_rj, KL = 1/2 (mu^2 + expm1(logvar) - logvar), per row of out: (R, 2Z).
+    """acc[r] += w sum_j KL_mj, KL = 1/2 (mu^2 + expm1(logvar) - logvar), from row m = r mod m_out of
+    out: (m_out, 2Z), acc: (R,): m_out = R for a top layer S > 1 (one posterior per sample), n for
+    S = 1 (one per example, shared by the L samples of rows r = l n + i).
     Oracle: distributions.kl_forward (summed over Z).   §3.2, §11.2"""
-    R = out.shape[0]
+    M = out.shape[0]
     Z = out.shape[1] // 2
     half = out.dtype.type(0.5)
-    for r in range(R):
+    for r in range(acc.shape[0]):
+        m = r % M
         t = 0.0
         for j in range(Z):
-            mu = out[r, j]
-            lv = out[r, Z + j]
+            mu = out[m, j]
+            lv = out[m, Z + j]
             t += half * (mu * mu + (np.expm1(lv) - lv))
         acc[r] += w * t
 
@@ -184,8 +187,8 @@ def posterior_bwd_(dz, eps, z, std, out, dout, sq, aq, qs, ckl, stopped, shared)
       stopped (DReG, §12): log N(z; mu, logvar) with mu, logvar stopped: dz += -a u (u = (z - mu) e^-logvar),
         and sq = dout + [a u | a ((z - mu) u - 1)/2] (the input-only upstream; not formed when shared);
     reparameterization (§3.1): dmu = dz, dlogvar = 1/2 std dz eps, summed over samples when shared;
-    the top layer's analytic KL with weight ckl (§3.2, per row; never shared): dmu += ckl mu,
-    dlogvar += ckl expm1(logvar)/2.
+    the top layer's analytic KL with weight ckl (§3.2, per row r; when shared, S = 1, each example's
+    L rows add up to L ckl): dmu += ckl mu, dlogvar += ckl expm1(logvar)/2.
     Oracles: distributions.reparam_backward, log_posterior_eps_backward, gauss_logpdf_backward, kl_backward.
     """
     L, n, Z = eps.shape
@@ -287,7 +290,7 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     """Forward (F1-F6, G of §11.3), the objective (B1) and, when want_grad, the backward (B2-B9) into
     ``grad``. Returns the loss; the per-example bound is left in ws64's ``bound``.
 
-    eps: a tuple of S arrays (L, n, Z_l).  codes = (act, lik, objective 0 ELBO / 1 IWAE, dreg, want_grad);
+    eps: a tuple of S >= 1 arrays (L, n, Z_l) (S = 1: the numba one-layer backend's DReG, kernels/cpu.py).  codes = (act, lik, objective 0 ELBO / 1 IWAE, dreg, want_grad);
     reals = (beta, var_floor, cb_switch);  gemm_tiles = (gemm, mb, nb).
     bo rows (StackWorkspace): t < nl layer outputs, nl + t their gradients, then 6 per layer
     (z, dz, std, tmp, sq, u), then the custom GEMM's panel buffer p1 (pack2 is empty, kept so the
@@ -341,7 +344,7 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     top = _buf(ws, bo, blk[2 * S - 2, 1])
     if iwae:
         prior_add_(_buf(ws, bo, G + 6 * (S - 1)), logw, beta)
-        logq_eps_add_(eps[S - 1], top, False, logw, -beta)
+        logq_eps_add_(eps[S - 1], top, S == 1, logw, -beta)          # S = 1: the top is layer 1
         loss = iwae_objective_(logw, L, n, bound, dlogw)
     else:
         kl_add_(top, logw, -beta)

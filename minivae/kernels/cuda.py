@@ -57,6 +57,7 @@ import numpy as np
 
 from .. import distributions as dist
 from . import require_one_stochastic_layer
+from .interface import require_estimator
 from .. import objectives as obj
 
 
@@ -177,6 +178,7 @@ class _Workspace:
 class CudaBackend:
     """numba.cuda backend with the NumpyBackend interface (host arrays in and out).   §9"""
     name = "cuda"
+    estimators = ("reparam",)      # the fused pass; score and DReG of one layer: numpy (and numba)
     max_workspaces = 4
 
     def __init__(self, spec, dtype, config=None):
@@ -209,6 +211,7 @@ class CudaBackend:
         self._loss = cuda.to_device(np.zeros(1, np.float64))    # loss accumulator (atomic adds)
         self._zero = np.zeros(1, np.float64)
         self._no_states = create_states(1, seed=0)     # placeholder when eps is given
+        self._no_active = cuda.to_device(np.zeros(1, np.float64))   # placeholder when kl_active is not
         for prefix, fan_in, fan_out in self.layout.layers:       # [W; b] is one (I+1, O) block (§1)
             w, b = self.layout.slots[prefix + ".W"], self.layout.slots[prefix + ".b"]
             assert b.offset == w.offset + fan_in * fan_out
@@ -326,9 +329,10 @@ class CudaBackend:
         self._launch(like, (head.shape[0],), (self.config.block,), x, head, G, ll, self.lik,
                      self._log_floor, self._cb_switch, scale, int(grad), self._loss, loss_w)
 
-    def _forward_backward(self, P, Gr, ws, beta, objective, free_bits, states=None):
+    def _forward_backward(self, P, Gr, ws, beta, objective, free_bits, states=None, kl_active=None):
         """The whole pass of §6 on device buffers: the loss is added to the accumulator, the
-        gradient written into the views Gr. ws.x holds the batch; ws.eps the noise unless drawn."""
+        gradient written into the views Gr. ws.x holds the batch; ws.eps the noise unless drawn.
+        ``kl_active``: None, or a (Z,) float64 device array, the free-bits decision (§5.3, §10)."""
         ck = self.ck
         n, L = ws.n, ws.L
         iwae = objective == "iwae"
@@ -352,7 +356,9 @@ class CudaBackend:
             dy = dx
         _, post = ck.rowsum_kernels(self.config.block, self.dtype.name)
         self._launch(post, (self.spec.z_dim,), (self.config.block,), ws.out, ws.eps, ws.z, ws.dz,
-                     ws.kl, ws.dlw, ws.dout, beta, free_bits, int(iwae), self._loss)
+                     ws.kl, ws.dlw, ws.dout, beta, free_bits,
+                     self._no_active if kl_active is None else kl_active, int(kl_active is not None),
+                     int(iwae), self._loss)
         inputs = [ws.x] + ws.h_enc
         dy = ws.dout
         for k in reversed(range(len(P["enc"]))):
@@ -406,17 +412,27 @@ class CudaBackend:
                       scratch, 1.0 / n)
         return ws.bound.copy_to_host()
 
-    def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None):
-        """Batch mean of the negative bound and its gradient in the flat layout (host arrays).   §6"""
+    def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
+                      kl_active=None, estimator="reparam"):
+        """Batch mean of the negative bound and its gradient in the flat layout (host arrays).   §6
+        ``kl_active`` (Z,): the free-bits decision taken on a larger batch (objectives.elbo_loss);
+        ``estimator``: "reparam" only (``estimators``; interface.require_estimator names the others)."""
+        require_estimator(self, estimator)
         cuda = self.cuda
         L, n, _ = eps.shape
+        active = None
+        if kl_active is not None:
+            active = np.ascontiguousarray(kl_active, dtype=np.float64)
+            if active.shape != (self.spec.z_dim,):
+                raise ValueError(f"kl_active must have shape ({self.spec.z_dim},), got {active.shape}")
+            active = cuda.to_device(active)
         ws = self._workspace(n, L)
         ws.x.copy_to_device(np.ascontiguousarray(x, dtype=self.dtype))
         ws.eps.copy_to_device(np.ascontiguousarray(eps, dtype=self.dtype))
         dg = cuda.device_array(self.layout.size, dtype=self.dtype)
         self._take_loss()                                  # start from a zero accumulator
         self._forward_backward(self._views(cuda.to_device(params)), self._views(dg), ws,
-                               float(beta), objective, float(free_bits))
+                               float(beta), objective, float(free_bits), kl_active=active)
         loss = self._take_loss()
         if grad is None:
             grad = np.empty(self.layout.size, dtype=self.dtype)
@@ -496,9 +512,6 @@ class CudaTrainer:
         obj.check_objective(objective)
         if free_bits > 0 and objective != "elbo":
             raise ValueError("free_bits applies to the ELBO objective only")
-        if free_bits > 0 and comm is not None and getattr(comm, "size", 1) > 1:
-            raise ValueError("free bits with --distributed is not supported on the cuda backend "
-                             "(use --backend numpy or numba, or drop --free-bits)")
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
         if isinstance(loss_every, bool) or not isinstance(loss_every, (int, np.integer)) or loss_every < 1:
@@ -527,6 +540,7 @@ class CudaTrainer:
         self._states = None
         self._idx = {}
         self._g_host = None
+        self._kl_active = None                                     # (Z,) device: free bits over ranks
 
     # -- data on the device ---------------------------------------------------------------------
     def attach_data(self, x_train):
@@ -591,13 +605,15 @@ class CudaTrainer:
         if self._g_host is None and (distributed or ws is None):
             self._g_host = np.zeros(self.dg.shape, dtype=self.dg.dtype)
         self.error = None
+        active = self._kl_active_over_ranks(ws) if distributed and self.free_bits > 0 else None
         if ws is None:
             self._g_host[...] = 0                        # no rows: a zero gradient, no loss
             self.dg.copy_to_device(self._g_host)
-        else:
+        elif self.error is None:
             saved, be._loss = be._loss, self.loss_acc    # accumulate this trainer's losses
             try:
-                be._forward_backward(self.P, self.Gr, ws, float(beta), self.objective, self.free_bits, states)
+                be._forward_backward(self.P, self.Gr, ws, float(beta), self.objective, self.free_bits, states,
+                                     kl_active=active)
             except Exception as e:
                 # with other ranks waiting in the all-reduce, keep the exception and join it with a
                 # NaN gradient: the training loop reads ``error`` and stops every rank (as HostTrainer)
@@ -621,6 +637,27 @@ class CudaTrainer:
         if self.pending >= self.loss_every:
             return self.flush_loss()
         return None
+
+    def _kl_active_over_ranks(self, ws):
+        """Free bits over ranks (§5.3, §10): this share's per-dimension KL sum from an encoder pass
+        (its (n, 2Z) posterior copied to the host), the ranks' all-reduce of Z + 1 numbers
+        (trainers.kl_active_over_ranks, as HostTrainer) and the decision, (Z,), back to the device."""
+        from ..trainers import kl_active_over_ranks
+        be, Z = self.backend, self.backend.spec.z_dim
+        kl_sum, n = np.zeros(Z), 0
+        if ws is not None:
+            try:
+                be._encoder(self.P, ws.x, ws.h_enc, ws.out)
+                out = ws.out.copy_to_host().astype(np.float64)
+                kl_sum, n = dist.kl_forward(out[:, :Z], out[:, Z:]).sum(axis=0), ws.n
+            except Exception as e:     # joins the collective all the same (see _step)
+                self.error, kl_sum = e, np.full(Z, np.nan)
+        active = kl_active_over_ranks(self.comm, kl_sum, n, self.free_bits)
+        if self._kl_active is None:
+            self._kl_active = self.cuda.to_device(active)
+        else:
+            self._kl_active.copy_to_device(active)
+        return self._kl_active
 
     def _update(self):
         """The optimizer step on the device; the step count t stays on the host.   §8"""

@@ -474,15 +474,19 @@ def rowsum_kernels(B, dtype):
                 cuda.atomic.add(loss_acc, 0, loss_w * total)
 
     @cuda.jit
-    def posterior_backward(out, eps, z, dz, kl, dlw, dout, beta, free_bits, iwae, loss_acc):
+    def posterior_backward(out, eps, z, dz, kl, dlw, dout, beta, free_bits, kl_active, given, iwae,
+                           loss_acc):
         """One block per latent dim j, threads over the n examples. Back through z = mu + std eps
         and the KL (or, for IWAE, log p(z) - log q(z|x)) into dout = [dmu | dlogvar]:   §3, §5, §6
 
-          ELBO: kl_j = 1/n sum_i KL_ij (block sum); charged max(kl_j, free_bits) into the loss;
-                dKL_ij = beta/n if kl_j > free_bits (or no free bits) else 0
+          ELBO: kl_j = 1/n sum_i KL_ij (block sum); with free bits, dim j is on when kl_j > free_bits,
+                or, when ``given``, when kl_active[j] > 0 (the decision taken over every rank's share,
+                §5.3, §10); charged kl_j if on else free_bits into the loss;
+                dKL_ij = beta/n if on (or no free bits) else 0   (oracle: objectives.elbo_loss)
                 dmu = sum_l dz + dKL mu;   dlogvar = std/2 sum_l dz eps + dKL expm1(logvar)/2
           IWAE: dz += beta dlogw (-z)   (d log p(z)/dz);   dlogvar += beta/2 sum_l dlogw
-        out, dout: (n, 2Z); eps: (L, n, Z); z, dz: (R, Z); kl: (n, Z); dlw: (L, n)."""
+        out, dout: (n, 2Z); eps: (L, n, Z); z, dz: (R, Z); kl: (n, Z); dlw: (L, n); kl_active: (Z,)
+        float64 when ``given``, else any placeholder."""
         sh = cuda.shared.array(B, acc)
         j = cuda.blockIdx.x
         L = eps.shape[0]
@@ -495,8 +499,9 @@ def rowsum_kernels(B, dtype):
                 s += kl[i, j]
             kl_j = _block_sum(sh, s) / n
             if free_bits > 0:
-                charged = kl_j if kl_j > free_bits else free_bits
-                dkl = beta / n if kl_j > free_bits else 0.0
+                on = kl_active[j] > 0 if given else kl_j > free_bits
+                charged = kl_j if on else free_bits
+                dkl = beta / n if on else 0.0
             else:
                 charged = kl_j
                 dkl = beta / n
@@ -568,3 +573,242 @@ def adam_update(p, g, m, v, step_size, beta1, beta2, inv_sqrt_bc2, eps, wd):
         m[k] = mk
         v[k] = vk
         p[k] -= step_size * mk / (math.sqrt(vk) * inv_sqrt_bc2 + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stack's Gaussian stage and objective (docs/math.md §3, §11, §12), for kernels/cuda_stack.py.
+# One thread per decoder row r = l n + i (R = L n rows) unless said otherwise; each mirrors the
+# numba kernel of the same name in kernels/cpu_stack.py and names its NumPy oracle. Per-row sums
+# are float64 (acc, a, f: (R,) float64), as there.
+# ----------------------------------------------------------------------------------------------
+
+@cuda.jit
+def stack_gauss_fwd(out, eps, std, z, shared):
+    """std = exp(logvar/2), z = mu + std eps.   out: (m, 2Z) = [mu | logvar], m = n when ``shared``
+    (layer 1: one posterior per example for every sample) else R;  eps: (L, n, Z);  std: (m, Z);
+    z: (R, Z). Oracle: distributions.reparam_forward (cpu_stack.gauss_fwd_).   §3.1, §11.1"""
+    r = cuda.grid(1)
+    L, n, Z = eps.shape
+    if r >= L * n:
+        return
+    l = r // n
+    i = r - l * n
+    m = i if shared else r
+    for j in range(Z):
+        s = math.exp(0.5 * out[m, Z + j])
+        if m == r or l == 0:                       # each std row written by one thread
+            std[m, j] = s
+        z[r, j] = out[m, j] + s * eps[l, i, j]
+
+
+@cuda.jit
+def stack_gauss_logpdf_add(z, pm, acc, w, u):
+    """acc[r] += w log N(z_r; m_r, s_r) = w (-1/2 sum_j ((z - m)^2 e^-s + s + log 2pi)); keeps
+    u = (z - m) e^-s for the backward.   z, u: (R, Z);  pm: (R, 2Z) = [m | s].
+    Oracle: distributions.gauss_logpdf (cpu_stack.gauss_logpdf_add_).   §11.1"""
+    r = cuda.grid(1)
+    R, Z = z.shape
+    if r >= R:
+        return
+    t = 0.0
+    for j in range(Z):
+        d = z[r, j] - pm[r, j]
+        s = pm[r, Z + j]
+        uu = d * math.exp(-s)
+        u[r, j] = uu
+        t += d * uu + s
+    acc[r] += w * (-0.5 * (t + Z * LOG_2PI))
+
+
+@cuda.jit
+def stack_gauss_logpdf_bwd(a, z, pm, u, dz, dpm):
+    """With u from stack_gauss_logpdf_add and upstream a[r]:  dz += -a u;
+    dpm = [a u | a ((z - m) u - 1)/2].   a: (R,);  z, u, dz: (R, Z);  pm, dpm: (R, 2Z).
+    Oracle: distributions.gauss_logpdf_backward (cpu_stack.gauss_logpdf_bwd_).   §11.1"""
+    r = cuda.grid(1)
+    R, Z = z.shape
+    if r >= R:
+        return
+    g = a[r]
+    for j in range(Z):
+        d = z[r, j] - pm[r, j]
+        uu = u[r, j]
+        dz[r, j] += -g * uu
+        dpm[r, j] = g * uu
+        dpm[r, Z + j] = 0.5 * g * (d * uu - 1.0)
+
+
+@cuda.jit
+def stack_prior_add(z, acc, w):
+    """acc[r] += w log N(z_r; 0, I) = w (-1/2 sum_j (z^2 + log 2pi)).
+    Oracle: distributions.log_prior (cpu_stack.prior_add_).   §3.3"""
+    r = cuda.grid(1)
+    R, Z = z.shape
+    if r >= R:
+        return
+    t = 0.0
+    for j in range(Z):
+        t += z[r, j] * z[r, j]
+    acc[r] += w * (-0.5 * (t + Z * LOG_2PI))
+
+
+@cuda.jit
+def stack_prior_bwd(a, z, dz):
+    """dz += a[r] (-z).   Oracle: distributions.log_prior_backward (cpu_stack.prior_bwd_).   §3.3"""
+    r = cuda.grid(1)
+    R, Z = z.shape
+    if r >= R:
+        return
+    g = a[r]
+    for j in range(Z):
+        dz[r, j] += -g * z[r, j]
+
+
+@cuda.jit
+def stack_logq_eps_add(eps, out, shared, acc, w):
+    """acc[r] += w log q(z_r) in eps form = w (-1/2 (sum_j eps^2 + sum_j (log 2pi + logvar))).
+    out: (m, 2Z) as in stack_gauss_fwd. Oracle: distributions.log_posterior_eps
+    (cpu_stack.logq_eps_add_).   §3.3"""
+    r = cuda.grid(1)
+    L, n, Z = eps.shape
+    if r >= L * n:
+        return
+    l = r // n
+    i = r - l * n
+    m = i if shared else r
+    t = 0.0
+    for j in range(Z):
+        e = eps[l, i, j]
+        t += e * e + out[m, Z + j]
+    acc[r] += w * (-0.5 * (t + Z * LOG_2PI))
+
+
+@cuda.jit
+def stack_kl_add(out, acc, w):
+    """acc[r] += w sum_j KL_mj, KL = 1/2 (mu^2 + expm1(logvar) - logvar), m = r mod m_out, out:
+    (m_out, 2Z), acc: (R,). Oracle: distributions.kl_forward summed over Z (cpu_stack.kl_add_).  §3.2"""
+    r = cuda.grid(1)
+    if r >= acc.shape[0]:
+        return
+    M = out.shape[0]
+    Z = out.shape[1] // 2
+    m = r % M
+    t = 0.0
+    for j in range(Z):
+        mu = out[m, j]
+        lv = out[m, Z + j]
+        t += 0.5 * (mu * mu + (math.expm1(lv) - lv))
+    acc[r] += w * t
+
+
+@cuda.jit
+def stack_posterior_bwd(dz, eps, z, std, out, dout, sq, aq, qs, ckl, stopped, shared):
+    """Layer l's B5-B6 (§6, §11.3, §12): from dz (R, Z) to dout = [dmu | dlogvar] (m, 2Z). One thread
+    per row of ``out`` (per example when ``shared``, summing its L samples; else per row r).
+    Per row r with a = qs aq[r]: not stopped: dlogvar += -a/2 (log q in eps form); stopped (DReG):
+    dz += -a u (u = (z - mu) e^-logvar) and sq = dout + [a u | a ((z - mu) u - 1)/2] (not shared);
+    reparameterization: dmu = dz, dlogvar = std/2 dz eps; the top KL with weight ckl per row:
+    dmu += ckl mu, dlogvar += ckl expm1(logvar)/2.
+    Oracles: distributions.reparam_backward, log_posterior_eps_backward, gauss_logpdf_backward,
+    kl_backward (cpu_stack.posterior_bwd_)."""
+    m = cuda.grid(1)
+    L, n, Z = eps.shape
+    M = out.shape[0]
+    if m >= M:
+        return
+    rows = L if shared else 1
+    for j in range(Z):
+        mu = out[m, j]
+        lv = out[m, Z + j]
+        sm = 0.0 * mu
+        sv = 0.0 * mu
+        for k in range(rows):
+            r = k * n + m if shared else m
+            l = r // n
+            i = r - l * n
+            a = qs * aq[r]
+            g = dz[r, j]
+            qm = 0.0
+            qv = 0.0
+            if stopped:
+                d = z[r, j] - mu
+                u = d * math.exp(-lv)
+                g = g - a * u
+                qm = a * u
+                qv = 0.5 * a * (d * u - 1.0)
+            dmu = g
+            dlv = 0.5 * std[m, j] * (g * eps[l, i, j])
+            if not stopped:
+                dlv = dlv - 0.5 * a
+            if ckl != 0.0:
+                dmu = dmu + ckl * mu
+                dlv = dlv + ckl * 0.5 * math.expm1(lv)
+            sm += dmu
+            sv += dlv
+            if stopped and not shared:
+                sq[r, j] = dmu + qm
+                sq[r, Z + j] = dlv + qv
+        dout[m, j] = sm
+        dout[m, Z + j] = sv
+
+
+@cuda.jit
+def stack_upstream(dlogw, iwae, beta, c, ap, aq):
+    """The upstream of every log p term, ap = beta dlogw (IWAE) or -beta c (ELBO, c = 1/(nL)), and of
+    every log q term, aq = -ap.   (R,) float64.   Oracle: NumpyBackend._iwae_upstream, stack_elbo_loss."""
+    r = cuda.grid(1)
+    if r >= ap.shape[0]:
+        return
+    v = beta * dlogw[r] if iwae else -beta * c
+    ap[r] = v
+    aq[r] = -v
+
+
+@cuda.jit
+def stack_dreg_factor(dlogw, n, beta, fac, aq):
+    """From IWAE's dlogw = -w~/n: fac = (1 - beta) + beta w~ (DReG's weights over IWAE's) and
+    aq = -beta x DReG's weights, -((1-beta) w~ + beta w~^2)/n.
+    Oracle: objectives.dreg_weights (cpu_stack.dreg_factor_).   §12"""
+    r = cuda.grid(1)
+    if r >= dlogw.shape[0]:
+        return
+    wt = -n * dlogw[r]
+    fac[r] = (1.0 - beta) + beta * wt
+    aq[r] = -beta * (-((1.0 - beta) * wt + beta * wt * wt) / n)
+
+
+@cuda.jit
+def stack_scale_rows_by(a, f):
+    """a[r, :] *= f[r].   a: (R, Z), f: (R,) float64.   (cpu_stack.scale_rows_by_)"""
+    r = cuda.grid(1)
+    if r >= a.shape[0]:
+        return
+    for j in range(a.shape[1]):
+        a[r, j] *= f[r]
+
+
+@cuda.jit
+def stack_add(a, b):
+    """a += b, (R, Z).   (cpu_stack.add_)"""
+    r = cuda.grid(1)
+    if r >= a.shape[0]:
+        return
+    for j in range(a.shape[1]):
+        a[r, j] += b[r, j]
+
+
+@cuda.jit
+def stack_elbo_bound(logw, L, bound, loss_acc):
+    """One thread per example i: bound_i = 1/L sum_l logw[l n + i] (the stack's ELBO, §11.2), and
+    -bound_i / n added to the loss.   logw: (R,) float64, bound: (n,) float64.
+    Oracle: objectives.stack_elbo_per_example (cpu_stack.stack_step_'s ELBO mean)."""
+    i = cuda.grid(1)
+    n = bound.shape[0]
+    if i >= n:
+        return
+    t = 0.0
+    for l in range(L):
+        t += logw[l * n + i]
+    b = t / L
+    bound[i] = b
+    cuda.atomic.add(loss_acc, 0, -b / n)

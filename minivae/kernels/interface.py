@@ -76,6 +76,35 @@ def declare(cls):
     return cls
 
 
+def implementing(estimator, stack=False) -> list[str]:
+    """The concrete backends whose class (for a stack of S > 1 stochastic layers when ``stack``)
+    declares ``estimator`` in its ``estimators``, in the registry's order. Importing the classes
+    needs no GPU."""
+    from . import CONCRETE_BACKENDS, backend_class
+    if estimator == "reparam":                    # every backend's (missing_or_different checks it)
+        return list(CONCRETE_BACKENDS)
+    return [name for name in CONCRETE_BACKENDS if estimator in backend_class(name, stack).estimators]
+
+
+def require_estimator(backend, estimator, stack=None):
+    """One-line ValueError when ``backend`` (a backend instance or class) does not implement
+    ``estimator``, naming the backends that do. ``stack``: whether the model has S > 1 stochastic
+    layers (read from ``backend.spec`` for an instance). The one check of this capability: the
+    backends' loss_and_grad, the model and the trainers all call it."""
+    if estimator in backend.estimators:
+        return
+    from ..objectives import check_estimator
+    check_estimator(estimator)                       # an unknown name: the list of known ones
+    if stack is None:
+        stack = getattr(getattr(backend, "spec", None), "n_stochastic", 1) > 1
+    where = "a stack of stochastic layers" if stack else "one stochastic layer"
+    others = implementing(estimator, stack)
+    runs_on = (f"it runs on backend {' or '.join(map(repr, others))} only" if others
+               else "no backend implements it")
+    raise ValueError(f"estimator {estimator!r} is not implemented on backend {backend.name!r} for {where}; "
+                     f"{runs_on}")
+
+
 def missing_or_different(cls) -> list[str]:
     """How ``cls`` departs from :class:`Backend`, one line per difference (empty: it conforms).
 

@@ -68,6 +68,36 @@ def test_free_bits_match_numpy(free_bits, rng):
     assert_close_per_tensor(spec.layout, g_ref, g, 1e-4)
 
 
+def test_kl_active_matches_numpy(rng):
+    """``kl_active``, the free-bits decision of every rank's share (§5.3, §10), overrides this batch's:
+    here the reverse of it, so every dimension's charge and gradient differ from the local decision.
+    float64, to rounding."""
+    from minivae.distributions import kl_forward
+    from minivae.kernels.cuda import CudaBackend
+    spec, ref, params, x, eps = problem(rng, "bernoulli", (5,), "tanh", dtype=np.float64, n=5)
+    be = CudaBackend(spec, np.float64, CONFIGS[1])
+    mu, logvar = ref.encode(params, x)
+    kl_dim = kl_forward(mu, logvar).mean(axis=0)
+    free_bits = float(np.median(kl_dim))
+    kl_active = (kl_dim <= free_bits).astype(np.float64)           # the local decision, reversed
+    kw = dict(beta=1.3, free_bits=free_bits, kl_active=kl_active)
+    l_ref, g_ref = ref.loss_and_grad(params, x, eps, **kw)
+    loss, g = be.loss_and_grad(params, x, eps, **kw)
+    l_loc, _ = ref.loss_and_grad(params, x, eps, beta=1.3, free_bits=free_bits)
+    assert l_loc != pytest.approx(l_ref, rel=1e-6)                  # the decision matters here
+    assert loss == pytest.approx(l_ref, rel=1e-12)
+    assert_close_per_tensor(spec.layout, g_ref, g, 1e-11)
+
+
+def test_estimators_the_fused_pass_lacks_are_refused_by_name(rng):
+    spec, ref, params, x, eps = problem(rng, "bernoulli", (5,), "relu")
+    be = make_backend(CONFIGS[0], hidden=(5,))
+    for est in ("dreg", "score"):
+        with pytest.raises(ValueError, match=rf"estimator '{est}' is not implemented on backend 'cuda'.*"
+                                             r"it runs on backend 'numpy'"):
+            be.loss_and_grad(params, x, eps, objective="iwae" if est == "dreg" else "elbo", estimator=est)
+
+
 @pytest.mark.parametrize("objective", ["elbo", "iwae"])
 def test_float64_matches_to_rounding(objective, rng):
     spec, ref, params, x, eps = problem(rng, "gaussian", (4, 3), "softplus", dtype=np.float64)

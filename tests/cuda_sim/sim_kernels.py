@@ -194,9 +194,11 @@ def test_iwae_weights_kernel(rng):
     assert acc.copy_to_host()[0] == pytest.approx(loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("objective,free_bits", [("elbo", 0.0), ("elbo", "median"), ("iwae", 0.0)])
-def test_posterior_backward_kernel(objective, free_bits, rng):
-    """dmu, dlogvar through z = mu + std eps and the KL (with free bits), or IWAE's prior terms."""
+@pytest.mark.parametrize("objective,free_bits,kl_active", [("elbo", 0.0, None), ("elbo", "median", None),
+                                                       ("elbo", "median", "flip"), ("iwae", 0.0, None)])
+def test_posterior_backward_kernel(objective, free_bits, kl_active, rng):
+    """dmu, dlogvar through z = mu + std eps and the KL (with free bits: decided here, or by
+    ``kl_active``, the decision of every rank's share), or IWAE's prior terms."""
     be = make_backend(CONFIGS[0])
     L, n, Z, beta = 2, 5, 4, 0.8
     mu = rng.standard_normal((n, Z)).astype(np.float32)
@@ -207,14 +209,18 @@ def test_posterior_backward_kernel(objective, free_bits, rng):
     kl = dist.kl_forward(mu, lv)
     if free_bits == "median":                         # half the dims under the floor
         free_bits = float(np.median(kl.mean(axis=0)))
+    if kl_active == "flip":                           # the other ranks' decision: this share's, reversed
+        kl_active = (kl.mean(axis=0) <= free_bits).astype(np.float64)
     dlw = -rng.dirichlet(np.ones(L), size=n).T.astype(np.float32) / n       # (L, n), like -softmax/n
     out = np.concatenate([mu, lv], axis=1)
     dout, acc = dev(np.zeros((n, 2 * Z), np.float32)), dev(np.zeros(1))
     _, post = ck().rowsum_kernels(be.config.block, "float32")
     be._launch(post, (Z,), (be.config.block,), dev(out), dev(eps), dev(z.reshape(L * n, Z)),
-               dev(dz.reshape(L * n, Z)), dev(kl), dev(dlw), dout, beta, free_bits, int(objective == "iwae"), acc)
+               dev(dz.reshape(L * n, Z)), dev(kl), dev(dlw), dout, beta, free_bits,
+               dev(np.asarray(kl_active if kl_active is not None else [0.0], np.float64)),
+               int(kl_active is not None), int(objective == "iwae"), acc)
     if objective == "elbo":
-        loss, _, dkl = obj.elbo_loss(np.zeros((L, n)), kl, beta, free_bits)
+        loss, _, dkl = obj.elbo_loss(np.zeros((L, n)), kl, beta, free_bits, kl_active)
         dmu, dlv = dist.reparam_backward(dz, cache)
         kmu, klv = dist.kl_backward(dkl, mu, lv)
         dmu, dlv = dmu + kmu, dlv + klv

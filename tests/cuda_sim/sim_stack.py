@@ -88,8 +88,14 @@ def test_buffers_are_reused_per_block_and_rows(rng):
     spec, ref, be = stack_backend(2, "bernoulli", "relu", np.float32, CONFIGS[0])
     params, x, eps = inputs(spec, "bernoulli", np.float32, rng)
     be.loss_and_grad(params, x, eps, objective="iwae")
-    # fused: per layer one GEMM forward, two backward ([dW; db] and the input's gradient)
-    assert be.launches == 3 * len(spec.layout.layers)
+    # fused: per layer one GEMM forward, two backward ([dW; db] and the input's gradient), but x's
+    # gradient, never formed; the Gaussian stage, likelihood and objective (S = 2, IWAE): forward S
+    # reparameterizations, the likelihood, log p and log q of each lower layer (2 (S - 1)), the prior,
+    # the top log q and the weights; backward the upstream, the head's scaling, each log p's backward
+    # (S - 1), the prior's, S posterior backwards and S - 1 additions of an input gradient into dz
+    S = 2
+    stages = (S + 1 + 2 * (S - 1) + 3) + (2 + (S - 1) + 1 + S + (S - 1))
+    assert be.launches == 3 * len(spec.layout.layers) - 1 + stages
     first = {k: id(v) for k, v in be._bufs.items()}
     assert set(first) == {("enc", 3), ("enc2", 6), ("dec2", 6), ("dec", 6)}
     be.loss_and_grad(params, x, eps, objective="iwae", estimator="dreg")
@@ -119,3 +125,36 @@ def test_vae_and_training_on_cuda_with_a_stack(rng, monkeypatch):
             trainer.step(x, eps, 1.0)
         trainer.sync_params()
     np.testing.assert_allclose(m_gpu.params, m_cpu.params, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective,name", [("elbo", "adam"), ("iwae", "sgd")])
+def test_the_device_trainer_of_a_stack_matches_host_steps(objective, name, rng):
+    """CudaStackBackend.make_trainer (parameters, gradient and optimizer state on the device) against
+    NumPy steps: loss_and_grad of the reference and optim.py's update, three steps, float64; the loss
+    comes back every loss_every steps; an empty share joins with a zero gradient."""
+    from minivae.kernels.cuda_stack import CudaStackTrainer
+    from minivae.optim import make_optimizer
+    spec, ref, be = stack_backend(2, "bernoulli", "tanh", np.float64, CONFIGS[0])
+    params, x, _ = inputs(spec, "bernoulli", np.float64, rng)
+    hyper = dict(lr=0.05, momentum=0.9) if name == "sgd" else dict(lr=0.05)
+    opt_dev = make_optimizer(name, params.size, "float64", **hyper)
+    opt_host = make_optimizer(name, params.size, "float64", **hyper)
+    p_host = params.copy()
+    trainer = be.make_trainer(params.copy(), opt_dev, None, objective, 0.0, loss_every=3)
+    assert isinstance(trainer, CudaStackTrainer)
+    losses, got = [], []
+    for step in range(3):
+        eps = tuple(rng.standard_normal((2, 3, z)) for z in spec.z_dims)
+        loss, g = ref.loss_and_grad(p_host, x, eps, beta=0.8, objective=objective)
+        opt_host.step(p_host, g)
+        losses.append(loss)
+        got.append(trainer.step(x, eps, 0.8))
+    assert got[:2] == [None, None] and got[2] == pytest.approx(np.mean(losses), rel=1e-12)
+    trainer.sync_params()
+    np.testing.assert_allclose(trainer.params, p_host, rtol=1e-10, atol=1e-12)
+    for k in opt_host.state:
+        np.testing.assert_allclose(opt_dev.state[k], opt_host.state[k], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="takes eps from the host"):
+        trainer.step(x, None, 1.0)
+    with pytest.raises(ValueError, match="free_bits applies to models with one stochastic layer only"):
+        be.make_trainer(params, opt_dev, None, "elbo", 0.5)

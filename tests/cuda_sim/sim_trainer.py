@@ -139,6 +139,47 @@ def test_distributed_gradient_goes_through_the_communicator(rng):
     assert_same_state(trainer, p_host, opt_host)
 
 
+class OtherRankComm(FakeComm):
+    """Two ranks; the other rank's per-dimension KL sum is ``other`` over ``n_other`` rows."""
+
+    def __init__(self, other, n_other):
+        super().__init__()
+        self.other, self.n_other, self.sums = np.asarray(other, np.float64), n_other, []
+
+    def allreduce_sum(self, arr):
+        self.sums.append(arr.copy())
+        return arr + np.append(self.other, self.n_other)
+
+
+def test_free_bits_over_ranks_use_the_whole_minibatch_decision(rng):
+    """With free bits and more than one rank, the trainer all-reduces the per-dimension KL sums
+    (Z + 1 numbers, as trainers.HostTrainer) and the posterior backward applies the whole minibatch's
+    decision (kl_active): here the other rank's KL reverses this share's decision on every dimension."""
+    from minivae.distributions import kl_forward
+    spec, be, ref, params, X, opt_dev, opt_host = setup(rng, "sgd")
+    xb = X[:4]
+    eps = rng.standard_normal((2, 4, spec.z_dim)).astype(np.float32)
+    mu, lv = ref.encode(params, xb)
+    kl_sum = kl_forward(mu.astype(np.float64), lv.astype(np.float64)).sum(axis=0)
+    free_bits = float(np.median(kl_sum / 4))
+    local = kl_sum / 4 > free_bits
+    # the other rank's 4 rows: KL far above the floor where this share is under, zero where over
+    other = np.where(local, 0.0, 40 * free_bits + 1.0)
+    want = ((kl_sum + other) / 8 > free_bits).astype(np.float64)
+    assert (want != local).all()
+    comm = OtherRankComm(other, 4)
+    trainer = be.make_trainer(params.copy(), opt_dev, comm, "elbo", free_bits, loss_every=1)
+    loss = trainer.step(xb, eps, 1.2, weight=4)
+    assert len(comm.sums) == 1 and comm.sums[0][-1] == 4
+    np.testing.assert_allclose(comm.sums[0][:-1], kl_sum, rtol=1e-5)
+    l_ref, g_ref = ref.loss_and_grad(params, xb, eps, beta=1.2, free_bits=free_bits, kl_active=want)
+    np.testing.assert_allclose(comm.calls[0][0], g_ref, rtol=1e-4, atol=1e-6)
+    assert loss == pytest.approx(l_ref, rel=1e-5)
+    # an empty share still joins both collectives (a zero KL sum over 0 rows)
+    trainer.step(X[:0], None, 1.0, weight=0)
+    assert len(comm.sums) == 2 and not comm.sums[1].any()
+
+
 def test_a_failing_step_still_joins_the_all_reduce(rng, monkeypatch):
     """With other ranks waiting in the all-reduce, an exception in this rank's step is kept in
     ``trainer.error`` and the rank contributes a NaN gradient (the loop then stops every rank);
@@ -167,8 +208,6 @@ def test_trainer_refuses_bad_use(rng):
         trainer.step_indices(np.array([0, 1]))
     with pytest.raises(ValueError, match="free_bits"):
         be.make_trainer(params, opt_dev, None, "iwae", 0.5)
-    with pytest.raises(ValueError, match="free bits with --distributed is not supported on the cuda"):
-        be.make_trainer(params, opt_dev, FakeComm(), "elbo", 0.5)     # the floor needs all ranks' KL
     with pytest.raises(ValueError, match="x_train"):
         trainer.attach_data(X[:, :3])
 
