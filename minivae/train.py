@@ -494,7 +494,8 @@ def summarize(metrics, run_dir, plots=(), backend=None, backend_auto=False):
 def format_summary(s) -> str:
     rows = [("run folder", s["run_dir"])]
     if s.get("backend"):
-        why = {"cuda": "a GPU is usable", "numba": "no usable GPU", "numpy": "its estimator runs on numpy only"}
+        why = {"cuda": "a GPU is usable", "numba": "no usable GPU, or the estimator does not run on cuda",
+               "numpy": "its estimator runs on numpy only"}
         auto = f" (chosen by --backend auto: {why.get(s['backend'], s['backend'])})"
         rows.append(("backend", s["backend"] + (auto if s.get("backend_auto") else "")))
     unit = "per example" if s.get("loss_name") == "squared error" else "nats/example"

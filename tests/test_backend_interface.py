@@ -45,6 +45,7 @@ def test_the_known_capabilities_of_each_backend():
     assert kernels.backend_class("numba").estimators == ("reparam", "dreg")      # dreg: cpu_stack's pass
     assert kernels.backend_class("cuda").estimators == ("reparam",)
     assert kernels.backend_class("cuda", stack=True).estimators == ("reparam", "dreg")
+    assert kernels.backend_class("numba", stack=True).estimators == ("reparam", "dreg")
     assert set(kernels.backend_class("numba").update_kernels) == {"sgd", "adagrad", "adam"}
     assert kernels.backend_class("cuda").make_trainer is not None                  # CudaTrainer
     assert kernels.backend_class("numpy").make_trainer is None

@@ -471,6 +471,7 @@ class NumbaStackBackend(NumpyBackend):
     (encode, decode, sampling) are the reference's composition with the MLP blocks in cpu.py's kernels
     over a cached workspace. Oracle: ``NumpyBackend``."""
     name = "numba"
+    estimators = ("reparam", "dreg")   # stack_step_; score is the reference's (numpy) only
     update_kernels = {"sgd": sgd_update, "adagrad": adagrad_update, "adam": adam_update}
     max_workspaces = 4       # (n, L) shapes kept; evaluation's last short batch adds one more
 
