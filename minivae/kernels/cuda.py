@@ -135,6 +135,18 @@ def select_local_device(local_rank):
     return device
 
 
+def grad_to_host(dg, grad, dtype):
+    """The device gradient ``dg`` into the caller's ``grad`` (a new array when None), straight when its
+    layout allows."""
+    if grad is None:
+        grad = np.empty(dg.shape, dtype=dtype)
+    if grad.flags.c_contiguous and grad.dtype == dtype:
+        dg.copy_to_host(grad)
+    else:
+        grad[...] = dg.copy_to_host()
+    return grad
+
+
 class _Layer:
     """Device views of one linear layer in a flat vector: Wb = [W; b] (I+1, O), W (I, O), b (O,)."""
     __slots__ = ("Wb", "W", "b")
@@ -434,13 +446,7 @@ class CudaBackend:
         self._forward_backward(self._views(cuda.to_device(params)), self._views(dg), ws,
                                float(beta), objective, float(free_bits), kl_active=active)
         loss = self._take_loss()
-        if grad is None:
-            grad = np.empty(self.layout.size, dtype=self.dtype)
-        if grad.flags.c_contiguous and grad.dtype == self.dtype:
-            dg.copy_to_host(grad)
-        else:
-            grad[...] = dg.copy_to_host()
-        return loss, grad
+        return loss, grad_to_host(dg, grad, self.dtype)
 
     # -- training on the device ----------------------------------------------------------------
     def make_trainer(self, params, optimizer, comm=None, objective="elbo", free_bits=0.0, samples=1,

@@ -32,7 +32,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .cpu import cached_workspace
-from .cuda import CudaBackend, CudaTrainer, _Layer, recording_backend, unavailable_reason
+from .cuda import CudaBackend, CudaTrainer, _Layer, grad_to_host, recording_backend, unavailable_reason
 from .interface import require_estimator
 from .numpy_ import NumpyBackend
 
@@ -333,13 +333,7 @@ class CudaStackBackend(NumpyBackend):
         if free_bits > 0 or kl_active is not None:
             raise ValueError("free_bits applies to models with one stochastic layer only")
         loss, dg, _ = self._pass(params, x, eps, objective, float(beta), estimator, True)
-        if grad is None:
-            grad = np.empty(self.layout.size, dtype=self.dtype)
-        if grad.flags.c_contiguous and grad.dtype == self.dtype:
-            dg.copy_to_host(grad)
-        else:
-            grad[...] = dg.copy_to_host()
-        return loss, grad
+        return loss, grad_to_host(dg, grad, self.dtype)
 
     def bound(self, params, x, eps, objective="elbo", beta=1.0):
         """Per-example bound (n,) float64: the ELBO with the top KL analytic, or the IWAE bound.  §11.2"""
