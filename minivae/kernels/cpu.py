@@ -8,6 +8,7 @@ Fusions (§9):
     enc.head           [mu | logvar] is one GEMM: the layer already has shape (H, 2Z)
     reparam_fwd_ / posterior_bwd_   sigma, z; then dmu, dlogvar with the KL (or IWAE prior/entropy) terms
     likelihood_        log p(x|z) per row and the head's gradient, written over the head, in one pass
+                       (one generic loop over the scalar functions of minivae/likelihoods)
     act_back_colsum_   da = dh f'(h) in place and db = sum_rows da from one read of dh
     sgd/adagrad/adam_update   one pass over (params, grad, state)
 GEMM: BLAS (np.dot(a, b, out) on C- or F-contiguous views, no copies) or the custom register-blocked
