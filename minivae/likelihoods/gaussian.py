@@ -75,7 +75,9 @@ def sample(head, rng, var_floor=DEFAULT_VAR_FLOOR):
 
 def scalar(ops):
     """The per-pixel (log p, d/dm, d/ds) on scalars, in plain arithmetic over ``ops`` (package doc):
-    with t = s - lf and e = e^-|t|, softplus(t) = max(t, 0) + log1p(e) and sigmoid(t) share e."""
+    with t = s - lf and e = e^-|t|, softplus(t) = max(t, 0) + log1p(e), sigmoid(t) = e^s/var and
+    sigmoid(-t) = var_floor/var all come from e; 1/var = sigmoid(-t)/var_floor needs no exp of its own
+    (exp(-lf) does not depend on the pixel: the CPU loop hoists it), so the float32 CPU loop vectorizes."""
     exp_nonpos, exp, log1p01 = ops.exp_nonpos, ops.exp, ops.log1p01
 
     def logp_score(dt, x, m, s, lf, _sw):
@@ -85,9 +87,10 @@ def scalar(ops):
         t = s - lf
         e = exp_nonpos(-abs(t))                                   # e^-|t|
         lv = lf + ((t if t > zero else zero) + log1p01(e))       # log var = lf + softplus(t)
-        ivar = exp(-lv)
+        q = one / (one + e)
+        sig = q if t >= zero else e * q                           # sigmoid(t) = e^s / var
+        ivar = (e * q if t >= zero else q) * exp(-lf)             # sigmoid(-t) / var_floor = 1 / var
         r = x - m
-        sig = one / (one + e) if t >= zero else e / (one + e)    # e^s / var = sigmoid(t)
         return (-half * (dt(LOG_2PI) + lv + r * r * ivar), r * ivar,
                 half * (r * r * ivar - one) * sig)
 
