@@ -44,12 +44,9 @@ def test_score_matches_centred_differences(name, rng):
     x, head = inputs(name)
     head = head.copy()
     dlp = rng.standard_normal(x.shape)                        # a random upstream weight per pixel
-    analytic = m.score(x, head, VAR_FLOOR)
-    D = x.shape[-1]
-    want = sum(dlp * analytic[:, j * D:(j + 1) * D] for j in range(m.HEADS))
+    analytic = m.score(x, head, VAR_FLOOR) * np.tile(dlp, m.HEADS)      # d sum(dlp * log p) / d head
     numeric = numerical_grad_array(lambda h: m.logprob(x, h, VAR_FLOOR), head, dlp)
-    assert rel_error(analytic * np.tile(dlp, m.HEADS), numeric) < PIECE_TOL
-    assert np.all(np.isfinite(want))
+    assert rel_error(analytic, numeric) < PIECE_TOL
 
 
 @pytest.mark.parametrize("name", NAMES)

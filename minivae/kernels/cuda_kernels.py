@@ -426,7 +426,7 @@ def _one_minus_e(a, e):
     return -math.expm1(-a)
 
 
-# the arithmetic the likelihoods' scalar functions take (minivae/likelihoods/__init__.py, OPS): libm's
+# the arithmetic the likelihoods' scalar functions take (minivae/likelihoods/__init__.py, OPS): CUDA's libm
 DEVICE_OPS = SimpleNamespace(exp_nonpos=_exp, exp=_exp, log1p01=_log1p, log_pos=_log, one_minus_e=_one_minus_e,
                              compile=cuda.jit(device=True))
 
