@@ -23,6 +23,7 @@ from minivae.kernels import config
 from minivae.kernels import cpu
 from minivae.kernels.gemm import pack_size
 from minivae.layers import activation_backward, activation_forward, ACTIVATIONS
+from minivae.likelihoods import continuous_bernoulli
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
 DTYPES = (np.float64, np.float32)
@@ -107,8 +108,8 @@ def test_arithmetic_tanh_and_one_minus_exp_float32():
 
 
 def test_arithmetic_log_and_cb_closed_form_float32():
-    """log_pos_f32 over the whole normal range (a few ulps of float64 numpy's log), and cb_far_f32
-    against the float64 closed forms of distributions.cb_log_norm / cb_log_norm_grad."""
+    """log_pos_f32 over the whole normal range (a few ulps of float64 numpy's log), and the continuous
+    Bernoulli's closed form with the float32 ops (continuous_bernoulli.closed_form) against the float64 closed forms of distributions.cb_log_norm / cb_log_norm_grad."""
     tiny = np.finfo(np.float32).tiny
     x = np.concatenate([np.geomspace(tiny, np.finfo(np.float32).max, 200001),
                         np.linspace(0.5, 2.0, 100001)]).astype(np.float32)
@@ -131,11 +132,15 @@ def test_arithmetic_log_and_cb_closed_form_float32():
     assert np.all(np.abs(dl - ref_dl) <= 8 * f32eps / l64)
 
 
+# the continuous Bernoulli's closed form (minivae/likelihoods/continuous_bernoulli.py) with the CPU's ops
+_CB_FAR = njit(continuous_bernoulli.closed_form(cpu.SCALAR_OPS))
+
+
 @njit
 def _cb_far_f32(a, e):
     logc, dl = np.empty_like(a), np.empty_like(a)
     for q in range(a.size):
-        logc[q], dl[q] = cpu.cb_far_f32(a[q], e[q])
+        logc[q], dl[q] = _CB_FAR(np.float32, a[q], e[q])
     return logc, dl
 
 

@@ -8,6 +8,7 @@ Fusions (§9):
     enc.head           [mu | logvar] is one GEMM: the layer already has shape (H, 2Z)
     reparam_fwd_ / posterior_bwd_   sigma, z; then dmu, dlogvar with the KL (or IWAE prior/entropy) terms
     likelihood_        log p(x|z) per row and the head's gradient, written over the head, in one pass
+                       (one generic loop over the scalar functions of minivae/likelihoods)
     act_back_colsum_   da = dh f'(h) in place and db = sum_rows da from one read of dh
     sgd/adagrad/adam_update   one pass over (params, grad, state)
 GEMM: BLAS (np.dot(a, b, out) on C- or F-contiguous views, no copies) or the custom register-blocked
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, namedtuple
+from types import SimpleNamespace
 
 import numpy as np
 from llvmlite import ir
@@ -35,13 +37,14 @@ from .numba_cache import configure as _configure_cache
 from .gemm import gemm_nn, gemm_nt, gemm_tn, pack_size
 from .. import threads  # noqa: F401  (sets OMP_WAIT_POLICY before the first prange)
 from ..layers import LEAKY_SLOPE
-from ..distributions import LIKELIHOODS, _CB_TAYLOR
+from .. import likelihoods
+from ..distributions import _CB_TAYLOR
 from ..objectives import OBJECTIVES
 
 _configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
 
 ACT_CODES = {"relu": 1, "tanh": 2, "softplus": 3, "leaky_relu": 4}       # 0: identity (the heads)
-LIK_CODES = {name: i for i, name in enumerate(LIKELIHOODS)}              # bernoulli 0, cb 1, gaussian 2
+LIK_CODES = likelihoods.codes()              # the registry's order (bernoulli 0, cb 1, gaussian 2)
 _NO_MASK = np.empty(0, dtype=np.float64)                                   # kl_active not given
 LOG_2PI = math.log(2.0 * math.pi)
 LOG_2 = math.log(2.0)
@@ -135,35 +138,6 @@ def log_pos_f32(x):
     p = p * s2 + np.float32(1.0)
     kf = np.float32(k)
     return kf * np.float32(0.693359375) + (kf * np.float32(-2.12194440e-4) + np.float32(2.0) * sn * p)
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def cb_far_f32(a, e):
-    """The continuous Bernoulli's closed forms for a = |l| >= the float32 switch (0.3), with
-    e = e^-a: log C - log1p(e) = log(a / (1 - e)) and |d log C/dl| = 1/a - 2e/((1 - e)(1 + e)).
-    One vectorizable log instead of libm's log, log and expm1 (1 - e loses nothing for a >= 0.125)."""
-    one = np.float32(1.0)
-    om = one - e
-    return log_pos_f32(a / om), one / a - np.float32(2.0) * e / (om * (one + e))
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def cb_far_libm(a, e):
-    """cb_far through libm (float64: the 1e-12 tests against NumPy need it)."""
-    return np.log(a) - np.log(-np.expm1(-a)), 1.0 / a - 2.0 * e / (-np.expm1(-2.0 * a))
-
-
-def cb_far(a, e):
-    """(log C - log1p(e), |d log C / dl|) for a = |l| >= the switch, e = e^-a (distributions.cb_log_norm):
-    vectorizable in float32, libm in float64."""
-    return cb_far_libm(a, e)
-
-
-@overload(cb_far)
-def _ov_cb_far(a, e):
-    if a == types.float32:
-        return lambda a, e: cb_far_f32(a, e)
-    return lambda a, e: cb_far_libm(a, e)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -286,6 +260,36 @@ def _ov_log1p01(e):
     return lambda e: log1p_(e, 1.0)
 
 
+def log_pos(x):
+    """log x for x > 0: the vectorizable float32 version, libm's log in float64."""
+    return np.log(x)
+
+
+def one_minus_e(a, e):
+    """1 - e^-a given e = e^-a, for a >= 0.125: the subtraction in float32 (it loses nothing there and
+    vectorizes), libm's -expm1(-a) in float64 (the 1e-12 tests against NumPy need it)."""
+    return -np.expm1(-a)
+
+
+@overload(log_pos)
+def _ov_log_pos(x):
+    if x == types.float32:
+        return lambda x: log_pos_f32(x)
+    return lambda x: np.log(x)
+
+
+@overload(one_minus_e)
+def _ov_one_minus_e(a, e):
+    if a == types.float32:
+        return lambda a, e: np.float32(1.0) - e
+    return lambda a, e: -np.expm1(-a)
+
+
+# the arithmetic the likelihoods' scalar functions take (minivae/likelihoods/__init__.py, OPS)
+SCALAR_OPS = SimpleNamespace(exp_nonpos=exp_nonpos, exp=np.exp, log1p01=log1p01, log_pos=log_pos,
+                             one_minus_e=one_minus_e, compile=njit(inline="always", error_model="numpy"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Layers                                                                               §2.2
 # ----------------------------------------------------------------------------------------------
@@ -394,87 +398,79 @@ def row_sum_f64_(a, r):
     return acc
 
 
+def _row_loop(logp_score, heads):
+    """The pixel loop of one decoder row for one likelihood, written once for all of them:
+    lp[r, d] = log p(x_id | head_r), and, when ``want_score``, head_r <- sc * score in place.
+    ``logp_score`` is the likelihood's scalar function (minivae/likelihoods), compiled here with
+    inline="always" so that LLVM sees one loop body; ``heads`` (1 or 2 head values per pixel) is a
+    compile-time constant. No reduction in the loop (the sum over d is row_sum_f64_'s): in float32,
+    with the arithmetic exp/log1p of SCALAR_OPS, it vectorizes."""
+    pixel = njit(inline="always", error_model="numpy")(logp_score)
+
+    @njit(error_model="numpy")
+    def row(x, head, lp, r, i, dt, lf, sw, sc, want_score):
+        D = x.shape[1]
+        if want_score:
+            for d in range(D):
+                h1 = head[r, D + d] if heads == 2 else head[r, d]
+                v, g0, g1 = pixel(dt, x[i, d], head[r, d], h1, lf, sw)
+                lp[r, d] = v
+                head[r, d] = sc * g0
+                if heads == 2:
+                    head[r, D + d] = sc * g1
+        else:
+            for d in range(D):
+                h1 = head[r, D + d] if heads == 2 else head[r, d]
+                v, g0, g1 = pixel(dt, x[i, d], head[r, d], h1, lf, sw)
+                lp[r, d] = v
+    return row
+
+
+def _dispatch(rows):
+    """lik_row(lik, ...) = rows[lik](...): nested ifs generated from the registry (a code is a
+    position in it), none written by hand. An unknown code leaves NaN in lp (the backends only pass
+    registered codes). Built at import; not cached itself: the @njit(cache=True) callers are."""
+    @njit(error_model="numpy")
+    def unknown(lik, x, head, lp, r, i, dt, lf, sw, sc, want_score):
+        for d in range(x.shape[1]):
+            lp[r, d] = np.nan
+
+    def link(code, row, rest):
+        @njit(error_model="numpy")
+        def step(lik, x, head, lp, r, i, dt, lf, sw, sc, want_score):
+            if lik == code:
+                row(x, head, lp, r, i, dt, lf, sw, sc, want_score)
+            else:
+                rest(lik, x, head, lp, r, i, dt, lf, sw, sc, want_score)
+        return step
+
+    f = unknown
+    for code in range(len(rows) - 1, -1, -1):
+        f = link(code, rows[code], f)
+    return f
+
+
+_lik_row = _dispatch([_row_loop(m.scalar(SCALAR_OPS), m.HEADS) for m in likelihoods.modules()])
+
+
 @njit(cache=True, error_model="numpy")
 def likelihood_(x, head, ll, lp, lik, var_floor, cb_switch, scale, want_score):
     """ll[r] = sum_d log p(x_i | head_r) (float64), and, when ``want_score``, head_r <- scale * score
     in place (the head's gradient for a row weight ``scale``).   x: (n, D)  head: (R, K)  ll: (R,)
-    lp: (R, D) scratch; row r is example r % n.   lik: 0 bernoulli, 1 continuous_bernoulli,
-    2 gaussian.   §4.1-§4.3
+    lp: (R, D) scratch; row r is example r % n.   lik: the likelihood's code, LIK_CODES (the position
+    in minivae.likelihoods' registry).   §4.1-§4.3
 
-    Bernoulli and continuous Bernoulli share e = exp(-|l|) between log1p(e) and the sigmoid. The
-    pixel loop has no reduction (the per-pixel log-probabilities go to ``lp``, summed after), so in
-    float32, with the arithmetic exp/log1p of exp_nonpos/log1p01, LLVM vectorizes it.
+    One generic loop: per row, the registered likelihood's pixel loop (_row_loop over its scalar
+    function), chosen by the generated _lik_row; then the row's sum in float64.
     """
     R = head.shape[0]
-    n, D = x.shape
+    n = x.shape[0]
     dt = head.dtype.type
-    zero = dt(0)
-    one = dt(1)
-    two = dt(2)
-    half = dt(0.5)
+    lf = dt(math.log(var_floor))       # the Gaussian's log var_floor (§4.3)
+    sw = dt(cb_switch)                 # the continuous Bernoulli's Taylor switch (§4.2)
     sc = dt(scale)
-    sw = dt(cb_switch)
-    log2 = dt(LOG_2)
-    c3 = dt(1.0 / 3.0)
-    c90 = dt(-7.0 / 90.0)
-    c2835 = dt(62.0 / 2835.0)
-    d6 = dt(1.0 / 6.0)
-    d360 = dt(-7.0 / 360.0)
-    d15120 = dt(31.0 / 15120.0)
-    log2pi = dt(LOG_2PI)
-    lf = dt(math.log(var_floor))
     for r in range(R):
-        i = r % n
-        if lik == 0:
-            if want_score:
-                for d in range(D):
-                    l = head[r, d]
-                    xv = x[i, d]
-                    e = exp_nonpos(-abs(l))
-                    lp[r, d] = -(max(l, zero) - l * xv + log1p01(e))
-                    sig = one / (one + e) if l >= zero else e / (one + e)
-                    head[r, d] = sc * (xv - sig)
-            else:
-                for d in range(D):
-                    l = head[r, d]
-                    lp[r, d] = -(max(l, zero) - l * x[i, d] + log1p01(exp_nonpos(-abs(l))))
-        elif lik == 1:
-            for d in range(D):
-                l = head[r, d]
-                xv = x[i, d]
-                a = abs(l)
-                e = exp_nonpos(-a)
-                l1p = log1p01(e)
-                sp = max(l, zero) + l1p
-                # both branches, then a select (vectorizes in float32); the closed form at
-                # max(a, sw) so that the discarded lane stays finite
-                u = half * l
-                u2 = u * u
-                l2 = l * l
-                far, dfar = cb_far(max(a, sw), e)
-                near = a < sw
-                logc = log2 + u2 * (c3 + u2 * (c90 + u2 * c2835)) if near else far + l1p
-                dfar = dfar if l >= zero else -dfar
-                dlogc = l * (d6 + l2 * (d360 + l2 * d15120)) if near else dfar
-                lp[r, d] = xv * l - sp + logc
-                if want_score:
-                    sig = one / (one + e) if l >= zero else e / (one + e)
-                    head[r, d] = sc * (xv - sig + dlogc)
-        else:
-            for d in range(D):
-                m = head[r, d]
-                s = head[r, D + d]
-                xv = x[i, d]
-                t = s - lf
-                e = exp_nonpos(-abs(t))
-                log_var = lf + (max(t, zero) + log1p01(e))
-                ivar = np.exp(-log_var)
-                res = xv - m
-                lp[r, d] = -half * (log2pi + log_var + res * res * ivar)
-                if want_score:
-                    sig = one / (one + e) if t >= zero else e / (one + e)
-                    head[r, d] = sc * (res * ivar)
-                    head[r, D + d] = sc * (half * (res * res * ivar - one) * sig)
+        _lik_row(lik, x, head, lp, r, r % n, dt, lf, sw, sc, want_score)
         ll[r] = row_sum_f64_(lp, r)
 
 

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import functools
 import math
+from types import SimpleNamespace
 
 import numpy as np
 from numba import cuda
 from numba.core import config as _numba_config
 from numba.cuda.random import xoroshiro128p_normal_float32, xoroshiro128p_normal_float64
 
+from .. import likelihoods
 from ..layers import ACTIVATIONS, LEAKY_SLOPE
-from ..distributions import LIKELIHOODS
 
 LOG_2PI = math.log(2.0 * math.pi)
 LOG_2 = math.log(2.0)
@@ -34,7 +35,9 @@ LOG_2 = math.log(2.0)
 IDENTITY = 0
 ACT_CODE = {name: i + 1 for i, name in enumerate(ACTIVATIONS)}
 RELU, TANH, SOFTPLUS, LEAKY = (ACT_CODE[a] for a in ("relu", "tanh", "softplus", "leaky_relu"))
-LIK_CODE = {name: i for i, name in enumerate(LIKELIHOODS)}
+# likelihood codes: the positions in minivae.likelihoods' registry (frozen now: the kernels compile it in)
+_LIKELIHOODS = likelihoods.freeze("minivae.kernels.cuda_kernels")
+LIK_CODE = likelihoods.codes()
 BERNOULLI, CONT_BERNOULLI, GAUSSIAN = (LIK_CODE[k] for k in ("bernoulli", "continuous_bernoulli", "gaussian"))
 
 # GEMM epilogues: what happens to an accumulated value v = (op(A) @ op(B))[r, c]
@@ -82,12 +85,6 @@ def act_grad_from_h(h, act):
     if act == LEAKY:
         return 1.0 if h > 0 else LEAKY_SLOPE
     return 1.0
-
-
-@cuda.jit(device=True)
-def sigmoid(a):
-    e = math.exp(-abs(a))
-    return 1.0 / (1.0 + e) if a >= 0 else e / (1.0 + e)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,27 +402,59 @@ def _block_sum(sh, v):
     return total
 
 
+# ----------------------------------------------------------------------------------------------
+# Likelihoods: the scalar functions of minivae/likelihoods as device functions           §4
+# ----------------------------------------------------------------------------------------------
+
 @cuda.jit(device=True)
-def cb_log_norm(l, switch):
-    """log C(l) of the continuous Bernoulli; Taylor series for |l| < switch (distributions.py: 1e-2
-    in float64, 0.3 in float32).   §4.2"""
-    a = abs(l)
-    if a < switch:
-        u2 = 0.25 * l * l
-        return LOG_2 + u2 * (1.0 / 3.0 + u2 * (-7.0 / 90.0 + u2 * (62.0 / 2835.0)))
-    return math.log(a) - math.log(-math.expm1(-a)) + math.log1p(math.exp(-a))
+def _exp(v):
+    return math.exp(v)
 
 
 @cuda.jit(device=True)
-def cb_log_norm_grad(l, switch):
-    """d log C/dl = 1/l - 1/sinh(l);  near 0: l/6 - 7 l^3/360 + 31 l^5/15120.   §4.2"""
-    a = abs(l)
-    if a < switch:
-        l2 = l * l
-        return l * (1.0 / 6.0 + l2 * (-7.0 / 360.0 + l2 * (31.0 / 15120.0)))
-    e = math.exp(-a)
-    g = 1.0 / a - 2.0 * e / (-math.expm1(-2.0 * a))
-    return g if l > 0 else -g
+def _log1p(e):
+    return math.log1p(e)
+
+
+@cuda.jit(device=True)
+def _log(v):
+    return math.log(v)
+
+
+@cuda.jit(device=True)
+def _one_minus_e(a, e):
+    return -math.expm1(-a)
+
+
+# the arithmetic the likelihoods' scalar functions take (minivae/likelihoods/__init__.py, OPS): CUDA's libm
+DEVICE_OPS = SimpleNamespace(exp_nonpos=_exp, exp=_exp, log1p01=_log1p, log_pos=_log, one_minus_e=_one_minus_e,
+                             compile=cuda.jit(device=True))
+
+
+def _dispatch(pixels):
+    """pixel(lik, dt, x, h0, h1, lf, sw) = pixels[lik](dt, x, h0, h1, lf, sw) -> (log p, d/dh0, d/dh1):
+    nested ifs generated from the registry (a code is a position in it), none written by hand. An
+    unknown code gives NaN (the backend only passes registered codes)."""
+    @cuda.jit(device=True)
+    def unknown(lik, dt, x, h0, h1, lf, sw):
+        nan = dt(math.nan)
+        return nan, nan, nan
+
+    def link(code, pixel, rest):
+        @cuda.jit(device=True)
+        def step(lik, dt, x, h0, h1, lf, sw):
+            if lik == code:
+                return pixel(dt, x, h0, h1, lf, sw)
+            return rest(lik, dt, x, h0, h1, lf, sw)
+        return step
+
+    f = unknown
+    for code in range(len(pixels) - 1, -1, -1):
+        f = link(code, pixels[code], f)
+    return f
+
+
+_pixel = _dispatch([cuda.jit(device=True)(m.scalar(DEVICE_OPS)) for m in _LIKELIHOODS])
 
 
 @functools.lru_cache(maxsize=None)
@@ -439,34 +468,27 @@ def rowsum_kernels(B, dtype):
             G[r, :] = scale * d log p(x_i | head_r) / d head_r      (§4.1-§4.3)
             ll[r]   = log p(x_i | head_r)                           (block sum)
         and loss_acc[0] += loss_w * ll[r] (the ELBO's -1/(nL) sum ll). G is left alone when not
-        ``grad`` (evaluation). X: (n, D); head, G: (R, K)."""
+        ``grad`` (evaluation). X: (n, D); head, G: (R, K), K = D or 2D (a second head value per
+        pixel: the Gaussian's s). One generic loop: the registered likelihood's scalar function
+        (minivae/likelihoods), chosen by its code ``lik`` through the generated _pixel."""
         sh = cuda.shared.array(B, acc)
         r = cuda.blockIdx.x
         n = X.shape[0]
         D = X.shape[1]
+        two = head.shape[1] > D
         i = r % n
+        lf = acc(log_floor)                         # the Gaussian's log var_floor (§4.3)
+        sw = acc(cb_switch)                         # the continuous Bernoulli's Taylor switch (§4.2)
         s = 0.0
         for d in range(cuda.threadIdx.x, D, B):
-            x = X[i, d]
-            l = head[r, d]
-            if lik == GAUSSIAN:                     # head = [mean | s], var = var_floor + exp(s)
-                t = head[r, D + d] - log_floor
-                log_var = log_floor + softplus(t)   # log(var_floor + e^s), no overflow
-                inv_var = math.exp(-log_var)
-                res = x - l
-                s += -0.5 * (LOG_2PI + log_var + res * res * inv_var)
-                if grad:                            # exp(s)/var = sigmoid(s - log var_floor)
-                    G[r, d] = scale * (res * inv_var)
-                    G[r, D + d] = scale * 0.5 * (res * res * inv_var - 1.0) * sigmoid(t)
-            else:                                   # Bernoulli: -BCE with logits; CB adds log C(l)
-                g = x - sigmoid(l)
-                lp = x * l - softplus(l)
-                if lik == CONT_BERNOULLI:
-                    lp += cb_log_norm(l, cb_switch)
-                    g += cb_log_norm_grad(l, cb_switch)
-                s += lp
-                if grad:
-                    G[r, d] = scale * g
+            h0 = head[r, d]
+            h1 = head[r, D + d] if two else h0
+            lp, g0, g1 = _pixel(lik, acc, X[i, d], h0, h1, lf, sw)
+            s += lp
+            if grad:
+                G[r, d] = scale * g0
+                if two:
+                    G[r, D + d] = scale * g1
         total = _block_sum(sh, s)
         if cuda.threadIdx.x == 0:
             ll[r] = total

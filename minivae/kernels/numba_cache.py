@@ -10,7 +10,9 @@ So the cache is keyed by every source file of the package at once: :func:`config
 ``numba.config.CACHE_DIR`` at ``<base>/<hash>``, where the hash covers the text of every ``.py`` file
 of minivae, numba's version and Python's. Any edit, pull or upgrade starts a fresh folder (one
 compile, ~30 s), and a stale cache is never loaded. ``<base>`` is ``$NUMBA_CACHE_DIR`` when it is
-set, else ``$XDG_CACHE_HOME/minivae/numba`` (``~/.cache/minivae/numba``). Folders of other versions
+set, else ``$XDG_CACHE_HOME/minivae/numba`` (``~/.cache/minivae/numba``). A likelihood registered from
+outside the package (minivae/likelihoods) adds its module's source to the hash, and the registry is
+frozen from the first call on: the kernels compile it in. Folders of other versions
 are left for the user to remove (``minivae`` never deletes what it did not write in this run).
 
 Numba's own cache writes are not safe between processes: to add a specialization it reads the
@@ -38,14 +40,18 @@ _DONE = None
 
 
 def source_hash(root=None) -> str:
-    """A short hash of every .py file below ``root`` (default: the minivae package), numba's version
-    and Python's."""
+    """A short hash of every .py file below ``root`` (default: the minivae package, and then also the
+    source of any likelihood registered from outside it), numba's version and Python's."""
     import numba
+    default = root is None
     root = Path(__file__).resolve().parents[1] if root is None else Path(root)
     h = hashlib.sha256(f"{numba.__version__} {sys.version}".encode())
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
+    if default:                       # likelihoods registered from outside the package (likelihoods/__init__.py)
+        from .. import likelihoods
+        h.update(likelihoods.fingerprint().encode())
     return h.hexdigest()[:16]
 
 
@@ -88,6 +94,8 @@ def configure():
     if _DONE is not None:
         return _DONE or None
     make_cache_writes_safe()
+    from .. import likelihoods
+    likelihoods.freeze("minivae's numba kernels")   # the kernels compile the registry in; the hash covers it
     from numba.core import config as numba_config
     try:
         folder = cache_dir()
