@@ -64,6 +64,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import likelihoods
 from . import threads as _threads
 from .kernels.numba_cache import configure as _configure_cache
 
@@ -281,7 +282,6 @@ class Case:
 # FLOPs per element of the elementwise kernels (exp/log/sqrt/div count one each), by activation
 _ACT_FWD = {0: 1, 1: 2, 2: 6, 3: 6, 4: 3}      # bias add + f
 _ACT_BWD = {0: 1, 1: 2, 2: 4, 3: 4, 4: 3}      # mask/multiply + column sum
-_LIK = {0: 12, 1: 30, 2: 24}                   # log p + score, per pixel (bernoulli, cb, gaussian)
 
 
 def _parallel(fn) -> bool:
@@ -371,7 +371,7 @@ def step_cases(spec, dtype, n, nthreads, backend="numba"):
     sw = be.cb_switch
     scale = -1.0 / n
     dll = np.full((1, n), scale, dtype)
-    add(f"likelihood ({spec.likelihood})", "elementwise", f"{n}x{K}", _LIK[lik] * n * D,
+    add(f"likelihood ({spec.likelihood})", "elementwise", f"{n}x{K}", getattr(likelihoods.get(spec.likelihood), "FLOPS_PER_PIXEL", 20) * n * D,
         (2 * n * K + n * D + 2 * n * D) * isz, 1,
         lambda: cpu.likelihood_(x, hw, ll, lp, lik, spec.var_floor, sw, scale, True),
         lambda: (dist.loglik_forward(spec.likelihood, x, head[None], spec.var_floor),

@@ -192,14 +192,9 @@ CB_SPECIAL_LOGITS = (0.0, 1e-3, -1e-3, 1e-2 - 2e-6, 1e-2 + 2e-6, -1e-2 + 2e-6, -
 
 def make_inputs(likelihood, n, x_dim, rng, dtype=np.float64):
     """Data suited to a likelihood: binary pixels for "bernoulli", grey levels in (0, 1) for
-    "continuous_bernoulli", real values for "gaussian". Shape (n, x_dim)."""
-    if likelihood == "bernoulli":
-        x = (rng.random((n, x_dim)) < 0.5).astype(np.float64)
-    elif likelihood == "continuous_bernoulli":
-        x = rng.uniform(0.02, 0.98, size=(n, x_dim))
-    else:
-        x = rng.standard_normal((n, x_dim))
-    return np.ascontiguousarray(x, dtype=dtype)
+    "continuous_bernoulli", real values for "gaussian" (each module's ``draw_x``). Shape (n, x_dim)."""
+    from . import likelihoods
+    return np.ascontiguousarray(likelihoods.draw_x(likelihood, rng, (n, x_dim)), dtype=dtype)
 
 
 def check_loglik(likelihood, rng, L=2, n=3, x_dim=4, var_floor=1e-4, h=DEFAULT_H, tol=PIECE_TOL):

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import checkpoint, checks, resources
 from . import distributions as dist
+from . import likelihoods
 from .kernels import BACKENDS, get_backend, resolve_backend, stack_class
 from .layers import ACTIVATIONS
 from .objectives import check_estimator, check_objective
@@ -225,7 +226,8 @@ class VAE(FlatParams):
 
     # -- input checks -------------------------------------------------------------------------
     def check_x(self, x) -> np.ndarray:
-        unit = None if self.spec.likelihood == "gaussian" else f"the {self.spec.likelihood} likelihood"
+        lik = self.spec.likelihood
+        unit = f"the {lik} likelihood" if likelihoods.x_in_unit_interval(lik) else None
         return check_x(x, self.spec.x_dim, self.dtype, unit)
 
     def _eps(self, eps, n, samples, backward=False):
@@ -336,10 +338,7 @@ class VAE(FlatParams):
         """The parameters of p(x|z_1) for z (m, Z_1): logits (m, D) for the Bernoulli
         likelihoods; for "gaussian", (mean, logvar) where exp(logvar) = var_floor + exp(head)."""
         head = self.backend.decode(self._params, self._z(z))
-        if self.spec.likelihood == "gaussian":
-            D = self.spec.x_dim
-            return head[:, :D], np.log(dist.gaussian_var(head[:, D:], self.spec.var_floor))
-        return head
+        return likelihoods.decoded(self.spec.likelihood, head, self.spec.var_floor)
 
     def _head_to_x(self, head, sample, rng):
         if sample:

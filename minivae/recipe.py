@@ -19,7 +19,7 @@ per-pixel mean m_d of the training data starts the model at the best factorized 
                            so that var_floor + exp(s_d) is the per-pixel variance v_d
 
 with m_d clipped to [1e-3, 1 - 1e-3] for the Bernoulli likelihoods (a pixel that is always 0 would
-otherwise ask for an infinite logit).
+otherwise ask for an infinite logit). Each is its likelihood module's ``output_bias`` (minivae/likelihoods/).
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ OUTPUT_BIAS_INITS = ("zero", "data")
 
 IWAE_STAGES = 8                       # i = 0 .. 7
 IWAE_PASSES = sum(3 ** i for i in range(IWAE_STAGES))     # 3280
-MEAN_CLIP = 1e-3
 
 
 def iwae_stage(epoch: int) -> int:
@@ -54,36 +53,13 @@ def lr_at(schedule: str, lr: float, epoch: int, step_epochs: int = 1, gamma: flo
     raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
 
 
-def _cb_logit_of_mean(m, iters=80):
-    """The logits l with cb_mean(l) = m, elementwise, for m in (0, 1) (cb_mean is increasing in l)."""
-    from .distributions import cb_mean
-    m = np.asarray(m, dtype=np.float64)
-    lo = np.full_like(m, -1e3)
-    hi = np.full_like(m, 1e3)
-    for _ in range(iters):                   # 2000 / 2^80: far below float64 resolution
-        mid = 0.5 * (lo + hi)
-        above = cb_mean(mid) > m
-        hi = np.where(above, mid, hi)
-        lo = np.where(above, lo, mid)
-    return 0.5 * (lo + hi)
-
-
 def output_bias_from_data(likelihood: str, x, var_floor: float) -> np.ndarray:
     """The decoder head's bias that makes p(x|z) match the per-pixel mean (and variance) of ``x`` (n, D)."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"the output bias needs a non-empty 2-D array of training rows, got shape {x.shape}")
-    m = x.mean(axis=0)                                           # (D,)
-    if likelihood == "gaussian":
-        v = x.var(axis=0)
-        tiny = np.finfo(np.float32).tiny
-        return np.concatenate([m, np.log(np.maximum(v - var_floor, tiny))])
-    m = np.clip(m, MEAN_CLIP, 1 - MEAN_CLIP)
-    if likelihood == "bernoulli":
-        return np.log(m) - np.log1p(-m)
-    if likelihood == "continuous_bernoulli":
-        return _cb_logit_of_mean(m)
-    raise ValueError(f"unknown likelihood {likelihood!r}")
+    from . import likelihoods
+    return likelihoods.output_bias(likelihood, x, var_floor)                     # each module's, §8.4
 
 
 def init_output_bias(model, x_train) -> None:

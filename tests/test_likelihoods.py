@@ -276,3 +276,27 @@ def test_a_new_likelihood_is_one_module_and_one_registration_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", SCRIPT, numba_cache.source_hash()], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "toy ok" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+def test_the_optional_parts_and_their_defaults(monkeypatch):
+    """UNIT_INTERVAL, decoded, draw_x and output_bias: each module's own where it has one, the registry's
+    default otherwise (a module with the required parts only), and --init-output-bias refused without one."""
+    import types
+    from minivae.recipe import output_bias_from_data
+    rng = np.random.default_rng(0)
+    assert likelihoods.x_in_unit_interval("bernoulli") and not likelihoods.x_in_unit_interval("gaussian")
+    head = rng.standard_normal((3, 8))
+    mean, logvar = likelihoods.decoded("gaussian", head, 1e-4)
+    assert np.array_equal(mean, head[:, :4])
+    np.testing.assert_allclose(np.exp(logvar), 1e-4 + np.exp(head[:, 4:]), rtol=1e-12)
+    assert likelihoods.decoded("bernoulli", head, 1e-4) is head
+    assert set(np.unique(likelihoods.draw_x("bernoulli", rng, (50,)))) <= {0.0, 1.0}
+    bare = types.SimpleNamespace(NAME="bare", HEADS=1)             # the required parts are not looked at here
+    monkeypatch.setitem(likelihoods._REGISTRY, "bare", bare)
+    assert likelihoods.x_in_unit_interval("bare") and likelihoods.decoded("bare", head, 1e-4) is head
+    x = likelihoods.draw_x("bare", rng, (200, 3))
+    assert x.shape == (200, 3) and 0.02 <= x.min() and x.max() <= 0.98
+    with pytest.raises(ValueError, match="has no output_bias"):
+        output_bias_from_data("bare", x, 1e-4)
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        output_bias_from_data("poisson", x, 1e-4)

@@ -16,6 +16,15 @@ A likelihood is one module (bernoulli.py, continuous_bernoulli.py, gaussian.py) 
                   functions each target wants (see :data:`OPS`); h1 and d/dh1 are unused when HEADS == 1
     test_inputs(dtype)  -> (x (n, D), head (n, K)): representative and edge-case values for the tests
 
+and, optionally (the defaults suit a likelihood of grey levels whose head is its parameters as they are):
+
+    UNIT_INTERVAL                 True when x must lie in [0, 1] (checked on input; default True)
+    FLOPS_PER_PIXEL               log p + score's arithmetic, for `minivae bench` (default 20)
+    decoded(head, var_floor)      what ``VAE.decode`` returns for the head (default: the head itself)
+    draw_x(rng, shape)            data suited to it, for gradient checks (default: uniform in (0.02, 0.98))
+    output_bias(x, var_floor)     the head's bias matching the data's per-pixel statistics
+                                  (``--init-output-bias data``; without it that option is refused)
+
 and a new one is that module plus one ``register`` line below. The kernels' likelihood codes are the
 positions in the registry; their dispatch over the codes is generated from it (kernels/cpu.py,
 kernels/cuda_kernels.py), so no kernel names a likelihood.
@@ -106,6 +115,33 @@ def fingerprint() -> str:
         except (OSError, TypeError):          # no source to read: its name, and no cache across versions
             h.update(f"{m.__name__} {id(m)}".encode())
     return h.hexdigest()[:16]
+
+
+def x_in_unit_interval(name: str) -> bool:
+    """Whether likelihood ``name`` needs x in [0, 1] (its UNIT_INTERVAL, default True)."""
+    return bool(getattr(get(name), "UNIT_INTERVAL", True))
+
+
+def decoded(name: str, head, var_floor):
+    """What ``VAE.decode`` gives for a decoder head: the module's ``decoded``, else the head."""
+    f = getattr(get(name), "decoded", None)
+    return head if f is None else f(head, var_floor)
+
+
+def draw_x(name: str, rng, shape):
+    """Data suited to likelihood ``name`` (float64), for gradient checks: the module's ``draw_x``, else
+    grey levels uniform in (0.02, 0.98)."""
+    f = getattr(get(name), "draw_x", None)
+    return rng.uniform(0.02, 0.98, size=shape) if f is None else f(rng, shape)
+
+
+def output_bias(name: str, x, var_floor):
+    """The decoder head's bias that makes p(x|z) match the per-pixel statistics of x (n, D) (the
+    module's ``output_bias``; docs/math.md §8.4)."""
+    f = getattr(get(name), "output_bias", None)
+    if f is None:
+        raise ValueError(f"likelihood {name!r} has no output_bias: --init-output-bias data is not available for it")
+    return f(x, var_floor)
 
 
 def numpy_ops():

@@ -11,6 +11,9 @@ from ..layers import _sigmoid
 
 NAME = "bernoulli"
 HEADS = 1
+UNIT_INTERVAL = True
+FLOPS_PER_PIXEL = 12     # log p + score, for `minivae bench`'s roofline (default 20)
+MEAN_CLIP = 1e-3        # output_bias: a pixel that is always 0 would otherwise ask for an infinite logit
 
 
 def logprob(x, logits, var_floor=None):
@@ -31,6 +34,18 @@ def mean(logits):
 def sample(logits, rng, var_floor=None):
     """x ~ Bern(sigmoid(l)), 0 or 1 in the head's dtype."""
     return (rng.random(logits.shape) < _sigmoid(logits)).astype(logits.dtype)
+
+
+def draw_x(rng, shape):
+    """Binary pixels, for gradient checks."""
+    return (rng.random(shape) < 0.5).astype(np.float64)
+
+
+def output_bias(x, var_floor=None):
+    """b_d = log(m_d / (1 - m_d)), the log-odds of the per-pixel mean, m_d clipped to [MEAN_CLIP,
+    1 - MEAN_CLIP].   §8.4"""
+    m = np.clip(np.asarray(x, dtype=np.float64).mean(axis=0), MEAN_CLIP, 1 - MEAN_CLIP)
+    return np.log(m) - np.log1p(-m)
 
 
 def scalar(ops):

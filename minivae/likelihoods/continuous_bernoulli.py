@@ -90,6 +90,37 @@ def sample(logits, rng, var_floor=None):
     return inverse_cdf(logits, rng.random(logits.shape)).astype(logits.dtype)
 
 
+UNIT_INTERVAL = True
+FLOPS_PER_PIXEL = 30     # log p + score, for `minivae bench`'s roofline (default 20)
+
+
+def draw_x(rng, shape):
+    """Grey levels in (0.02, 0.98), for gradient checks."""
+    return rng.uniform(0.02, 0.98, size=shape)
+
+
+def logit_of_mean(m, iters=80):
+    """The logits l with mean(l) = m, elementwise, for m in (0, 1) (the mean increases with l):
+    bisection on [-1000, 1000] (2000 / 2^80 is far below float64's resolution)."""
+    m = np.asarray(m, dtype=np.float64)
+    lo = np.full_like(m, -1e3)
+    hi = np.full_like(m, 1e3)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        above = mean(mid) > m
+        hi = np.where(above, mid, hi)
+        lo = np.where(above, lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def output_bias(x, var_floor=None):
+    """The logit whose mean 1/(1 - e^-l) - 1/l is the per-pixel mean m_d (clipped as the Bernoulli's).
+    §8.4"""
+    from .bernoulli import MEAN_CLIP
+    m = np.clip(np.asarray(x, dtype=np.float64).mean(axis=0), MEAN_CLIP, 1 - MEAN_CLIP)
+    return logit_of_mean(m)
+
+
 def closed_form(ops):
     """(log C - log1p(e), |d log C/dl|) for a = |l| at or above the switch, given e = e^-a:
     log(a / (1 - e)) and 1/a - 2e/((1 - e)(1 + e)) (= 1/a - 1/sinh a). With the CPU's float32 ops

@@ -73,6 +73,29 @@ def sample(head, rng, var_floor=DEFAULT_VAR_FLOOR):
     return (m + np.sqrt(var(s, var_floor)) * rng.standard_normal(m.shape)).astype(head.dtype)
 
 
+UNIT_INTERVAL = False
+FLOPS_PER_PIXEL = 24     # log p + score, for `minivae bench`'s roofline (default 20)
+
+
+def decoded(head, var_floor=DEFAULT_VAR_FLOOR):
+    """(mean, logvar), each (m, D), where exp(logvar) = var_floor + exp(s): what VAE.decode returns."""
+    D = head.shape[-1] // 2
+    return head[..., :D], np.log(var(head[..., D:], var_floor))
+
+
+def draw_x(rng, shape):
+    """Real values, for gradient checks."""
+    return rng.standard_normal(shape)
+
+
+def output_bias(x, var_floor=DEFAULT_VAR_FLOOR):
+    """Mean half b_d = m_d; log-variance half s_d = log(max(v_d - var_floor, tiny)), so that
+    var_floor + exp(s_d) is the per-pixel variance v_d.   §8.4"""
+    x = np.asarray(x, dtype=np.float64)
+    tiny = np.finfo(np.float32).tiny
+    return np.concatenate([x.mean(axis=0), np.log(np.maximum(x.var(axis=0) - var_floor, tiny))])
+
+
 def scalar(ops):
     """The per-pixel (log p, d/dm, d/ds) on scalars, in plain arithmetic over ``ops`` (package doc):
     with t = s - lf and e = e^-|t|, softplus(t) = max(t, 0) + log1p(e), sigmoid(t) = e^s/var and
