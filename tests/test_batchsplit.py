@@ -59,7 +59,7 @@ def test_split_pass_equals_the_whole_pass_and_the_reference(monkeypatch, objecti
     monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n, gemm: P))
     calls = []
     orig = ExampleSplit.run
-    monkeypatch.setattr(ExampleSplit, "run", lambda self, p, f: (calls.append(p), orig(self, p, f)))
+    monkeypatch.setattr(ExampleSplit, "run", lambda self, p, f, then=None: (calls.append(p), orig(self, p, f, then)))
     loss_p, g_p = fast.loss_and_grad(x, **kw)
     b_p = fast.backend.bound(fast.params, x, eps, objective=objective)
     assert calls == [P, P]                                         # the split really ran
@@ -93,3 +93,17 @@ def test_a_failing_part_raises_in_the_caller_and_blas_threads_come_back():
         ExampleSplit().run(3, part)
     assert sorted(done) == [0, 2]
     assert [d["num_threads"] for d in blas_info()] == before
+    after = []                                                     # with a reduction after the barrier:
+    with pytest.raises(ValueError, match="part 1 failed"):         # the others are released, none reduces
+        ExampleSplit().run(3, part, then=after.append)
+    assert after == [] and [d["num_threads"] for d in blas_info()] == before
+
+
+def test_the_reduction_after_the_barrier_covers_every_segment_once():
+    rng = np.random.default_rng(3)
+    parts = rng.standard_normal((3, 1003))
+    w = np.array([0.5, 0.25, 0.25])
+    out = np.full(1003, np.nan)
+    sp = ExampleSplit()
+    sp.run(3, lambda p: None, then=sp.reduce_in(3, out, parts, w))
+    assert rel_error(out, w @ parts) <= 1e-15

@@ -11,8 +11,8 @@ product scales poorly (a two-layer IWAE step at batch 128 took 20.2 ms on 1 thre
 benchmarks/README.md), whereas P copies of the whole pass, each on one core with single-threaded BLAS,
 share nothing until the reduction. So: P Python threads (the caller runs part 0), each calling the
 @njit(nogil=True) pass on its part with its own workspace and gradient buffer, OpenBLAS held at one
-thread for the duration (threadpoolctl: NumPy's and SciPy's copies), then the weighted sum of the
-P gradients.
+thread for the duration (threadpoolctl: NumPy's and SciPy's copies), then (after a barrier) the
+weighted sum of the P gradients, one segment of the parameter vector per thread.
 
 P is the thread budget the user gave (``numba.get_num_threads()``, which ``threads.limit_threads``
 sets), at most n // MIN_EXAMPLES; 1 (no split) with the custom GEMM, whose own prange threads would
@@ -83,26 +83,42 @@ class ExampleSplit:
                 self._workers = workers
             return self._pool
 
-    def run(self, P: int, part):
-        """part(p) for p = 0..P-1, concurrently, part 0 in the calling thread; BLAS at one thread.
-        Re-raises the first exception of any part (after every part has finished)."""
+    def run(self, P: int, part, then=None):
+        """part(p) for p = 0..P-1, concurrently, part 0 in the calling thread; BLAS at one thread. With
+        ``then``, each thread runs then(p) once every part has finished (a barrier): the gradients'
+        weighted sum, one segment of the parameter vector per thread, without a second dispatch.
+        Re-raises the first exception of any part (after every thread has stopped)."""
         from .. import threads
         pool = self._executor(P - 1)
-        with threads.blas_single_threaded():
-            futures = [pool.submit(part, p) for p in range(1, P)]
+        barrier = threading.Barrier(P) if then is not None else None
+
+        def task(p):
             try:
-                part(0)
+                part(p)
+                if barrier is not None:
+                    barrier.wait()
+                    then(p)
+            except threading.BrokenBarrierError:
+                return                                   # another part failed: it reports
+            except BaseException:
+                if barrier is not None:
+                    barrier.abort()                      # release the others from the barrier
+                raise
+
+        with threads.blas_single_threaded():
+            futures = [pool.submit(task, p) for p in range(1, P)]
+            try:
+                task(0)
             finally:
                 errors = [f.exception() for f in futures]
         for e in errors:
             if e is not None:
                 raise e
 
-    @staticmethod
-    def reduce(out, parts, w):
-        """out = sum_p w[p] parts[p] in the calling thread (~0.1 ms for 0.5 M float32: splitting it
-        over the pool cost more than it saved)."""
-        weighted_sum_(out, parts, w, 0, out.shape[0])
+    def reduce_in(self, P: int, out, parts, w):
+        """The ``then`` of :meth:`run` that leaves out = sum_p w[p] parts[p], segment p by thread p."""
+        seg = part_bounds(out.shape[0], P)
+        return lambda p: weighted_sum_(out, parts, w, seg[p], seg[p + 1])
 
     def __del__(self):
         if self._pool is not None:

@@ -22,6 +22,7 @@ uses float32 constants (``dt = a.dtype.type``), so no float64 literal promotes a
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict, namedtuple
 from types import SimpleNamespace
@@ -212,6 +213,15 @@ def one_minus_exp_neg_f32(h):
     return small if h < np.float32(0.125) else big
 
 
+def _per_dtype(f32, f64):
+    """The @overload typing function of a math stub below: ``f32`` (vectorizable plain arithmetic) for a
+    float32 first argument, ``f64`` (libm, as the 1e-12 tests against NumPy need) otherwise."""
+    def typer(*args):
+        return f32 if args[0] == types.float32 else f64
+    typer.__signature__ = inspect.signature(f64)       # numba checks it against the stub's parameters
+    return typer
+
+
 def tanh_(a):
     """tanh: the vectorizable float32 version, libm's in float64."""
     return np.tanh(a)
@@ -222,18 +232,10 @@ def one_minus_exp_neg(h):
     return -np.expm1(-h)
 
 
-@overload(tanh_)
-def _ov_tanh(a):
-    if a == types.float32:
-        return lambda a: tanh_f32(a)
-    return lambda a: np.tanh(a)
+overload(tanh_)(_per_dtype(lambda a: tanh_f32(a), lambda a: np.tanh(a)))
 
 
-@overload(one_minus_exp_neg)
-def _ov_one_minus_exp_neg(h):
-    if h == types.float32:
-        return lambda h: one_minus_exp_neg_f32(h)
-    return lambda h: -np.expm1(-h)
+overload(one_minus_exp_neg)(_per_dtype(lambda h: one_minus_exp_neg_f32(h), lambda h: -np.expm1(-h)))
 
 
 def exp_nonpos(x):
@@ -246,18 +248,10 @@ def log1p01(e):
     return log1p_(e, 1.0)
 
 
-@overload(exp_nonpos)
-def _ov_exp_nonpos(x):
-    if x == types.float32:
-        return lambda x: exp_nonpos_f32(x)
-    return lambda x: np.exp(x)
+overload(exp_nonpos)(_per_dtype(lambda x: exp_nonpos_f32(x), lambda x: np.exp(x)))
 
 
-@overload(log1p01)
-def _ov_log1p01(e):
-    if e == types.float32:
-        return lambda e: log1p01_f32(e)
-    return lambda e: log1p_(e, 1.0)
+overload(log1p01)(_per_dtype(lambda e: log1p01_f32(e), lambda e: log1p_(e, 1.0)))
 
 
 def log_pos(x):
@@ -271,18 +265,10 @@ def one_minus_e(a, e):
     return -np.expm1(-a)
 
 
-@overload(log_pos)
-def _ov_log_pos(x):
-    if x == types.float32:
-        return lambda x: log_pos_f32(x)
-    return lambda x: np.log(x)
+overload(log_pos)(_per_dtype(lambda x: log_pos_f32(x), lambda x: np.log(x)))
 
 
-@overload(one_minus_e)
-def _ov_one_minus_e(a, e):
-    if a == types.float32:
-        return lambda a, e: np.float32(1.0) - e
-    return lambda a, e: -np.expm1(-a)
+overload(one_minus_e)(_per_dtype(lambda a, e: np.float32(1.0) - e, lambda a, e: -np.expm1(-a)))
 
 
 # the arithmetic the likelihoods' scalar functions take (minivae/likelihoods/__init__.py, OPS)

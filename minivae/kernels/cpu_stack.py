@@ -534,9 +534,7 @@ class NumbaStackBackend(NumpyBackend):
             sw.losses[p] = stack_step_(params, sw.grads[p] if want_grad else params, x[b[p]:b[p + 1]], ep, ws.ws,
                                        ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm)
 
-        self.split.run(P, part)
-        if want_grad:
-            self.split.reduce(grad, sw.grads, sw.weights)
+        self.split.run(P, part, self.split.reduce_in(P, grad, sw.grads, sw.weights) if want_grad else None)
         bound = np.concatenate([ws.view("bound") for ws in sw.parts])
         return float(sw.weights @ sw.losses), bound
 
