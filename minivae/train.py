@@ -68,7 +68,7 @@ from .recipe import init_output_bias, lr_at
 from .runfolder import (CHECKPOINT, LOCK, MAX_COUNT, METRICS, RunFolder, RunLock, RunLockedError,  # noqa: F401
                         check_against_data, check_train_state, holds_run, read_run, resume_config,
                         write_metrics, _command_line, _expected_arrays, _holder)
-from .trainconfig import MODELS, RESUMABLE, TrainConfig, auto_backend, beta_at, _finite  # noqa: F401
+from .trainconfig import MODELS, RESUMABLE, TrainConfig, auto_backend, auto_reason, beta_at, _finite  # noqa: F401
 from .trainers import AETrainer, HostTrainer, SerialComm, make_comm, make_trainer, on_root  # noqa: F401
 
 _on_root = on_root             # the name this module used before the split
@@ -163,8 +163,9 @@ class Run:
         self.backend_auto = config.backend == "auto"
         if self.backend_auto:                # cuda only when every rank can use a GPU
             from .kernels import gpu_usable    # never raises: any failure to probe means no GPU
-            gpus = comm.allreduce_sum(np.array([float(gpu_usable())]))[0]
-            config = replace(config, backend=auto_backend(config, gpus == comm.size))
+            every_rank = bool(comm.allreduce_sum(np.array([float(gpu_usable())]))[0] == comm.size)
+            config = replace(config, backend=auto_backend(config, every_rank))
+            self.backend_auto = auto_reason(config, every_rank)       # the summary says why
         self.config = c = config
         # refuse sizes a machine cannot hold (minivae.resources), before any folder is made or data read
         collective(comm, lambda: resources.check_training(c), "checking the memory")
@@ -468,12 +469,14 @@ def _epoch_line(row, epochs, bars=False):
 
 def summarize(metrics, run_dir, plots=(), backend=None, backend_auto=False):
     """The numbers of the summary table (a dict; ``format_summary`` prints it). ``backend``: the
-    concrete backend of the run (default: the last metrics row's); ``backend_auto``: chosen by auto."""
+    concrete backend of the run (default: the last metrics row's); ``backend_auto``: chosen by auto
+    (True, or the reason as a string: trainconfig.auto_reason)."""
     if backend is None and metrics:
         backend = metrics[-1].get("backend")
+    reason = backend_auto if isinstance(backend_auto, str) else None
     if not metrics:
         return {"run_dir": str(run_dir), "epochs": 0, "plots": [str(p) for p in plots],
-                "backend": backend, "backend_auto": bool(backend_auto)}
+                "backend": backend, "backend_auto": bool(backend_auto), "backend_reason": reason}
     key = "val_loss" if "val_loss" in metrics[-1] else "test_loss"
     best = min(metrics, key=lambda r: r[key])
     time_s = sum(r["train_time_s"] for r in metrics)
@@ -486,7 +489,7 @@ def summarize(metrics, run_dir, plots=(), backend=None, backend_auto=False):
         "best_epoch": best["epoch"], "best_by": key, "best_loss": best[key],
         "train_time_s": time_s, "samples_per_s": samples / time_s if time_s > 0 else None,
         "world_size": last["world_size"], "plots": [str(p) for p in plots],
-        "backend": backend, "backend_auto": bool(backend_auto),
+        "backend": backend, "backend_auto": bool(backend_auto), "backend_reason": reason,
         "loss_name": "squared error" if last.get("objective") == "sq_error" else "-ELBO",
     }
 
@@ -494,9 +497,8 @@ def summarize(metrics, run_dir, plots=(), backend=None, backend_auto=False):
 def format_summary(s) -> str:
     rows = [("run folder", s["run_dir"])]
     if s.get("backend"):
-        why = {"cuda": "a GPU is usable", "numba": "no usable GPU, or the estimator does not run on cuda",
-               "numpy": "its estimator runs on numpy only"}
-        auto = f" (chosen by --backend auto: {why.get(s['backend'], s['backend'])})"
+        why = {"cuda": "a GPU is usable", "numba": "no usable GPU", "numpy": "its estimator runs on numpy only"}
+        auto = f" (chosen by --backend auto: {s.get('backend_reason') or why.get(s['backend'], s['backend'])})"
         rows.append(("backend", s["backend"] + (auto if s.get("backend_auto") else "")))
     unit = "per example" if s.get("loss_name") == "squared error" else "nats/example"
     if s["epochs"]:

@@ -198,6 +198,17 @@ def auto_backend(config: TrainConfig, gpu: bool) -> str:
     return next(b for b in (("cuda",) if gpu else ()) + ("numba", "numpy") if b in where)
 
 
+def auto_reason(config: TrainConfig, gpu: bool) -> str:
+    """Why ``--backend auto`` became ``config.backend`` (after auto_backend), for the run's summary."""
+    if config.backend == "cuda":
+        return "a GPU is usable"
+    if config.model == "ae":
+        return "the autoencoder runs on numpy and numba only"
+    if config.backend == "numba":
+        return f"the {config.estimator} estimator does not run on cuda" if gpu else "no usable GPU"
+    return f"the {config.estimator} estimator runs on numpy only"
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 

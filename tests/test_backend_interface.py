@@ -126,3 +126,22 @@ def test_the_run_configuration_and_auto_follow_the_declared_estimators():
     stack = TrainConfig(objective="iwae", estimator="dreg", backend="auto", z_dim=(3, 2), hidden=((4,), ()))
     assert auto_backend(stack, gpu=True) == "cuda"
     assert auto_backend(TrainConfig(), gpu=True) == "cuda" and auto_backend(TrainConfig(), gpu=False) == "numba"
+
+
+def test_the_summary_says_why_auto_chose_its_backend():
+    """trainconfig.auto_reason: the reason format_summary prints next to an auto-chosen backend."""
+    from dataclasses import replace
+    from minivae.train import format_summary, summarize
+    from minivae.trainconfig import TrainConfig, auto_backend, auto_reason
+    base = TrainConfig()
+    for kw, gpu, backend, reason in [
+            (dict(), True, "cuda", "a GPU is usable"),
+            (dict(), False, "numba", "no usable GPU"),
+            (dict(objective="iwae", samples=3, estimator="dreg"), True, "numba",
+             "the dreg estimator does not run on cuda"),
+            (dict(estimator="score"), True, "numpy", "the score estimator runs on numpy only")]:
+        c = replace(base, **kw)
+        c = replace(c, backend=auto_backend(c, gpu))
+        assert c.backend == backend and auto_reason(c, gpu) == reason
+        text = format_summary(summarize([], "runs/x", backend=c.backend, backend_auto=auto_reason(c, gpu)))
+        assert f"{backend} (chosen by --backend auto: {reason})" in text
