@@ -156,3 +156,25 @@ def test_device_training_learns(images):
     assert reported[-1] < 0.7 * reported[0]
     trainer.sync_params()
     assert opt.t == 320 and np.isfinite(gpu.params).all()
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_two_layer_device_trainer_matches_host_steps(images, objective):
+    """The paper's two-layer model trained on the device (CudaStackTrainer: parameters, gradient and SGD
+    state there) against NumPy steps on the same rows and eps, float64, 10 steps of batch 64."""
+    kw = dict(hidden=((200, 200), (100, 100)), activation="tanh", dtype="float64", seed=0)
+    gpu, cpu = VAE(784, (100, 50), backend="cuda", **kw), VAE(784, (100, 50), backend="numpy", **kw)
+    X = (images > 0.5).astype(np.float64)
+    opt_g = make_optimizer("sgd", gpu.params.size, "float64", lr=1e-3, momentum=0.9)
+    opt_c = make_optimizer("sgd", cpu.params.size, "float64", lr=1e-3, momentum=0.9)
+    trainer = gpu.backend.make_trainer(gpu.params, opt_g, None, objective, 0.0, loss_every=1)
+    rng = np.random.default_rng(5)
+    k = 5 if objective == "iwae" else 1
+    for _ in range(10):
+        x = X[rng.choice(len(X), 64, replace=False)]
+        eps = tuple(rng.standard_normal((k, 64, z)) for z in (100, 50))
+        l_c, g = cpu.backend.loss_and_grad(cpu.params, x, eps, objective=objective)
+        opt_c.step(cpu.params, g)
+        assert trainer.step(x, eps, 1.0) == pytest.approx(l_c, rel=1e-9)
+    trainer.sync_params()
+    assert rel_error(trainer.params, cpu.params) < 1e-9
