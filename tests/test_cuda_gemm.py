@@ -4,27 +4,12 @@ The simulator (tests/cuda_sim/sim_gemm_ladder.py checks the numbers) runs kernel
 see a typing error of numba's CUDA compiler: here each variant, at the tile sizes benchmarks/gpu.py
 launches on a device, goes through numba's CUDA pipeline to NVVM IR for compute capability 9.0."""
 import pytest
-
+from cudacompile import gpu_compiler
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_every_gemm_variant_compiles_for_the_gpu(dtype, monkeypatch):
-    from numba.core import config
-    if config.ENABLE_CUDASIM:
-        pytest.skip("the simulator replaces the CUDA compiler")
-    try:
-        from numba import cuda  # noqa: F401
-        from numba.core import types
-        from numba.cuda import dispatcher as cuda_dispatcher
-        from numba.cuda.compiler import compile_cuda
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"numba.cuda's compiler cannot be imported here ({type(e).__name__})")
-    if not hasattr(cuda_dispatcher, "get_current_device"):
-        pytest.skip("this numba.cuda picks the device's compute capability elsewhere")
-
-    class Device:
-        compute_capability = (9, 0)
-    monkeypatch.setattr(cuda_dispatcher, "get_current_device", lambda: Device)
+    compile_for_gpu, types = gpu_compiler(monkeypatch, (9, 0))
     from minivae.kernels import cuda_gemm
 
     arr = types.Array(getattr(types, dtype), 2, "C")
@@ -36,7 +21,7 @@ def test_every_gemm_variant_compiles_for_the_gpu(dtype, monkeypatch):
             threads *= b
         assert 32 <= threads <= 1024 and threads % 32 == 0, (number, block)
         try:
-            compile_cuda(kernel.py_func, types.void, (arr, arr, arr), cc=Device.compute_capability)
+            compile_for_gpu(kernel, (arr, arr, arr))
         except Exception as e:  # noqa: BLE001 - report every variant that fails
             failures.append(f"variant {number}: {type(e).__name__}: {str(e).splitlines()[0]}")
     assert not failures, "\n".join(failures)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cudacompile import gpu_compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_TESTS = sorted((ROOT / "tests" / "cuda_sim").glob("sim_*.py"))
@@ -110,10 +111,6 @@ def test_the_message_names_the_driver_or_device_cause(driver, cause, monkeypatch
 
 # -- every launch type-checks and compiles for a GPU, without one -----------------------------------
 
-class _Device:
-    compute_capability = (8, 0)
-
-
 def test_every_launch_compiles_for_the_gpu(monkeypatch):
     """The simulator runs kernels as Python, so it cannot see a typing error of numba's CUDA compiler.
     Here the host code runs against host-array stand-ins (every code path: both dtypes, both GEMMs,
@@ -121,18 +118,7 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch):
     optimizer and both eps sources; a two-layer stack), each launch's argument types are recorded, and every distinct
     (kernel, types) goes through numba's CUDA pipeline, typing and lowering to NVVM IR, for compute
     capability 8.0 (only PTX generation needs the CUDA toolkit). The launch shapes are checked too."""
-    from numba.core import config
-    if config.ENABLE_CUDASIM:
-        pytest.skip("the simulator replaces the CUDA compiler")
-    from numba.core import types
-    try:
-        from numba.cuda import dispatcher as cuda_dispatcher
-        from numba.cuda.compiler import compile_cuda
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"numba.cuda's compiler cannot be imported here ({type(e).__name__})")
-    if not hasattr(cuda_dispatcher, "get_current_device"):
-        pytest.skip("this numba.cuda picks the device's compute capability elsewhere")
-    monkeypatch.setattr(cuda_dispatcher, "get_current_device", lambda: _Device)
+    compile_for_gpu, types = gpu_compiler(monkeypatch, (8, 0))
 
     from minivae.kernels.cuda import CudaConfig, recording_backend
     from minivae.kernels.cuda_stack import recording_stack_backend
@@ -182,7 +168,7 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch):
     failures = []
     for (kernel, argtypes) in launches:
         try:
-            compile_cuda(kernel.py_func, types.void, argtypes, cc=_Device.compute_capability)
+            compile_for_gpu(kernel, argtypes)
         except Exception as e:  # noqa: BLE001 - collect every failure, then report them all
             failures.append(f"{kernel.py_func.__name__}{argtypes}: {type(e).__name__}: {str(e).splitlines()[0]}")
     assert not failures, "\n".join(failures)
