@@ -604,6 +604,15 @@ def adam_update(p, g, m, v, step_size, beta1, beta2, inv_sqrt_bc2, eps, wd):
 # are float64 (acc, a, f: (R,) float64), as there.
 # ----------------------------------------------------------------------------------------------
 
+@cuda.jit(device=True)
+def sample_row(r, n, shared):
+    """Row r = l n + i of the (R, .) arrays: its sample l, its example i, and the row m of a posterior
+    that is (n, 2Z) when ``shared`` (layer 1: one per example) else (R, 2Z)."""
+    l = r // n
+    i = r - l * n
+    return l, i, (i if shared else r)
+
+
 @cuda.jit
 def stack_gauss_fwd(out, eps, std, z, shared):
     """std = exp(logvar/2), z = mu + std eps.   out: (m, 2Z) = [mu | logvar], m = n when ``shared``
@@ -613,9 +622,7 @@ def stack_gauss_fwd(out, eps, std, z, shared):
     L, n, Z = eps.shape
     if r >= L * n:
         return
-    l = r // n
-    i = r - l * n
-    m = i if shared else r
+    l, i, m = sample_row(r, n, shared)
     for j in range(Z):
         s = math.exp(0.5 * out[m, Z + j])
         if m == r or l == 0:                       # each std row written by one thread
@@ -695,9 +702,7 @@ def stack_logq_eps_add(eps, out, shared, acc, w):
     L, n, Z = eps.shape
     if r >= L * n:
         return
-    l = r // n
-    i = r - l * n
-    m = i if shared else r
+    l, i, m = sample_row(r, n, shared)
     t = 0.0
     for j in range(Z):
         e = eps[l, i, j]
@@ -746,8 +751,7 @@ def stack_posterior_bwd(dz, eps, z, std, out, dout, sq, aq, qs, ckl, stopped, sh
         sv = 0.0 * mu
         for k in range(rows):
             r = k * n + m if shared else m
-            l = r // n
-            i = r - l * n
+            l, i, _ = sample_row(r, n, shared)
             a = qs * aq[r]
             g = dz[r, j]
             qm = 0.0
