@@ -192,6 +192,31 @@ def _load4(X, r, c, rows, cols, zero):
 # 4  vectorized loads, A transposed in shared memory
 # ----------------------------------------------------------------------------------------------
 
+
+@cuda.jit(device=True, inline=True)
+def _stage4(A, B, sAt, sB, m0, n0, k0, t, NT, BM, BK, QA, QB, zero):
+    """One K-step's tiles into shared memory, 4 elements a load (_load4): A's BM x BK tile transposed
+    into sAt (BK, BM), B's BK x BN tile into sB (BK, BN); the NT threads of the block stride over the
+    QA = BK/4 (QB = BN/4) quads of each row. Rungs 4 and 5 stage their tiles this way."""
+    M, K = A.shape
+    N = B.shape[1]
+    for e in range(t, BM * QA, NT):
+        i = e // QA
+        k = (e % QA) * 4
+        v0, v1, v2, v3 = _load4(A, m0 + i, k0 + k, M, K, zero)
+        sAt[k, i] = v0
+        sAt[k + 1, i] = v1
+        sAt[k + 2, i] = v2
+        sAt[k + 3, i] = v3
+    for e in range(t, BK * QB, NT):
+        k = e // QB
+        j = (e % QB) * 4
+        v0, v1, v2, v3 = _load4(B, k0 + k, n0 + j, K, N, zero)
+        sB[k, j] = v0
+        sB[k, j + 1] = v1
+        sB[k, j + 2] = v2
+        sB[k, j + 3] = v3
+
 @functools.lru_cache(maxsize=None)
 def vectorized(dtype, BM=128, BN=128, BK=8, TM=8, TN=8):
     """As 3, but each thread moves quads of 4 consecutive elements (BK and BN multiples of 4), and A
@@ -223,22 +248,7 @@ def vectorized(dtype, BM=128, BN=128, BK=8, TM=8, TN=8):
             for j in range(TN):
                 s[i, j] = 0
         for k0 in range(0, K, BK):
-            for e in range(t, BM * QA, NT):
-                i = e // QA
-                k = (e % QA) * 4
-                v0, v1, v2, v3 = _load4(A, m0 + i, k0 + k, M, K, zero)
-                sAt[k, i] = v0
-                sAt[k + 1, i] = v1
-                sAt[k + 2, i] = v2
-                sAt[k + 3, i] = v3
-            for e in range(t, BK * QB, NT):
-                k = e // QB
-                j = (e % QB) * 4
-                v0, v1, v2, v3 = _load4(B, k0 + k, n0 + j, K, N, zero)
-                sB[k, j] = v0
-                sB[k, j + 1] = v1
-                sB[k, j + 2] = v2
-                sB[k, j + 3] = v3
+            _stage4(A, B, sAt, sB, m0, n0, k0, t, NT, BM, BK, QA, QB, zero)
             cuda.syncthreads()
             for k in range(BK):
                 for i in range(TM):
@@ -320,22 +330,7 @@ def warptile(dtype, BM=128, BN=128, BK=16, WM=64, WN=64, WNITER=4, TM=8, TN=4):
             for j in range(RN):
                 s[i, j] = 0
         for k0 in range(0, K, BK):
-            for e in range(t, BM * QA, NT):
-                i = e // QA
-                k = (e % QA) * 4
-                v0, v1, v2, v3 = _load4(A, m0 + i, k0 + k, M, K, zero)
-                sAt[k, i] = v0
-                sAt[k + 1, i] = v1
-                sAt[k + 2, i] = v2
-                sAt[k + 3, i] = v3
-            for e in range(t, BK * QB, NT):
-                k = e // QB
-                j = (e % QB) * 4
-                v0, v1, v2, v3 = _load4(B, k0 + k, n0 + j, K, N, zero)
-                sB[k, j] = v0
-                sB[k, j + 1] = v1
-                sB[k, j + 2] = v2
-                sB[k, j + 3] = v3
+            _stage4(A, B, sAt, sB, m0, n0, k0, t, NT, BM, BK, QA, QB, zero)
             cuda.syncthreads()
             for k in range(BK):
                 for mi in range(WMITER):
