@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
+from .. import threads
 from .numba_cache import configure as _configure_cache
 
 _configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
@@ -88,7 +89,6 @@ class ExampleSplit:
         ``then``, each thread runs then(p) once every part has finished (a barrier): the gradients'
         weighted sum, one segment of the parameter vector per thread, without a second dispatch.
         Re-raises the first exception of any part (after every thread has stopped)."""
-        from .. import threads
         pool = self._executor(P - 1)
         barrier = threading.Barrier(P) if then is not None else None
 

@@ -876,7 +876,6 @@ class Workspace(BufferTable):
             ("lp", (R, layout.layers[0][1]))], dtype)
         self.slots = tuple(self.slots_of(PassSlots))    # a plain tuple: numba's dispatcher leaks on namedtuples
         self.ws64 = np.zeros(2 * R + n + 2 * z_dim, dtype=np.float64)
-        self.res = np.zeros(n, dtype=dtype)
 
 
 class NumbaBackend:

@@ -293,8 +293,7 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     eps: a tuple of S >= 1 arrays (L, n, Z_l) (S = 1: the numba one-layer backend's DReG, kernels/cpu.py).  codes = (act, lik, objective 0 ELBO / 1 IWAE, dreg, want_grad);
     reals = (beta, var_floor, cb_switch);  gemm_tiles = (gemm, mb, nb).
     bo rows (StackWorkspace): t < nl layer outputs, nl + t their gradients, then 6 per layer
-    (z, dz, std, tmp, sq, u), then the custom GEMM's panel buffer p1 (pack2 is empty, kept so the
-    rows stay where they were), the pixel scratch lp and dbs.
+    (z, dz, std, tmp, sq, u), then the custom GEMM's panel buffer p1 (pack), the pixel scratch lp and dbs.
     ws64: ll | log w | dlogw | ap | aq | fac (R each) | bound (n).
     """
     act, lik, objective, dreg, want_grad = codes
@@ -306,9 +305,9 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     R = L * n
     G = 2 * nl
     E = G + 6 * S
-    p1 = ws[bo[E, 0]:bo[E, 0] + bo[E, 2]]
-    lp = _buf(ws, bo, E + 2)
-    dbs = ws[bo[E + 3, 0]:bo[E + 3, 0] + bo[E + 3, 2]]
+    p1 = _buf(ws, bo, E)[0]                 # pack
+    lp = _buf(ws, bo, E + 1)
+    dbs = _buf(ws, bo, E + 2)[0]
     ll = ws64[:R]
     logw = ws64[R:2 * R]
     dlogw = ws64[2 * R:3 * R]
@@ -419,7 +418,8 @@ class StackWorkspace(BufferTable):
                             ((n, Z_1) for l = 1), the input gradient of enc{l+1} (and the forward's
                             scratch for log p(z_l|z_{l+1})), DReG's stopped upstream of enc{l} (R, 2Z_l),
                             and u = (z_l - m) e^-s of p(z_l|z_{l+1}) (l < S)
-        pack pack2          the custom GEMM's panel buffer (kernels/gemm.pack_size), and an empty row;  lp: per-pixel log-probabilities (R, D);
+        pack                the custom GEMM's panel buffer (kernels/gemm.pack_size)
+        lp                  per-pixel log-probabilities (R, D)
         dbs                 a scratch bias gradient (DReG's input-only pass)
     ws64 (float64, named in ``index64``): ll, logw, dlogw, ap, aq, fac (R each), bound (n).
     """
@@ -434,7 +434,7 @@ class StackWorkspace(BufferTable):
             entries += [(f"z{l}", (R, Z)), (f"dz{l}", (R, Z)), (f"std{l}", (n if l == 1 else R, Z)),
                         (f"tmp{l}", (R, Z)), (f"sq{l}", (R, 2 * Z) if l > 1 else (0, 2 * Z)),
                         (f"u{l}", (R, Z) if l < S else (0, Z))]
-        entries += [pack_entry(layout, rows, dtype), ("pack2", (1, 0)), ("lp", (R, spec.x_dim)),
+        entries += [pack_entry(layout, rows, dtype), ("lp", (R, spec.x_dim)),
                     ("dbs", (1, max(o for _, _, o in layout.layers)))]
         super().__init__(entries, dtype)
         nl = len(rows)
@@ -507,7 +507,8 @@ class NumbaStackBackend(NumpyBackend):
     _gemm = staticmethod(gemm_settings)
 
     def _step(self, params, x, eps, grad, objective, beta, estimator, want_grad):
-        """One pass (``stack_step_``), whole or in example parts; returns (loss, per-example bound (n,))."""
+        """One pass (``stack_step_``), whole or in example parts; returns (loss, the workspaces whose
+        ``bound`` rows hold the per-example bound, in example order)."""
         if params.dtype != self.dtype or x.dtype != self.dtype:
             raise ValueError(f"params and x must be {self.dtype}, got {params.dtype} and {x.dtype}")
         eps = tuple(eps)
@@ -523,7 +524,7 @@ class NumbaStackBackend(NumpyBackend):
         if P == 1:
             ws = self.workspace(n, L)
             loss = stack_step_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm)
-            return float(loss), ws.view("bound")
+            return float(loss), (ws,)
         sw = self.split_workspace(n, L, P)
         b = sw.bounds
 
@@ -535,8 +536,7 @@ class NumbaStackBackend(NumpyBackend):
                                        ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm)
 
         self.split.run(P, part, self.split.reduce_in(P, grad, sw.grads, sw.weights) if want_grad else None)
-        bound = np.concatenate([ws.view("bound") for ws in sw.parts])
-        return float(sw.weights @ sw.losses), bound
+        return float(sw.weights @ sw.losses), sw.parts
 
     def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
                       kl_active=None, estimator="reparam"):
@@ -550,8 +550,8 @@ class NumbaStackBackend(NumpyBackend):
 
     def bound(self, params, x, eps, objective="elbo", beta=1.0):
         """Per-example bound (n,): the ELBO with the top KL analytic, or the IWAE bound.   §11.2"""
-        _, bound = self._step(params, x, eps, params, objective, beta, "reparam", False)
-        return bound.astype(self.dtype)
+        _, parts = self._step(params, x, eps, params, objective, beta, "reparam", False)
+        return np.concatenate([ws.view("bound") for ws in parts]).astype(self.dtype)
 
     # -- the pieces' MLP blocks (encode, decode, sampling): cpu.py's kernels into a cached workspace -----
     def piece_workspace(self, m) -> BufferTable:
