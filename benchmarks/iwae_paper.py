@@ -13,7 +13,9 @@ paper), averaged over the first --eval-n test images.
 
 minivae and the PyTorch implementation of the same model (benchmarks/torch_iwae.py, eager) see the same
 minibatches in the same order, the same dynamic binarization and the same eps, and are scored on the same test
-rows with the same K; their initial weights differ (each initializes its own way).
+rows with the same K; their initial weights differ (each initializes its own way). minivae's step is the one
+`minivae train` runs (trainers.make_trainer: the backend's loss_and_grad into a reused buffer, then the
+optimizer's update); torch's is zero_grad, the loss, backward and Adam's step.
 
     python benchmarks/iwae_paper.py [--data-dir DIR] [--models vae1 iwae1 vae2 iwae2] [--epochs 10] [--k 50]
                                     [--eval-k 5000] [--eval-n 1000] [--backend numba] [--no-torch] [--json FILE]
@@ -49,6 +51,7 @@ from minivae.evaluate import iw_log_likelihood_per_example  # noqa: E402
 from minivae.optim import make_optimizer  # noqa: E402
 from minivae.recipe import lr_at, output_bias_from_data  # noqa: E402
 from minivae.threads import limit_threads  # noqa: E402
+from minivae.trainers import SerialComm, make_trainer  # noqa: E402
 
 # name: (z_dims bottom-to-top, hidden widths per stochastic layer, objective)
 MODELS = {
@@ -95,12 +98,11 @@ def minivae_model(name, seed, backend):
                seed=seed, backend=backend)
 
 
-def minivae_step(model, opt, xb, eps, objective, k, estimator):
-    kw = {} if estimator == "reparam" else {"estimator": estimator}
-    e = eps[0] if len(eps) == 1 else eps
-    loss, g = model.loss_and_grad(xb, eps=e, objective=objective, samples=k, **kw)
-    opt.step(model.params, g)
-    return loss
+def minivae_stepper(model, opt, objective, estimator):
+    """step(xb, eps) -> loss: one optimizer step through the trainer ``minivae train`` runs
+    (trainers.make_trainer; the data are checked once, as the run checks its data set once)."""
+    trainer = make_trainer(model, opt, SerialComm(), objective, 0.0, estimator)
+    return lambda xb, eps: trainer.step(xb, eps[0] if len(eps) == 1 else tuple(eps), 1.0)
 
 
 def torch_step(torch, net, topt, xb, eps, objective):
@@ -121,6 +123,7 @@ def train_pair(name, x_train, x_test, args, torch):
     ours = minivae_model(name, args.seed, args.backend)
     ours.layout.view(ours.params, "dec.head.b")[...] = bias
     opt = make_optimizer("adam", ours.params.size, "float32", backend=ours.backend, lr=BASE_LR, **ADAM)
+    step = minivae_stepper(ours, opt, objective, args.estimator)
     net = topt = None
     if torch is not None:
         net = torch_iwae.build(torch, 784, z_dims, hidden, "tanh", seed=args.seed)
@@ -140,7 +143,7 @@ def train_pair(name, x_train, x_test, args, torch):
             xb = (rng.random((len(idx), 784), dtype=np.float32) < x_train[idx]).astype(np.float32)
             eps = eps_for(rng, z_dims, k, len(idx))
             t0 = time.perf_counter()
-            minivae_step(ours, opt, xb, eps, objective, k, args.estimator)
+            step(xb, eps)
             t1 = time.perf_counter()
             if net is not None:
                 torch_step(torch, net, topt, xb, eps, objective)
@@ -202,7 +205,8 @@ def speed(args, torch):
             opt = make_optimizer("adam", ours.params.size, "float32", backend=ours.backend, lr=1e-4, **ADAM)
             net = torch_iwae.build(torch, 784, z_dims, hidden, "tanh", seed=0)
             topt = torch.optim.Adam(net.parameters(), **torch_iwae.SPEED_ADAM)
-            fns = {"minivae": lambda: minivae_step(ours, opt, x, eps, "iwae", args.k, args.estimator),
+            step = minivae_stepper(ours, opt, "iwae", args.estimator)
+            fns = {"minivae": lambda: step(x, eps),
                    "torch": lambda: torch_step(torch, net, topt, x, eps, "iwae")}
             for f in fns.values():                  # compile / warm up
                 for _ in range(3):
@@ -255,8 +259,9 @@ def _speed_worker(argv):
     x, eps = torch_iwae.speed_batch(args.batch, args.k, MODELS["iwae2"][0])
     ours = minivae_model("iwae2", 0, args.backend)
     opt = make_optimizer("adam", ours.params.size, "float32", backend=ours.backend, lr=1e-4, **ADAM)
+    step = minivae_stepper(ours, opt, "iwae", args.estimator)
     with limit_threads(args.threads):
-        torch_iwae.serve_steps(lambda: minivae_step(ours, opt, x, eps, "iwae", args.k, args.estimator))
+        torch_iwae.serve_steps(lambda: step(x, eps))
     return 0
 
 

@@ -35,8 +35,9 @@
    kernels' medians, and the difference: the time spent between kernels (Python, dispatch, the
    small reductions not listed) -- negative when kernels run faster in the step (warm caches).
 
-The numba backend's GEMM is whatever ``minivae.kernels.config.GEMM`` (``MINIVAE_GEMM``) selects: the
-kernels are called through the backend's own entry points (``cpu.mm_nn``, ``mm_nt``, ``mm_tn``).
+The numba backend's GEMM is whatever ``minivae.kernels.config.GEMM`` (``MINIVAE_GEMM``) selects for a whole
+pass (the one-layer step here is never split; "auto" is BLAS): the kernels are called through the backend's
+own entry points (``cpu.mm_nn``, ``mm_nt``, ``mm_tn``).
 
 ``--json`` prints one JSON object instead of the tables, with keys
     machine   {cpu, cores, load_average, date, blas: [{prefix, version, architecture, num_threads}]}

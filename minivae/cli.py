@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli", help="(default: bernoulli)")
     b.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
     b.add_argument("--backend", choices=("numba", "numpy"), default="numba", help="(default: numba)")
-    b.add_argument("--gemm", choices=GEMMS, default=None, help="the numba backend's GEMM (default: $MINIVAE_GEMM or blas)")
+    b.add_argument("--gemm", choices=GEMMS, default=None, help="the numba backend's GEMM (default: $MINIVAE_GEMM or auto: BLAS, and the custom kernel in the parts of an example split)")
     _threads_option(b)
     b.add_argument("--plot", metavar="PNG", default=None, help="write the roofline there")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minivae import VAE, gradcheck
-from minivae.kernels import batchsplit
+from minivae.kernels import batchsplit, config
 from minivae.kernels.batchsplit import ExampleSplit, part_bounds, weighted_sum_
 from minivae.threads import blas_info, limit_threads
 
@@ -43,9 +43,11 @@ def stack(backend, seed=0, likelihood="bernoulli"):
                dtype="float64", seed=seed, backend=backend)
 
 
+@pytest.mark.parametrize("gemm", ["auto", "blas", "custom"])
 @pytest.mark.parametrize("objective,estimator", [("elbo", "reparam"), ("iwae", "reparam"), ("iwae", "dreg")])
 @pytest.mark.parametrize("P", [2, 3])
-def test_split_pass_equals_the_whole_pass_and_the_reference(monkeypatch, objective, estimator, P):
+def test_split_pass_equals_the_whole_pass_and_the_reference(monkeypatch, objective, estimator, P, gemm):
+    monkeypatch.setattr(config, "GEMM", gemm)          # the parts: single-threaded BLAS or the serial kernel
     rng = np.random.default_rng(1)
     n, L = 11, 4                                                   # parts of 5/6 or 3/4/4 examples
     x = (rng.random((n, 12)) < 0.4).astype(np.float64)
@@ -54,9 +56,9 @@ def test_split_pass_equals_the_whole_pass_and_the_reference(monkeypatch, objecti
     kw = dict(eps=eps, objective=objective, samples=L, estimator=estimator)
     loss_ref, g_ref = ref.loss_and_grad(x, **kw)
     b_ref = ref.backend.bound(ref.params, x, eps, objective=objective)
-    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n, gemm: 1))
+    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n: 1))
     loss_1, g_1 = fast.loss_and_grad(x, **kw)
-    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n, gemm: P))
+    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n: P))
     calls = []
     orig = ExampleSplit.run
     monkeypatch.setattr(ExampleSplit, "run", lambda self, p, f, then=None: (calls.append(p), orig(self, p, f, then)))
@@ -69,15 +71,24 @@ def test_split_pass_equals_the_whole_pass_and_the_reference(monkeypatch, objecti
     assert b_p.shape == (n,) and rel_error(b_p, b_ref) <= 1e-12
 
 
-def test_the_split_is_chosen_from_the_thread_budget_and_the_batch():
+def test_the_split_is_chosen_from_the_thread_budget_and_the_batch(monkeypatch):
     with limit_threads(1):
-        assert ExampleSplit.parts(1000, 0) == 1
+        assert ExampleSplit.parts(1000) == 1
     with limit_threads(2):
         import numba
         two = min(2, numba.config.NUMBA_NUM_THREADS)
-        assert ExampleSplit.parts(2 * batchsplit.MIN_EXAMPLES, 0) == two
-        assert ExampleSplit.parts(2 * batchsplit.MIN_EXAMPLES - 1, 0) == 1
-        assert ExampleSplit.parts(1000, 1) == 1                     # the custom GEMM threads itself
+        assert ExampleSplit.parts(2 * batchsplit.MIN_EXAMPLES) == two
+        assert ExampleSplit.parts(2 * batchsplit.MIN_EXAMPLES - 1) == 1
+
+
+@pytest.mark.parametrize("gemm,whole,part", [("auto", config.BLAS, config.CUSTOM_SERIAL),
+                                             ("blas", config.BLAS, config.BLAS),
+                                             ("custom", config.CUSTOM, config.CUSTOM_SERIAL)])
+def test_a_part_never_runs_the_parallel_custom_gemm(monkeypatch, gemm, whole, part):
+    """A part has one core: its products are single-threaded BLAS or the custom kernel task after task,
+    never the custom kernel's prange tiles, whose threads would fight the parts'."""
+    monkeypatch.setattr(config, "GEMM", gemm)
+    assert config.gemm_code() == whole and config.gemm_code(in_part=True) == part
 
 
 def test_a_failing_part_raises_in_the_caller_and_blas_threads_come_back():

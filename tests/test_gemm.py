@@ -37,23 +37,40 @@ def _run(fn, M, N, dtype):
     return C
 
 
+def _custom(form, A, B, P, mb, nb, serial, dtype):
+    M, N = A.shape[0], B.shape[1]
+    if form == "nn":
+        return _run(lambda C: gemm.gemm_nn(A, B, C, P, mb, nb, serial), M, N, dtype)
+    if form == "nt":
+        Bt = np.ascontiguousarray(B.T)
+        return _run(lambda C: gemm.gemm_nt(A, Bt, C, P, mb, nb, serial), M, N, dtype)
+    At = np.ascontiguousarray(A.T)
+    return _run(lambda C: gemm.gemm_tn(At, B, C, P, mb, nb, serial), M, N, dtype)
+
+
+@pytest.mark.parametrize("serial", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", ["nn", "nt", "tn"])
-def test_custom_gemm_matches_numpy(dtype, form):
+def test_custom_gemm_matches_numpy(dtype, form, serial):
+    """Over prange tiles, or (``serial``) task after task in the calling thread, as inside the parts of
+    an example split (kernels/batchsplit.py)."""
     rng = np.random.default_rng(21)
     for M, K, N in SHAPES:
         A, B, want = _operands(rng, M, K, N, dtype)
         P = np.full(gemm.pack_size(form, N, K, dtype), np.nan, dtype=dtype)
         for mb, nb in TILES:
-            if form == "nn":
-                C = _run(lambda C: gemm.gemm_nn(A, B, C, P, mb, nb), M, N, dtype)
-            elif form == "nt":
-                Bt = np.ascontiguousarray(B.T)
-                C = _run(lambda C: gemm.gemm_nt(A, Bt, C, P, mb, nb), M, N, dtype)
-            else:
-                At = np.ascontiguousarray(A.T)
-                C = _run(lambda C: gemm.gemm_tn(At, B, C, P, mb, nb), M, N, dtype)
+            C = _custom(form, A, B, P, mb, nb, serial, dtype)
             assert rel_error(C, want) <= TOL[dtype], (form, M, K, N, mb, nb)
+
+
+@pytest.mark.parametrize("form", ["nn", "nt", "tn"])
+def test_serial_custom_gemm_is_the_parallel_one_bit_for_bit(form):
+    """The same tasks, each summing over k in the same order: only who runs them differs."""
+    rng = np.random.default_rng(5)
+    A, B, _ = _operands(rng, 45, 70, 83, np.float32)
+    P = np.zeros(gemm.pack_size(form, 83, 70, np.float32), np.float32)
+    assert np.array_equal(_custom(form, A, B, P, 16, 64, True, np.float32),
+                          _custom(form, A, B, P, 16, 64, False, np.float32))
 
 
 def test_custom_gemm_on_a_model_shape():
@@ -70,7 +87,7 @@ def test_custom_gemm_on_a_model_shape():
 def test_panel_width_and_pack_size():
     assert gemm.panel_width(np.float32) == 32 and gemm.panel_width(np.float64) == 16
     assert gemm.pack_size("nt", 33, 5, np.float32) == 5 * 32 * 2
-    assert gemm.pack_size("nn", 33, 5, np.float64) == gemm.pack_size("tn", 33, 5, np.float64) == 5 * 16
+    assert gemm.pack_size("nn", 33, 5, np.float64) == gemm.pack_size("tn", 33, 5, np.float64) == 0   # in place
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -106,3 +123,60 @@ def test_transpose():
         At = np.empty((N, M))
         gemm_variants.transpose_(A, At)
         np.testing.assert_array_equal(At, A.T)
+
+
+_GUARDED = r'''
+import ctypes, mmap, sys
+import numpy as np
+from minivae.kernels import gemm
+
+PAGE = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def guarded(shape, dtype):
+    """A C-contiguous array whose last element ends where a PROT_NONE page begins: one read past its end
+    is a segmentation fault."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    pages = -(-size // PAGE) + 1
+    buf = mmap.mmap(-1, (pages + 1) * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(ctypes.c_void_p(base + pages * PAGE), PAGE, 0) == 0
+    raw = np.frombuffer(buf, dtype=np.uint8, count=pages * PAGE)
+    return raw[pages * PAGE - size:].view(dtype).reshape(shape)
+
+
+rng = np.random.default_rng(3)
+worst = 0.0
+for dtype, edges in ((np.float32, (5, 13, 20, 28)), (np.float64, (3, 7, 10, 14))):
+    nr = gemm.panel_width(dtype)
+    for e in edges:
+        for K, N in ((9, nr + e), (4, e)):
+            for serial in (False, True):
+                M = 11
+                A = rng.standard_normal((M, K)).astype(dtype)
+                B = guarded((K, N), dtype)
+                B[...] = rng.standard_normal((K, N))
+                C = np.empty((M, N), dtype)
+                gemm.gemm_nn(A, B, C, np.empty(0, dtype), 16, 64, serial)        # B in place
+                worst = max(worst, float(np.abs(C - A.astype(np.float64) @ B).max()))
+                At = np.ascontiguousarray(A.T)                                   # (K, M)
+                G = guarded((M, N), dtype)                                       # tn: B = G (rows M)
+                G[...] = rng.standard_normal((M, N))
+                D = np.empty((K, N), dtype)
+                gemm.gemm_tn(A, G, D, np.empty(0, dtype), 16, 64, serial)
+                worst = max(worst, float(np.abs(D - A.T.astype(np.float64) @ G).max()))
+print(worst)
+'''
+
+
+def test_the_last_panel_is_read_in_place_and_never_past_b():
+    """The nn and tn forms read B's last, partial column panel in place through masked loads: with B
+    ending where an unreadable page begins (so that any read past it kills the process), every edge
+    kernel (1-3 ymm vectors, 2 masked zmm) gives the right product. In a child process, so that a read
+    past the end is a failed test, not a crashed worker."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _GUARDED], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"child died with {r.returncode}: {r.stderr[-2000:]}"
+    assert float(r.stdout.strip().splitlines()[-1]) < 1e-4

@@ -15,9 +15,10 @@ thread for the duration (threadpoolctl: NumPy's and SciPy's copies), then (after
 weighted sum of the P gradients, one segment of the parameter vector per thread.
 
 P is the thread budget the user gave (``numba.get_num_threads()``, which ``threads.limit_threads``
-sets), at most n // MIN_EXAMPLES; 1 (no split) with the custom GEMM, whose own prange threads would
-fight the parts'. The parts are fixed by (n, P), so a run is reproducible at a given thread count;
-different P change the result only by rounding (the sum's order).
+sets), at most n // MIN_EXAMPLES. Inside a part every product runs on the part's own core: single-
+threaded OpenBLAS, or the custom kernel task after task (``config.gemm_code(in_part=True)``; never its
+prange tiles, whose threads would fight the parts'). The parts are fixed by (n, P), so a run is
+reproducible at a given thread count; different P change the result only by rounding (the sum's order).
 
 No BLAS call runs inside a prange (docs/math.md §9): the parts are Python threads, not prange.
 """
@@ -68,10 +69,8 @@ class ExampleSplit:
         self._lock = threading.Lock()
 
     @staticmethod
-    def parts(n: int, gemm: int) -> int:
+    def parts(n: int) -> int:
         """How many parts a pass over n examples gets now (1: run it whole)."""
-        if gemm != 0:
-            return 1
         import numba
         return max(1, min(numba.get_num_threads(), n // MIN_EXAMPLES))
 

@@ -3,26 +3,38 @@
 GEMM   "blas": np.dot(a, b, out) inside @njit on contiguous (or transposed, F-contiguous) views:
                SciPy's OpenBLAS through numba's cython_blas binding, no copies.
        "custom": the register-blocked kernels of kernels/gemm.py (an 8 x 2-zmm micro-kernel written
-               as LLVM IR, operands read in place, parallel over MB x NB tiles of C).
-       Default: "blas", the faster one on the benchmark machine (benchmarks/README.md);
-       the environment variable MINIVAE_GEMM overrides it.
+               as LLVM IR, operands read in place, parallel over MB x NB tiles of C; in the parts of
+               an example split, kernels/batchsplit.py, one core each, task after task).
+       "auto" (default): BLAS for a whole pass (OpenBLAS threads each product), the custom kernel
+               inside the parts of an example split, where each part has one core and the custom
+               kernel was the faster one (benchmarks/README.md, "Training speed, a process each").
+       The environment variable MINIVAE_GEMM overrides the default.
 MB, NB Output tile of one parallel task of the custom GEMM (rows, columns; rounded up to whole 8 x 32
        (float32) or 8 x 16 (float64) micro-tiles). Runtime arguments of the kernels, so tests can set
        odd values (e.g. 3, 5) to hit every boundary guard.
 """
 import os
 
-GEMM = os.environ.get("MINIVAE_GEMM", "blas")
+GEMM = os.environ.get("MINIVAE_GEMM", "auto")
 MB = 16
 NB = 64
-GEMMS = ("blas", "custom")
+GEMMS = ("auto", "blas", "custom")
+
+# The kernels' GEMM codes (kernels/cpu.py mm_nn, mm_nt, mm_tn)
+BLAS, CUSTOM, CUSTOM_SERIAL = 0, 1, 2
 
 
-def gemm_code() -> int:
-    """0 for BLAS, 1 for the custom kernel; a clear error for anything else."""
+def gemm_code(in_part=False) -> int:
+    """The kernels' GEMM code for a whole pass, or (``in_part``) for one part of an example split, which
+    has a core of its own: BLAS, CUSTOM (parallel tiles) or CUSTOM_SERIAL. A clear error for an
+    unknown GEMM."""
     if GEMM not in GEMMS:
         raise ValueError(f"minivae.kernels.config.GEMM must be one of {', '.join(GEMMS)}, got {GEMM!r}")
-    return GEMMS.index(GEMM)
+    if GEMM == "blas":
+        return BLAS
+    if in_part:
+        return CUSTOM_SERIAL
+    return CUSTOM if GEMM == "custom" else BLAS
 
 
 def tiles():

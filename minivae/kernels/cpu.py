@@ -33,6 +33,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import config, require_one_stochastic_layer
+from .config import BLAS, CUSTOM_SERIAL
 from .interface import require_estimator
 from .numba_cache import configure as _configure_cache
 from .gemm import gemm_nn, gemm_nt, gemm_tn, pack_size
@@ -57,30 +58,31 @@ LOG_2 = math.log(2.0)
 
 @njit(cache=True, error_model="numpy")
 def mm_nn(A, B, C, gemm, p1, mb, nb):
-    """C = A B.   A: (M, K)  B: (K, N) (a weight)  C: (M, N).   p1: panel buffer of the custom GEMM."""
-    if gemm == 0:
+    """C = A B.   A: (M, K)  B: (K, N) (a weight)  C: (M, N).   gemm: config.BLAS, CUSTOM (parallel
+    tiles) or CUSTOM_SERIAL (in the calling thread);  p1: panel buffer of the custom GEMM."""
+    if gemm == BLAS:
         np.dot(A, B, C)
     else:
-        gemm_nn(A, B, C, p1, mb, nb)
+        gemm_nn(A, B, C, p1, mb, nb, gemm == CUSTOM_SERIAL)
 
 
 @njit(cache=True, error_model="numpy")
 def mm_nt(A, B, C, gemm, p1, mb, nb):
     """C = A B^T.   A: (M, K)  B: (N, K)  C: (M, N).   BLAS gets the F-contiguous view B.T;
     the custom GEMM packs B^T into p1."""
-    if gemm == 0:
+    if gemm == BLAS:
         np.dot(A, B.T, C)
     else:
-        gemm_nt(A, B, C, p1, mb, nb)
+        gemm_nt(A, B, C, p1, mb, nb, gemm == CUSTOM_SERIAL)
 
 
 @njit(cache=True, error_model="numpy")
 def mm_tn(A, B, C, gemm, p1, mb, nb):
     """C = A^T B.   A: (R, M)  B: (R, N)  C: (M, N).   The custom GEMM reads A^T in place."""
-    if gemm == 0:
+    if gemm == BLAS:
         np.dot(A.T, B, C)
     else:
-        gemm_tn(A, B, C, p1, mb, nb)
+        gemm_tn(A, B, C, p1, mb, nb, gemm == CUSTOM_SERIAL)
 
 
 
@@ -791,10 +793,11 @@ def layer_table(layout) -> np.ndarray:
                      for p, i, o in layout.layers], dtype=np.int64)
 
 
-def gemm_settings():
-    """(GEMM code, MB, NB) as kernels/config says at call time (never baked into a kernel)."""
+def gemm_settings(in_part=False):
+    """(GEMM code, MB, NB) as kernels/config says at call time (never baked into a kernel), for a whole
+    pass or (``in_part``) for one part of an example split (kernels/batchsplit.py)."""
     mb, nb = config.tiles()
-    return config.gemm_code(), mb, nb
+    return config.gemm_code(in_part), mb, nb
 
 
 def cached_workspace(cache, key, most, make):

@@ -519,12 +519,13 @@ class NumbaStackBackend(NumpyBackend):
         L, n, _ = eps[0].shape
         codes = (self.act, self.lik, OBJECTIVES.index(objective), int(estimator == "dreg"), int(want_grad))
         reals = (float(beta), float(self.spec.var_floor), self.cb_switch)
-        gemm = self._gemm()
-        P = self.split.parts(n, gemm[0])
+        P = self.split.parts(n)
         if P == 1:
             ws = self.workspace(n, L)
-            loss = stack_step_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm)
+            loss = stack_step_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.blk, codes, reals,
+                               self._gemm())
             return float(loss), (ws,)
+        gemm = self._gemm(in_part=True)
         sw = self.split_workspace(n, L, P)
         b = sw.bounds
 

@@ -16,15 +16,19 @@ vectors and ``llvm.fma``; the assembly is ``vbroadcastss``/``vfmadd231ps`` on zm
 
 Operands are read where they are, through (row, column) strides, so nothing is packed except what
 the vector loads need contiguous: the rows of B (k, j..j+NR). They are contiguous in the nn and tn
-forms (B is C-contiguous with N columns), except for the last, partial panel of N % NR columns, which
-is copied zero-padded into the panel buffer P; in the nt form B^T is packed panel by panel into P
-(K x NR each) by the parallel task that owns the panel, just before it uses it. A is read by
+forms (B is C-contiguous with N columns); the last, partial panel of N % NR columns is read there too,
+through masked loads that never touch the columns beyond N (packing it cost 4% of a split two-layer
+step, benchmarks/README.md). In the nt form B^T is packed panel by panel into P (K x NR each,
+zero-padded) by the parallel task that owns the panel, just before it uses it. A is read by
 broadcasts at any strides: a (M, K) C-contiguous array (nn, nt) or the transpose of a (K, M) one
 (tn). Rows of A beyond M in the last row panel re-read row M - 1; their results are not stored. The
-last column panel runs a tile of 1-3 ymm vectors (8/4 columns each), as many as its columns need.
+last column panel runs a tile of 1-3 ymm vectors (8 float32 / 4 float64 columns each), as many as its
+columns need, or the 2-zmm tile with masked loads beyond 3 ymm.
 
-Parallelism: one prange over (tm x tn) tiles of C (each a block of whole micro-tiles), then a
-sequential sweep of its micro-tiles. BLAS is never called here.
+Parallelism: one prange over (tm x tn) tiles of C (each a block of whole micro-tiles, ``tile_``), then
+a sequential sweep of its micro-tiles. With ``serial`` the same tasks run one after another in the
+calling thread (``tiles_serial_``, bit-identical), for a pass that already has a core of its own (a
+part of an example split, kernels/batchsplit.py). BLAS is never called here.
 
 Numba's cache keys a function on its own source file only, and the cached kernels of cpu.py that
 call these embed a copy of them; minivae therefore keeps one cache folder per version of the whole
@@ -54,13 +58,15 @@ def panel_width(dtype) -> int:
 
 def pack_size(form, N, K, dtype) -> int:
     """Elements of the panel buffer P that a product (M, K) x (K, N) needs: all of B^T packed in
-    panels for "nt", the last column panel for "nn" and "tn"."""
+    panels for "nt"; none for "nn" and "tn", whose B is read in place."""
     nr = panel_width(dtype)
-    return K * nr * (-(-N // nr) if form == "nt" else 1)
+    return K * nr * -(-N // nr) if form == "nt" else 0
 
 
-def make_ukernel(nv, vbytes):
-    """The micro-kernel intrinsic with an (MR, nv vectors of vbytes bytes) register tile."""
+def make_ukernel(nv, vbytes, masked=False):
+    """The micro-kernel intrinsic with an (MR, nv vectors of vbytes bytes) register tile. ``masked``: B's
+    rows are read with masked loads of their first nr elements only (``llvm.masked.load``: the lanes
+    masked off are never touched), so that the last, partial column panel is read in place."""
 
     @intrinsic
     def ukernel(typingctx, K, A, ao, a_i, a_k, mr, B, bo, b_k, C, co, c_i, nr):
@@ -68,7 +74,7 @@ def make_ukernel(nv, vbytes):
         for i < mr, j < nr (MR x NR register tile; A, B, C any arrays, flat element offsets).
 
         Shapes: the tile is (MR, NR) = (8, 2 W), W = 64 bytes / itemsize; B's rows must hold NR
-        readable elements (zero-padded in the last panel), C only nr."""
+        readable elements (zero-padded in the last panel), C only nr; masked: B's rows nr."""
         dt = A.dtype
         W = vbytes // (dt.bitwidth // 8)
 
@@ -93,11 +99,28 @@ def make_ukernel(nv, vbytes):
             last = builder.sub(mr, c64(1))
             rows = [builder.add(ao, builder.mul(builder.select(builder.icmp_signed("<", c64(i), mr), c64(i), last),
                                                 a_i)) for i in range(MR)]
+            if masked:                                  # lane j of vector v is read when v W + j < nr
+                mty = ir.VectorType(ir.IntType(1), W)
+                mload = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(vty, [vty.as_pointer(), i32, mty, vty]),
+                    f"llvm.masked.load.v{W}{'f32' if dt.bitwidth == 32 else 'f64'}.p0")
+                zero = ir.Constant(vty, None)
+                lanes = ir.Constant(ir.VectorType(i64, W), list(range(W)))
+                undef64 = ir.Constant(ir.VectorType(i64, W), ir.Undefined)
+                masks = []
+                for v in range(nv):
+                    lim = builder.insert_element(undef64, builder.sub(nr, c64(v * W)), ir.Constant(i32, 0))
+                    lim = builder.shuffle_vector(lim, undef64, splat0)
+                    masks.append(builder.icmp_signed("<", lanes, lim))
             with cgutils.for_range(builder, K) as loop:                      # rank-1 update per k
                 k = loop.index
                 ka = builder.mul(k, a_k)
                 kb = builder.add(bo, builder.mul(k, b_k))
-                b = [builder.load(vptr(pb, builder.add(kb, c64(v * W))), align=1) for v in range(nv)]
+                if masked:
+                    b = [builder.call(mload, [vptr(pb, builder.add(kb, c64(v * W))), ir.Constant(i32, 1), masks[v],
+                                              zero]) for v in range(nv)]
+                else:
+                    b = [builder.load(vptr(pb, builder.add(kb, c64(v * W))), align=1) for v in range(nv)]
                 for i in range(MR):
                     a = builder.load(builder.gep(pa, [builder.add(rows[i], ka)]))
                     a = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(i32, 0)), undef, splat0)
@@ -127,10 +150,12 @@ def make_ukernel(nv, vbytes):
 
 ukernel = make_ukernel(NV, VBYTES)                 # full panels: 8 x 2 zmm
 # the last, partial panel: 8 x 1-3 ymm vectors, so that it costs what its columns need (Zen 4 runs a zmm
-# FMA as two ymm halves: the narrow tiles lose nothing per flop)
-ukernel_y1 = make_ukernel(1, 32)
-ukernel_y2 = make_ukernel(2, 32)
-ukernel_y3 = make_ukernel(3, 32)
+# FMA as two ymm halves: the narrow tiles lose nothing per flop), or 2 zmm beyond 3 ymm; its B rows read
+# in place through masked loads (nothing packed), or from the zero-padded packed panel (nt)
+ukernel_y1 = make_ukernel(1, 32, masked=True)
+ukernel_y2 = make_ukernel(2, 32, masked=True)
+ukernel_y3 = make_ukernel(3, 32, masked=True)
+ukernel_m = make_ukernel(NV, VBYTES, masked=True)
 
 
 @njit(cache=True, error_model="numpy")
@@ -149,14 +174,50 @@ def pack_bt_panel_(Bt, P, nr, p):
                 P[base + k * nr + j] = 0
 
 
-@njit(cache=True, error_model="numpy")
-def pack_b_edge_(B, P, nr):
-    """P <- the last, partial column panel of B zero-padded (K x nr).   B: (K, N)."""
-    K, N = B.shape
-    j0 = (N // nr) * nr
-    for k in range(K):
-        for j in range(nr):
-            P[k * nr + j] = B[k, j0 + j] if j0 + j < N else 0
+@njit(cache=True, error_model="numpy", inline="always")
+def tile_(t, ntj, tm, tn, nmi, nnj, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, Bt, pack):
+    """Task t of ``tiles_``: its block of (tm x tn) micro-tiles of C, after packing its own column
+    panels of Bt when ``pack``."""
+    nr = NV * VBYTES // A.itemsize
+    wy = 32 // A.itemsize                          # one ymm vector
+    ti = t // ntj
+    tj = t % ntj
+    if pack:
+        for pj in range(tj * tn, min(tj * tn + tn, nnj)):
+            pack_bt_panel_(Bt, P, nr, pj)
+    for pj in range(tj * tn, min(tj * tn + tn, nnj)):
+        j0 = pj * nr
+        e = min(nr, N - j0)                        # columns of this panel
+        if pj < nfull:
+            Bv, bo, bk = B, j0, b_k
+        else:
+            Bv, bo, bk = P, (pj - nfull) * K * nr, nr
+        for pi in range(ti * tm, min(ti * tm + tm, nmi)):
+            i0 = pi * MR
+            mr = min(MR, M - i0)
+            if e == nr:
+                ukernel(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+            elif e <= wy:
+                ukernel_y1(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+            elif e <= 2 * wy:
+                ukernel_y2(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+            elif e <= 3 * wy:
+                ukernel_y3(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+            else:
+                ukernel_m(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def task_grid_(M, N, A, mb, nb, pack):
+    """(ntasks, ntj, tm, tn, nmi, nnj): the task grid of ``tiles_`` over C (M, N)."""
+    nr = NV * VBYTES // A.itemsize
+    nmi = (M + MR - 1) // MR                       # micro-tile rows, columns
+    nnj = (N + nr - 1) // nr
+    tm = nmi if pack else max(1, (mb + MR - 1) // MR)     # micro-tiles per task: rows, columns
+    tn = max(1, (nb + nr - 1) // nr)
+    nti = (nmi + tm - 1) // tm
+    ntj = (nnj + tn - 1) // tn
+    return nti * ntj, ntj, tm, tn, nmi, nnj
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
@@ -164,76 +225,59 @@ def tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack):
     """C (M, N) = A B over prange tiles of about mb x nb elements (rounded up to whole micro-tiles
     of MR x NR).
 
-    Column panel p < nfull is read in place from B (row stride b_k); the others from P, packed
-    K x NR each from panel nfull on. A at element i a_i + k a_k. With ``pack`` (nfull = 0), each
+    Column panel p < nfull is read in place from B (row stride b_k; a last, partial one through
+    masked loads); the others from P, packed K x NR each from panel nfull on. A at element i a_i + k a_k. With ``pack`` (nfull = 0), each
     task first packs its own column panels from Bt (N, K) into P, inside the same parallel region
     (a second region costs a wake-up of the pool); its tile then spans all rows."""
-    nr = NV * VBYTES // A.itemsize
-    wy = 32 // A.itemsize                          # one ymm vector
-    nmi = (M + MR - 1) // MR                       # micro-tile rows, columns
-    nnj = (N + nr - 1) // nr
-    tm = nmi if pack else max(1, (mb + MR - 1) // MR)     # micro-tiles per task: rows, columns
-    tn = max(1, (nb + nr - 1) // nr)
-    nti = (nmi + tm - 1) // tm
-    ntj = (nnj + tn - 1) // tn
-    for t in prange(nti * ntj):
-        ti = t // ntj
-        tj = t % ntj
-        if pack:
-            for pj in range(tj * tn, min(tj * tn + tn, nnj)):
-                pack_bt_panel_(Bt, P, nr, pj)
-        for pj in range(tj * tn, min(tj * tn + tn, nnj)):
-            j0 = pj * nr
-            e = min(nr, N - j0)                    # columns of this panel
-            if pj < nfull:
-                Bv, bo, bk = B, j0, b_k
-            else:
-                Bv, bo, bk = P, (pj - nfull) * K * nr, nr
-            for pi in range(ti * tm, min(ti * tm + tm, nmi)):
-                i0 = pi * MR
-                mr = min(MR, M - i0)
-                if e == nr:
-                    ukernel(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
-                elif e <= wy:
-                    ukernel_y1(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
-                elif e <= 2 * wy:
-                    ukernel_y2(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
-                elif e <= 3 * wy:
-                    ukernel_y3(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
-                else:
-                    ukernel(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+    ntasks, ntj, tm, tn, nmi, nnj = task_grid_(M, N, A, mb, nb, pack)
+    for t in prange(ntasks):
+        tile_(t, ntj, tm, tn, nmi, nnj, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, Bt, pack)
 
 
-@njit(cache=True, error_model="numpy")
-def gemm_nn(A, B, C, P, mb, nb):
+@njit(cache=True, error_model="numpy", nogil=True)
+def tiles_serial_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack):
+    """``tiles_`` in the calling thread, task after task (no parallel region): for passes that already
+    run one per core (kernels/batchsplit.py)."""
+    ntasks, ntj, tm, tn, nmi, nnj = task_grid_(M, N, A, mb, nb, pack)
+    for t in range(ntasks):
+        tile_(t, ntj, tm, tn, nmi, nnj, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, Bt, pack)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def run_tiles_(serial, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack):
+    """``tiles_serial_`` when ``serial``, else the parallel ``tiles_``."""
+    if serial:
+        tiles_serial_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack)
+    else:
+        tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def gemm_nn(A, B, C, P, mb, nb, serial=False):
     """C = A B over (mb x nb) parallel tiles.   A: (M, K)  B: (K, N)  C: (M, N), all C-contiguous;
     P: >= pack_size("nn", N, K)."""
     M, K = A.shape
     N = B.shape[1]
     nr = NV * VBYTES // A.itemsize
-    nfull = N // nr
-    if nfull * nr < N:
-        pack_b_edge_(B, P, nr)
-    tiles_(M, N, K, A.reshape(M * K), K, 1, B.reshape(K * N), N, nfull, P, C.reshape(M * N), mb, nb, B, False)
+    nfull = (N + nr - 1) // nr                     # every panel in place, the last one masked
+    run_tiles_(serial, M, N, K, A.reshape(M * K), K, 1, B.reshape(K * N), N, nfull, P, C.reshape(M * N), mb, nb, B, False)
 
 
-@njit(cache=True, error_model="numpy")
-def gemm_nt(A, Bt, C, P, mb, nb):
+@njit(cache=True, error_model="numpy", nogil=True)
+def gemm_nt(A, Bt, C, P, mb, nb, serial=False):
     """C = A Bt^T.   A: (M, K)  Bt: (N, K)  C: (M, N), C-contiguous;  P: >= pack_size("nt", N, K)."""
     M, K = A.shape
     N = Bt.shape[0]
     nr = NV * VBYTES // A.itemsize
-    tiles_(M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb, Bt, True)
+    run_tiles_(serial, M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb, Bt, True)
 
 
-@njit(cache=True, error_model="numpy")
-def gemm_tn(At, B, C, P, mb, nb):
+@njit(cache=True, error_model="numpy", nogil=True)
+def gemm_tn(At, B, C, P, mb, nb, serial=False):
     """C = At^T B.   At: (R, M)  B: (R, N)  C: (M, N), C-contiguous;  P: >= pack_size("tn", N, R)."""
     R, M = At.shape
     N = B.shape[1]
     nr = NV * VBYTES // At.itemsize
-    nfull = N // nr
-    if nfull * nr < N:
-        pack_b_edge_(B, P, nr)
-    tiles_(M, N, R, At.reshape(R * M), 1, M, B.reshape(R * N), N, nfull, P, C.reshape(M * N), mb, nb, B,
+    nfull = (N + nr - 1) // nr                     # every panel in place, the last one masked
+    run_tiles_(serial, M, N, R, At.reshape(R * M), 1, M, B.reshape(R * N), N, nfull, P, C.reshape(M * N), mb, nb, B,
            False)

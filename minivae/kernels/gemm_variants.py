@@ -210,12 +210,23 @@ def tiles_v2_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb):
                               min(nr, N - j0))
 
 
+@njit(cache=True, error_model="numpy")
+def pack_b_edge_(B, P, nr):
+    """P <- the last, partial column panel of B zero-padded (K x nr).   B: (K, N). (Variant 3 packed it
+    too until it read that panel in place through masked loads.)"""
+    K, N = B.shape
+    j0 = (N // nr) * nr
+    for k in range(K):
+        for j in range(nr):
+            P[k * nr + j] = B[k, j0 + j] if j0 + j < N else 0
+
+
 def _v2_nn(A, B, C, P, P2, mb, nb):
     M, K = A.shape
     N = B.shape[1]
     nfull = N // NR2
     if nfull * NR2 < N:
-        g3.pack_b_edge_(B, P, NR2)
+        pack_b_edge_(B, P, NR2)
     tiles_v2_(M, N, K, A.reshape(M * K), K, 1, B.reshape(K * N), N, nfull, P, C.reshape(M * N), mb, nb)
 
 
@@ -232,7 +243,7 @@ def _v2_tn(At, B, C, P, P2, mb, nb):
     N = B.shape[1]
     nfull = N // NR2
     if nfull * NR2 < N:
-        g3.pack_b_edge_(B, P, NR2)
+        pack_b_edge_(B, P, NR2)
     tiles_v2_(M, N, R, At.reshape(R * M), 1, M, B.reshape(R * N), N, nfull, P, C.reshape(M * N), mb, nb)
 
 
