@@ -227,8 +227,8 @@ def speed(args, torch):
                 time.sleep(args.pause)              # the other's idle threads (OpenBLAS spins ~0.1 s) asleep
                 return _timed(procs[name], args.steps)
         times = {"minivae": [], "torch": []}
-        for _ in range(args.repeats):               # alternate, so that load hits both alike
-            for name in times:
+        for r in range(args.repeats):               # alternate (ABBA), so that load and drift hit both alike
+            for name in (("minivae", "torch") if r % 2 == 0 else ("torch", "minivae")):
                 times[name].append(block(name) / args.steps)
         if not args.same_process:
             for p in procs.values():
@@ -236,13 +236,16 @@ def speed(args, torch):
                 p.wait()
         med = {name: float(np.median(v)) for name, v in times.items()}
         ratio = med["torch"] / med["minivae"]
+        paired = np.array(times["torch"]) / np.array(times["minivae"])     # round by round, side by side
+        q1, q2, q3 = (float(q) for q in np.percentile(paired, [25, 50, 75]))
         out.append({"batch": B, "k": args.k, "minivae_ms": 1e3 * med["minivae"], "torch_ms": 1e3 * med["torch"],
                     "minivae_examples_per_s": B / med["minivae"], "torch_examples_per_s": B / med["torch"],
-                    "speedup": ratio})
+                    "speedup": ratio, "speedup_paired_median": q2, "speedup_paired_quartiles": [q1, q3]})
         rows.append([B, args.k, f"{1e3 * med['minivae']:.2f}", f"{1e3 * med['torch']:.2f}",
-                     f"{B / med['minivae']:,.0f}", f"{B / med['torch']:,.0f}", f"{ratio:.2f}"])
+                     f"{B / med['minivae']:,.0f}", f"{B / med['torch']:,.0f}", f"{ratio:.2f}",
+                     f"{q2:.2f} ({q1:.2f}-{q3:.2f})"])
     print(table(rows, ["batch", "k", "minivae ms/step", "torch ms/step", "minivae ex/s", "torch ex/s",
-                       "torch/minivae time"]))
+                       "torch/minivae time", "per round: median (quartiles)"]))
     return out
 
 
@@ -309,7 +312,8 @@ def main(argv=None):
         if args.speed:
             print(f"# two-layer IWAE 784-200-200-100-100-100-50 tanh, k={args.k}, estimator {args.estimator}, "
                   f"float32, {args.threads} threads, backend {args.backend}, torch {torch.__version__} eager; "
-                  f"median of {args.repeats} x {args.steps} steps, alternating, "
+                  f"median of {args.repeats} blocks of {args.steps} steps, alternating ABBA; per round: torch/minivae of "
+                  f"adjacent blocks; "
                   f"{'one process' if args.same_process else 'a process each'}")
             results = {"speed": speed(args, torch)}
         else:

@@ -80,6 +80,23 @@ class Optimizer:
     def hyper(self) -> dict:
         return {"lr": self.lr, "weight_decay": self.weight_decay}
 
+    def step(self, params, grad):
+        """One step in place: params (and the state) from grad by the update rule."""
+        self.begin_step(params, grad)(0, self.size)
+
+    def begin_step(self, params, grad):
+        """Count one step and return ``update(lo, hi)``, which applies it to params[lo:hi] from grad[lo:hi]
+        and the state's [lo:hi]. Every rule is elementwise, so calling ``update`` once on each segment of
+        a tiling of [0, size), in any order and on any threads, is exactly one :meth:`step`: a backend that
+        finishes the gradient segment by segment on several threads updates each segment there
+        (kernels/batchsplit.py, trainers.SegmentUpdateTrainer)."""
+        self._check(params, grad)
+        self.t += 1
+        return lambda lo, hi: self._update(params, grad, lo, hi)
+
+    def _update(self, params, grad, lo, hi):
+        raise NotImplementedError
+
     def _check(self, params, grad):
         """params: a writable C-contiguous (size,) vector of the optimizer's dtype; grad: the same
         shape and dtype (a length-1 grad would otherwise broadcast silently)."""
@@ -117,10 +134,9 @@ class SGD(Optimizer):
     def hyper(self):
         return dict(super().hyper(), momentum=self.momentum)
 
-    def step(self, params, grad):
-        self._check(params, grad)
-        self.t += 1
-        self.update(params, grad, self.state["buf"], self.t, self.lr, self.momentum, self.weight_decay)
+    def _update(self, params, grad, lo, hi):
+        self.update(params[lo:hi], grad[lo:hi], self.state["buf"][lo:hi], self.t, self.lr, self.momentum,
+                    self.weight_decay)
 
 
 class Adagrad(Optimizer):
@@ -134,10 +150,8 @@ class Adagrad(Optimizer):
     def hyper(self):
         return dict(super().hyper(), eps=self.eps)
 
-    def step(self, params, grad):
-        self._check(params, grad)
-        self.t += 1
-        self.update(params, grad, self.state["sum_sq"], self.lr, self.eps, self.weight_decay)
+    def _update(self, params, grad, lo, hi):
+        self.update(params[lo:hi], grad[lo:hi], self.state["sum_sq"][lo:hi], self.lr, self.eps, self.weight_decay)
 
 
 class Adam(Optimizer):
@@ -155,10 +169,8 @@ class Adam(Optimizer):
     def hyper(self):
         return dict(super().hyper(), betas=[self.beta1, self.beta2], eps=self.eps)
 
-    def step(self, params, grad):
-        self._check(params, grad)
-        self.t += 1
-        self.update(params, grad, self.state["m"], self.state["v"], self.t, self.lr,
+    def _update(self, params, grad, lo, hi):
+        self.update(params[lo:hi], grad[lo:hi], self.state["m"][lo:hi], self.state["v"][lo:hi], self.t, self.lr,
                     self.beta1, self.beta2, self.eps, self.weight_decay)
 
 

@@ -13,9 +13,10 @@ Communicator protocol (``SerialComm`` here, ``minivae.distributed.MPIComm`` for 
     barrier()
 
 Trainer protocol (``HostTrainer`` here; a backend may supply its own through
-``backend.make_trainer(params, optimizer, comm, objective, free_bits)``, e.g. one that keeps the
-parameters and the optimizer state on a GPU; ``make_trainer`` is one of the optional capabilities of
-minivae.kernels.interface.Backend, None when the backend has none):
+``backend.make_trainer(params, optimizer, comm, objective, free_bits, estimator=...)``, e.g. one that
+keeps the parameters and the optimizer state on a GPU, or SegmentUpdateTrainer; ``make_trainer`` is one
+of the optional capabilities of minivae.kernels.interface.Backend, None when the backend has none, and
+it returns None for a run it leaves to HostTrainer):
     step(xb, eps, beta, weight=None) -> float   one step on this rank's share; returns its loss
                                                 (``weight`` is passed only when ranks hold shares of
                                                 unequal size: then it is this rank's row count)
@@ -142,6 +143,26 @@ class HostTrainer:
         pass
 
 
+class SegmentUpdateTrainer(HostTrainer):
+    """HostTrainer's step in one process, with the optimizer's update taken into the backend's pass
+    (``loss_and_grad(..., update=optimizer.begin_step(params, grad))``): a backend that splits the step
+    over threads (kernels/batchsplit.py) updates each thread's segment of the parameters as soon as that
+    segment of the gradient is summed, on every core and while it is in cache, instead of once after the
+    pass on one core. The same arithmetic per element, so bit for bit HostTrainer's parameters, state and
+    step count (tests/test_batchsplit.py). Made by ``NumbaStackBackend.make_trainer``."""
+
+    def step(self, xb, eps, beta, weight=None) -> float:
+        update = self.optimizer.begin_step(self.params, self.grad)
+        try:
+            loss, _ = self.backend.loss_and_grad(self.params, xb, eps, beta=beta, objective=self.objective,
+                                                 free_bits=self.free_bits, grad=self.grad, update=update,
+                                                 **self.est_kw)
+        except BaseException:
+            self.optimizer.t -= 1                 # the step did not happen (as HostTrainer's would not)
+            raise
+        return float(loss)
+
+
 class AETrainer(HostTrainer):
     """HostTrainer for the Autoencoder (``--model ae``): no eps, no beta; the loss is the batch
     mean of the squared error (§13)."""
@@ -152,12 +173,15 @@ class AETrainer(HostTrainer):
 
 
 def make_trainer(model, optimizer, comm, objective, free_bits, estimator="reparam"):
-    """The backend's own trainer when it has one (``backend.make_trainer`` is not None), else HostTrainer."""
+    """The backend's own trainer when it makes one for this run (``backend.make_trainer`` is not None and
+    returns a trainer), else HostTrainer."""
     if not hasattr(model.spec, "likelihood"):            # minivae.Autoencoder
         return AETrainer(model.backend, model.params, optimizer, comm)
     backend = model.backend                     # capabilities declared (kernels/interface.py)
-    if backend.make_trainer is not None and estimator == "reparam":
-        return backend.make_trainer(model.params, optimizer, comm, objective, free_bits)
     require_estimator(backend, estimator)
+    if backend.make_trainer is not None:
+        trainer = backend.make_trainer(model.params, optimizer, comm, objective, free_bits, estimator=estimator)
+        if trainer is not None:
+            return trainer
     return HostTrainer(model.backend, model.params, optimizer, comm, objective, free_bits, estimator)
 

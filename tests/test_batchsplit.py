@@ -118,3 +118,58 @@ def test_the_reduction_after_the_barrier_covers_every_segment_once():
     sp = ExampleSplit()
     sp.run(3, lambda p: None, then=sp.reduce_in(3, out, parts, w))
     assert rel_error(out, w @ parts) <= 1e-15
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd", "adagrad"])
+@pytest.mark.parametrize("P", [1, 2, 3])
+@pytest.mark.parametrize("objective,estimator", [("elbo", "reparam"), ("iwae", "dreg")])
+def test_the_update_inside_the_split_is_the_host_trainers_step_bit_for_bit(monkeypatch, opt, P, objective,
+                                                                           estimator):
+    """trainers.SegmentUpdateTrainer (each thread updates its segment of the parameters right after
+    summing it) against HostTrainer (the whole gradient, then optimizer.step): the same parameters,
+    optimizer state, step count and losses, bit for bit, over several steps."""
+    from minivae.optim import make_optimizer
+    from minivae.trainers import HostTrainer, SegmentUpdateTrainer, SerialComm, make_trainer
+    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n: P))
+    n, L = 13, 3
+    runs = []
+    for fused in (True, False):
+        m = stack("numba", seed=2)
+        o = make_optimizer(opt, m.params.size, "float64", backend=m.backend, lr=1e-2)
+        t = (make_trainer(m, o, SerialComm(), objective, 0.0, estimator) if fused else
+             HostTrainer(m.backend, m.params, o, SerialComm(), objective, 0.0, estimator))
+        assert isinstance(t, SegmentUpdateTrainer) == fused
+        r = np.random.default_rng(7)
+        losses = []
+        for _ in range(4):
+            x = (r.random((n, 12)) < 0.4).astype(np.float64)
+            eps = (r.standard_normal((L, n, 5)), r.standard_normal((L, n, 3)))
+            losses.append(t.step(x, eps, 1.0))
+        runs.append((m.params.copy(), {k: v.copy() for k, v in o.state.items()}, o.t, losses))
+    (p1, s1, t1, l1), (p2, s2, t2, l2) = runs
+    assert np.array_equal(p1, p2) and t1 == t2 == 4 and l1 == l2
+    assert all(np.array_equal(s1[k], s2[k]) for k in s1)
+
+
+def test_a_failing_step_with_the_update_inside_leaves_the_optimizer_as_it_was(monkeypatch):
+    from minivae.optim import make_optimizer
+    from minivae.trainers import SerialComm, make_trainer
+    m = stack("numba")
+    o = make_optimizer("adam", m.params.size, "float64", backend=m.backend)
+    t = make_trainer(m, o, SerialComm(), "iwae", 0.0)
+    before = m.params.copy()
+    with pytest.raises(ValueError, match="eps"):
+        t.step(np.zeros((4, 12)), (np.zeros((2, 4, 5)),), 1.0)             # one eps array for two layers
+    assert o.t == 0 and np.array_equal(m.params, before) and not o.state["m"].any()
+
+
+def test_with_several_ranks_the_numba_stack_leaves_training_to_the_host_trainer():
+    from minivae.optim import make_optimizer
+    from minivae.trainers import HostTrainer, SegmentUpdateTrainer, make_trainer
+
+    class TwoRanks:
+        size, rank, is_root = 2, 0, True
+    m = stack("numba")
+    o = make_optimizer("adam", m.params.size, "float64", backend=m.backend)
+    t = make_trainer(m, o, TwoRanks(), "elbo", 0.0)
+    assert type(t) is HostTrainer and not isinstance(t, SegmentUpdateTrainer)

@@ -349,7 +349,7 @@ def test_a_backend_trainer_that_reports_losses_now_and_then(tmp_path, monkeypatc
 
     made = []
 
-    def make_trainer(self, params, optimizer, comm, objective, free_bits):
+    def make_trainer(self, params, optimizer, comm, objective, free_bits, estimator="reparam"):
         Reporting.backend = self
         made.append(Reporting(params, optimizer, comm, objective, free_bits))
         return made[-1]

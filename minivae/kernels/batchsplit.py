@@ -114,10 +114,17 @@ class ExampleSplit:
             if e is not None:
                 raise e
 
-    def reduce_in(self, P: int, out, parts, w):
-        """The ``then`` of :meth:`run` that leaves out = sum_p w[p] parts[p], segment p by thread p."""
+    def reduce_in(self, P: int, out, parts, w, update=None):
+        """The ``then`` of :meth:`run` that leaves out = sum_p w[p] parts[p], segment p by thread p; with
+        ``update`` (an optimizer's ``begin_step``), thread p then applies the step to its segment, on
+        the gradient it has just summed: every core updates a share of the parameters."""
         seg = part_bounds(out.shape[0], P)
-        return lambda p: weighted_sum_(out, parts, w, seg[p], seg[p + 1])
+
+        def then(p):
+            weighted_sum_(out, parts, w, seg[p], seg[p + 1])
+            if update is not None:
+                update(seg[p], seg[p + 1])
+        return then
 
     def __del__(self):
         if self._pool is not None:

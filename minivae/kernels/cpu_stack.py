@@ -506,9 +506,10 @@ class NumbaStackBackend(NumpyBackend):
 
     _gemm = staticmethod(gemm_settings)
 
-    def _step(self, params, x, eps, grad, objective, beta, estimator, want_grad):
+    def _step(self, params, x, eps, grad, objective, beta, estimator, want_grad, update=None):
         """One pass (``stack_step_``), whole or in example parts; returns (loss, the workspaces whose
-        ``bound`` rows hold the per-example bound, in example order)."""
+        ``bound`` rows hold the per-example bound, in example order). ``update``: an optimizer's
+        ``begin_step``, applied to the gradient (segment by segment, by the parts' threads)."""
         if params.dtype != self.dtype or x.dtype != self.dtype:
             raise ValueError(f"params and x must be {self.dtype}, got {params.dtype} and {x.dtype}")
         eps = tuple(eps)
@@ -524,6 +525,8 @@ class NumbaStackBackend(NumpyBackend):
             ws = self.workspace(n, L)
             loss = stack_step_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.blk, codes, reals,
                                self._gemm())
+            if update is not None:
+                update(0, grad.shape[0])
             return float(loss), (ws,)
         gemm = self._gemm(in_part=True)
         sw = self.split_workspace(n, L, P)
@@ -536,18 +539,30 @@ class NumbaStackBackend(NumpyBackend):
             sw.losses[p] = stack_step_(params, sw.grads[p] if want_grad else params, x[b[p]:b[p + 1]], ep, ws.ws,
                                        ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm)
 
-        self.split.run(P, part, self.split.reduce_in(P, grad, sw.grads, sw.weights) if want_grad else None)
+        self.split.run(P, part, self.split.reduce_in(P, grad, sw.grads, sw.weights, update) if want_grad else None)
         return float(sw.weights @ sw.losses), sw.parts
 
     def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
-                      kl_active=None, estimator="reparam"):
-        """Batch mean of the negative bound and its gradient in the flat layout.   §6, §11.3, §12"""
+                      kl_active=None, estimator="reparam", update=None):
+        """Batch mean of the negative bound and its gradient in the flat layout.   §6, §11.3, §12
+        ``update``: an optimizer's ``begin_step(params, grad)``, applied to the gradient as it is
+        finished (each thread of a split its own segment: trainers.SegmentUpdateTrainer)."""
         if free_bits > 0 or kl_active is not None:
             raise ValueError("free_bits applies to models with one stochastic layer only")
         if grad is None:
             grad = np.empty(self.layout.size, dtype=self.dtype)
-        loss, _ = self._step(params, x, eps, grad, objective, beta, estimator, True)
+        loss, _ = self._step(params, x, eps, grad, objective, beta, estimator, True, update)
         return loss, grad
+
+    def make_trainer(self, params, optimizer, comm=None, objective="elbo", free_bits=0.0, estimator="reparam"):
+        """In one process, trainers.SegmentUpdateTrainer (the optimizer's step inside the pass, on every
+        thread of the split); None (trainers.HostTrainer) with several ranks, whose all-reduce comes
+        between the gradient and the step."""
+        from ..trainers import SegmentUpdateTrainer, SerialComm
+        comm = SerialComm() if comm is None else comm
+        if comm.size > 1:
+            return None
+        return SegmentUpdateTrainer(self, params, optimizer, comm, objective, free_bits, estimator)
 
     def bound(self, params, x, eps, objective="elbo", beta=1.0):
         """Per-example bound (n,): the ELBO with the top KL analytic, or the IWAE bound.   §11.2"""

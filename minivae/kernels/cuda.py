@@ -450,8 +450,11 @@ class CudaBackend:
 
     # -- training on the device ----------------------------------------------------------------
     def make_trainer(self, params, optimizer, comm=None, objective="elbo", free_bits=0.0, samples=1,
-                     seed=0, loss_every=None):
-        """A device-resident training step (see the module docstring for how to drive it)."""
+                     seed=0, loss_every=None, estimator="reparam"):
+        """A device-resident training step (see the module docstring for how to drive it); None for an
+        estimator other than reparam (trainers.HostTrainer runs it)."""
+        if estimator != "reparam":
+            return None
         return CudaTrainer(self, params, optimizer, comm, objective, free_bits, samples, seed,
                            self.config.loss_every if loss_every is None else loss_every)
 

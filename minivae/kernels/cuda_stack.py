@@ -356,10 +356,13 @@ class CudaStackBackend(NumpyBackend):
     def _take_loss(self, acc=None):
         return self.dev._take_loss(acc)
 
-    def make_trainer(self, params, optimizer, comm=None, objective="elbo", free_bits=0.0, loss_every=None):
+    def make_trainer(self, params, optimizer, comm=None, objective="elbo", free_bits=0.0, loss_every=None,
+                     estimator="reparam"):
         """A trainer that keeps the parameters, the gradient and the optimizer state on the device
         (CudaTrainer's update kernels); a step uploads x and eps and runs the pass of
-        ``_forward_backward``.   §8, §9"""
+        ``_forward_backward``; None for DReG (trainers.HostTrainer runs it).   §8, §9"""
+        if estimator != "reparam":
+            return None
         if free_bits > 0:
             raise ValueError("free_bits applies to models with one stochastic layer only")
         return CudaStackTrainer(self, params, optimizer, comm, objective, 0.0, 1, 0,

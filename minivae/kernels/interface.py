@@ -35,9 +35,10 @@ class Backend(Protocol):
 
     # -- optional capabilities (defaults in CAPABILITY_DEFAULTS) -------------------------------
     estimators: tuple                  # objectives.ESTIMATORS it implements; default ("reparam",)
-    make_trainer: Callable | None      # (params, optimizer, comm, objective, free_bits) -> a trainer
-                                       # (trainers.py's protocol) that keeps its own state, e.g. on a
-                                       # GPU; None: training goes through trainers.HostTrainer
+    make_trainer: Callable | None      # (params, optimizer, comm, objective, free_bits, estimator=) -> a
+                                       # trainer (trainers.py's protocol) of its own, e.g. keeping its
+                                       # state on a GPU, or None for a run it leaves to HostTrainer;
+                                       # None: training always goes through trainers.HostTrainer
     update_kernels: Mapping            # optimizer name -> a fused update with the signature of
                                        # optim.py's NumPy update; default {} (the NumPy updates)
 
