@@ -157,13 +157,13 @@ for dtype, edges in ((np.float32, (5, 13, 20, 28)), (np.float64, (3, 7, 10, 14))
                 A = rng.standard_normal((M, K)).astype(dtype)
                 B = guarded((K, N), dtype)
                 B[...] = rng.standard_normal((K, N))
-                C = np.empty((M, N), dtype)
+                C = guarded((M, N), dtype)                                       # stores too
                 gemm.gemm_nn(A, B, C, np.empty(0, dtype), 16, 64, serial)        # B in place
                 worst = max(worst, float(np.abs(C - A.astype(np.float64) @ B).max()))
                 At = np.ascontiguousarray(A.T)                                   # (K, M)
                 G = guarded((M, N), dtype)                                       # tn: B = G (rows M)
                 G[...] = rng.standard_normal((M, N))
-                D = np.empty((K, N), dtype)
+                D = guarded((K, N), dtype)
                 gemm.gemm_tn(A, G, D, np.empty(0, dtype), 16, 64, serial)
                 worst = max(worst, float(np.abs(D - A.T.astype(np.float64) @ G).max()))
 print(worst)
@@ -171,9 +171,10 @@ print(worst)
 
 
 def test_the_last_panel_is_read_in_place_and_never_past_b():
-    """The nn and tn forms read B's last, partial column panel in place through masked loads: with B
-    ending where an unreadable page begins (so that any read past it kills the process), every edge
-    kernel (1-3 ymm vectors, 2 masked zmm) gives the right product. In a child process, so that a read
+    """The nn and tn forms read B's last, partial column panel in place through masked loads, and every
+    kernel of a partial panel stores through masked stores: with B and C ending where an unreadable page
+    begins (so that any access past them kills the process), every edge kernel (1-3 ymm vectors, 2 masked
+    zmm) gives the right product. In a child process, so that a read
     past the end is a failed test, not a crashed worker."""
     import subprocess
     import sys

@@ -73,8 +73,8 @@ def make_ukernel(nv, vbytes, masked=False):
         """C[co + i c_i + j] = sum_k A[ao + min(i, mr-1) a_i + k a_k] B[bo + k b_k + j]
         for i < mr, j < nr (MR x NR register tile; A, B, C any arrays, flat element offsets).
 
-        Shapes: the tile is (MR, NR) = (8, 2 W), W = 64 bytes / itemsize; B's rows must hold NR
-        readable elements (zero-padded in the last panel), C only nr; masked: B's rows nr."""
+        Shapes: the tile is (MR, NR) = (8, 2 W), W = 64 bytes / itemsize. Unmasked: nr = NR (a full
+        panel; B's rows and C's hold NR elements). Masked: any nr <= NR, B's rows and C's hold nr."""
         dt = A.dtype
         W = vbytes // (dt.bitwidth // 8)
 
@@ -126,21 +126,20 @@ def make_ukernel(nv, vbytes, masked=False):
                     a = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(i32, 0)), undef, splat0)
                     for v in range(nv):
                         builder.store(builder.call(fma, [a, b[v], builder.load(acc[i][v])]), acc[i][v])
+            if masked:
+                mstore = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ir.VoidType(), [vty, vty.as_pointer(), i32, mty]),
+                    f"llvm.masked.store.v{W}{'f32' if dt.bitwidth == 32 else 'f64'}.p0")
             for i in range(MR):                                              # store rows < mr, columns < nr
                 with builder.if_then(builder.icmp_signed("<", c64(i), mr)):
                     base = builder.add(co, builder.mul(c64(i), c_i))
                     for v in range(nv):
                         val = builder.load(acc[i][v])
-                        full = builder.icmp_signed(">=", nr, c64((v + 1) * W))
-                        with builder.if_else(full) as (whole, part):
-                            with whole:
-                                builder.store(val, vptr(pc, builder.add(base, c64(v * W))), align=1)
-                            with part:
-                                for lane in range(W):
-                                    j = v * W + lane
-                                    with builder.if_then(builder.icmp_signed(">", nr, c64(j))):
-                                        builder.store(builder.extract_element(val, ir.Constant(i32, lane)),
-                                                      builder.gep(pc, [builder.add(base, c64(j))]))
+                        ptr = vptr(pc, builder.add(base, c64(v * W)))
+                        if masked:                           # the columns < nr of this vector
+                            builder.call(mstore, [val, ptr, ir.Constant(i32, 1), masks[v]])
+                        else:                                # a full panel: nr = NR
+                            builder.store(val, ptr, align=1)
             return context.get_dummy_value()
 
         return types.void(K, A, ao, a_i, a_k, mr, B, bo, b_k, C, co, c_i, nr), codegen
