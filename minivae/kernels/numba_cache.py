@@ -9,7 +9,7 @@ not an exception). It happened here after merges and after editing cpu.py.
 So the cache is keyed by every source file of the package at once: :func:`configure` points
 ``numba.config.CACHE_DIR`` at ``<base>/<hash>``, where the hash covers the text of every ``.py`` file
 of minivae, numba's version and Python's. Any edit, pull or upgrade starts a fresh folder (one
-compile, ~30 s), and a stale cache is never loaded. ``<base>`` is ``$NUMBA_CACHE_DIR`` when it is
+compile, about a minute), and a stale cache is never loaded. ``<base>`` is ``$NUMBA_CACHE_DIR`` when it is
 set, else ``$XDG_CACHE_HOME/minivae/numba`` (``~/.cache/minivae/numba``). A likelihood registered from
 outside the package (minivae/likelihoods) adds its module's source to the hash, and the registry is
 frozen from the first call on: the kernels compile it in. Folders of other versions
