@@ -71,26 +71,23 @@ def write_perf_map(path) -> int:
 
 
 def child(args):
-    import numpy as np  # noqa: F401
-    from iwae_paper import ADAM, MODELS, minivae_model
+    from iwae_paper import ADAM, MODELS, minivae_model, minivae_stepper
     import torch_iwae
     from minivae.optim import make_optimizer
     from minivae.threads import limit_threads
-    from minivae.trainers import SerialComm, make_trainer
     x, eps = torch_iwae.speed_batch(args.batch, args.k, MODELS["iwae2"][0])
     model = minivae_model("iwae2", 0, "numba")
     opt = make_optimizer("adam", model.params.size, "float32", backend=model.backend, lr=1e-4, **ADAM)
-    trainer = make_trainer(model, opt, SerialComm(), "iwae", 0.0, args.estimator)
-    eps = tuple(eps)
+    step = minivae_stepper(model, opt, "iwae", args.estimator)       # what --speed times
     with limit_threads(args.threads):
         for _ in range(5):
-            trainer.step(x, eps, 1.0)
+            step(x, eps)
         n = write_perf_map(f"/tmp/perf-{os.getpid()}.map")
         print(f"READY {n}", flush=True)
         steps, t = 0, time.perf_counter()
         end = t + args.seconds + 60
         while time.perf_counter() < end:
-            trainer.step(x, eps, 1.0)
+            step(x, eps)
             steps += 1
         print(f"{(time.perf_counter() - t) / steps * 1e3:.2f}", flush=True)
 

@@ -58,7 +58,9 @@ REFERENCE_UPDATES = {"sgd": sgd_update, "adagrad": adagrad_update, "adam": adam_
 
 
 class Optimizer:
-    """Holds the state vectors and the step count; ``step(params, grad)`` updates params in place."""
+    """Holds the state vectors and the step count; ``step(params, grad)`` updates params in place.
+    Each rule (SGD, Adagrad, Adam below) defines ``_update(params, grad, lo, hi)``: its update kernel on
+    the slices [lo:hi] of params, grad and its state."""
     name = ""
     state_names: tuple = ()
 
@@ -93,9 +95,6 @@ class Optimizer:
         self._check(params, grad)
         self.t += 1
         return lambda lo, hi: self._update(params, grad, lo, hi)
-
-    def _update(self, params, grad, lo, hi):
-        raise NotImplementedError
 
     def _check(self, params, grad):
         """params: a writable C-contiguous (size,) vector of the optimizer's dtype; grad: the same
