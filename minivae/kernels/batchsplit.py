@@ -12,7 +12,9 @@ benchmarks/README.md), whereas P copies of the whole pass, each on one core with
 share nothing until the reduction. So: P Python threads (the caller runs part 0), each calling the
 @njit(nogil=True) pass on its part with its own workspace and gradient buffer, OpenBLAS held at one
 thread for the duration (threadpoolctl: NumPy's and SciPy's copies), then (after a barrier) the
-weighted sum of the P gradients, one segment of the parameter vector per thread.
+weighted sum of the P gradients, one segment of the parameter vector per thread. The helper threads
+stay alive between steps and the start, the barrier and the end are spin waits on atomic counters
+(kernels/spin.py): through locks each hand-off cost a thread's wake-up, 0.3-0.45 ms a step.
 
 P is the thread budget the user gave (``numba.get_num_threads()``, which ``threads.limit_threads``
 sets), at most n // MIN_EXAMPLES. Inside a part every product runs on the part's own core: single-
@@ -24,13 +26,14 @@ No BLAS call runs inside a prange (docs/math.md §9): the parts are Python threa
 """
 from __future__ import annotations
 
+import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
 
 from .. import threads
+from . import spin
 from .numba_cache import configure as _configure_cache
 
 _configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
@@ -45,28 +48,114 @@ def part_bounds(n: int, P: int) -> np.ndarray:
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def weighted_sum_(out, parts, w, lo, hi):
-    """out[lo:hi] = sum_p w[p] parts[p, lo:hi], added in the order p = 0, 1, ... (so the result depends
-    only on P). out: (size,);  parts: (P, size);  w: (P,) float64. One streaming loop per part."""
+    """out[lo:hi] = sum_p w[p] parts[p][lo:hi], added in the order p = 0, 1, ... (so the result depends
+    only on P). out: (size,);  parts: a (P, size) array or a tuple of P (size,) arrays, of which the
+    first may be ``out`` itself (each element is read before it is written);  w: (P,) float64. One
+    streaming loop per part."""
     dt = out.dtype.type
     o = out[lo:hi]                      # loops from 0 over views: no negative index, so they vectorize
     a = dt(w[0])
-    src = parts[0, lo:hi]
+    src = parts[0][lo:hi]
     for j in range(o.shape[0]):
         o[j] = a * src[j]
-    for p in range(1, parts.shape[0]):
+    for p in range(1, len(parts)):
         a = dt(w[p])
-        src = parts[p, lo:hi]
+        src = parts[p][lo:hi]
         for j in range(o.shape[0]):
             o[j] += a * src[j]
 
 
+class _Job:
+    """One call of ExampleSplit.run as the helper threads see it: its number (the START count that posts
+    it), P, the functions, the ARRIVED count its barrier waits for (0: no barrier), the DONE count the
+    caller waits for, and each thread's exception."""
+    __slots__ = ("number", "P", "part", "then", "arrive_at", "done_at", "errors")
+
+
+def _work(ctl, job, p):
+    """Thread p's share of ``job``: its part; then, with a barrier, its arrival, the wait for the others
+    and ``then(p)``. An exception is kept in job.errors[p] and aborts the job: the barrier lets nobody
+    through (those already past it finish their ``then``). Every thread counts itself at the barrier
+    exactly once, failed or not, so that the next job's count starts right."""
+    arrived = False
+    try:
+        job.part(p)
+        if job.then is not None:
+            arrived = True
+            spin.add_(ctl, spin.ARRIVED, 1)
+            if spin.wait(ctl, spin.ARRIVED, job.arrive_at, job.number):
+                job.then(p)
+    except BaseException as e:                      # re-raised by the caller (KeyboardInterrupt too)
+        job.errors[p] = e
+        spin.max_(ctl, spin.ABORT, job.number)      # before the arrival below: see spin.poll_
+        if job.then is not None and not arrived:
+            spin.add_(ctl, spin.ARRIVED, 1)
+
+
+def _serve(crew, p):
+    """Helper thread p: wait for a job (spinning for IDLE_SPIN_S, then asleep on the condition), do its
+    share when p < job.P, count itself DONE; until the crew is closed."""
+    ctl, seen = crew.ctl, 0
+    while True:
+        if spin.poll_(ctl, spin.START, seen + 1, 0, crew.idle_polls) != 1:
+            with crew.cond:
+                while ctl[spin.START] <= seen and not crew.closed:
+                    crew.cond.wait()
+        if crew.closed:
+            return
+        job = crew.job
+        seen = job.number
+        if p < job.P:
+            _work(ctl, job, p)
+            spin.add_(ctl, spin.DONE, 1)
+
+
+class _Crew:
+    """Helper threads 1..workers (``minivae-part-<p>``, daemons) and the counters they spin on (kernels/
+    spin.py). They hold no reference to the ExampleSplit, whose __del__ closes them."""
+
+    def __init__(self, workers):
+        self.ctl = spin.counters()
+        self.workers = workers
+        self.pid = os.getpid()
+        self.cond = threading.Condition()
+        self.closed = False
+        self.job = None
+        self.posted = self.arrivals = self.finishes = 0     # START, ARRIVED, DONE once every job is done
+        self.idle_polls = spin.polls_for(spin.IDLE_SPIN_S)
+        self.threads = [threading.Thread(target=_serve, args=(self, p), name=f"minivae-part-{p}", daemon=True)
+                        for p in range(1, workers + 1)]
+        for t in self.threads:
+            t.start()
+
+    def post(self, P, part, then):
+        job = _Job()
+        self.posted += 1
+        self.finishes += P - 1
+        if then is not None:
+            self.arrivals += P
+        job.number, job.P, job.part, job.then = self.posted, P, part, then
+        job.arrive_at = self.arrivals if then is not None else 0
+        job.done_at, job.errors = self.finishes, [None] * P
+        self.job = job                                  # before START: a helper reads it after the count
+        spin.add_(self.ctl, spin.START, 1)
+        with self.cond:                                 # wake helpers that went to sleep
+            self.cond.notify_all()
+        return job
+
+    def close(self):
+        self.closed = True
+        spin.add_(self.ctl, spin.START, 1)
+        with self.cond:
+            self.cond.notify_all()
+
+
 class ExampleSplit:
-    """The thread pool and the BLAS limit of the example-parallel step (one per backend instance)."""
+    """The helper threads and the BLAS limit of the example-parallel step (one per backend instance)."""
 
     def __init__(self):
-        self._pool = None
-        self._workers = 0
-        self._lock = threading.Lock()
+        self._crew = None
+        self._lock = threading.Lock()           # one run at a time (the parts share the caller's buffers)
 
     @staticmethod
     def parts(n: int) -> int:
@@ -74,48 +163,39 @@ class ExampleSplit:
         import numba
         return max(1, min(numba.get_num_threads(), n // MIN_EXAMPLES))
 
-    def _executor(self, workers):
-        with self._lock:
-            if self._pool is None or self._workers < workers:
-                if self._pool is not None:
-                    self._pool.shutdown(wait=True)
-                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minivae-part")
-                self._workers = workers
-            return self._pool
+    def _crew_for(self, workers):
+        crew = self._crew
+        if crew is None or crew.workers < workers or crew.pid != os.getpid():
+            if crew is not None and crew.pid == os.getpid():
+                crew.close()
+            crew = self._crew = _Crew(workers)          # (after a fork the old threads are gone)
+        return crew
 
     def run(self, P: int, part, then=None):
         """part(p) for p = 0..P-1, concurrently, part 0 in the calling thread; BLAS at one thread. With
         ``then``, each thread runs then(p) once every part has finished (a barrier): the gradients'
         weighted sum, one segment of the parameter vector per thread, without a second dispatch.
-        Re-raises the first exception of any part (after every thread has stopped)."""
-        pool = self._executor(P - 1)
-        barrier = threading.Barrier(P) if then is not None else None
-
-        def task(p):
-            try:
-                part(p)
-                if barrier is not None:
-                    barrier.wait()
-                    then(p)
-            except threading.BrokenBarrierError:
-                return                                   # another part failed: it reports
-            except BaseException:
-                if barrier is not None:
-                    barrier.abort()                      # release the others from the barrier
-                raise
-
-        with threads.blas_single_threaded():
-            futures = [pool.submit(task, p) for p in range(1, P)]
-            try:
-                task(0)
-            finally:
-                errors = [f.exception() for f in futures]
-        for e in errors:
+        Returns once every thread has finished; re-raises the exception of the lowest-numbered part
+        that failed (a Ctrl-C in the caller too, after the others have stopped)."""
+        with self._lock, threads.blas_single_threaded():
+            crew = self._crew_for(P - 1)
+            job = crew.post(P, part, then)
+            _work(crew.ctl, job, 0)
+            interrupted = None
+            while True:                                  # the helpers write into the caller's buffers:
+                try:                                     # never return before they have stopped
+                    spin.wait(crew.ctl, spin.DONE, job.done_at)
+                    break
+                except KeyboardInterrupt as e:
+                    interrupted = interrupted or e
+            job.part = job.then = None                  # a late-reading idle helper keeps no buffer alive
+        for e in job.errors + [interrupted]:
             if e is not None:
                 raise e
 
     def reduce_in(self, P: int, out, parts, w, update=None):
-        """The ``then`` of :meth:`run` that leaves out = sum_p w[p] parts[p], segment p by thread p; with
+        """The ``then`` of :meth:`run` that leaves out = sum_p w[p] parts[p], segment p by thread p
+        (parts: as weighted_sum_ takes them; parts[0] may be ``out``, summed in place); with
         ``update`` (an optimizer's ``begin_step``), thread p then applies the step to its segment, on
         the gradient it has just summed: every core updates a share of the parameters."""
         seg = part_bounds(out.shape[0], P)
@@ -127,5 +207,8 @@ class ExampleSplit:
         return then
 
     def __del__(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        try:
+            if self._crew is not None and self._crew.pid == os.getpid():
+                self._crew.close()
+        except Exception:           # at interpreter shutdown the modules may be gone: the threads are daemons
+            pass

@@ -728,8 +728,10 @@ def bound_(params, x, eps, ws, bo, slots, ws64, lay, ne, act, lik, var_floor, cb
 # ----------------------------------------------------------------------------------------------
 # One-pass optimizers (same signatures as minivae.optim's references)                      §8
 # ----------------------------------------------------------------------------------------------
+# nogil: the threads of a split step update their segments of the parameters at the same time
+# (kernels/batchsplit.py, ExampleSplit.reduce_in).
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def sgd_update(params, grad, buf, t, lr, momentum, weight_decay):
     """torch.optim.SGD (dampening 0): g = grad + wd p; buf = g or momentum buf + g; p -= lr buf."""
     dt = params.dtype.type
@@ -744,7 +746,7 @@ def sgd_update(params, grad, buf, t, lr, momentum, weight_decay):
         params[q] -= step * g
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def adagrad_update(params, grad, sum_sq, lr, eps, weight_decay):
     """torch.optim.Adagrad: s += g^2; p -= lr g / (sqrt(s) + eps)."""
     dt = params.dtype.type
@@ -758,7 +760,7 @@ def adagrad_update(params, grad, sum_sq, lr, eps, weight_decay):
         params[q] -= step * g / (np.sqrt(s) + e)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def adam_update(params, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
     """torch.optim.Adam: m, v moving averages; p -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps),
     computed as p -= (lr sqrt(1-b2^t)/(1-b1^t)) m / (sqrt(v) + eps sqrt(1-b2^t)): the same number

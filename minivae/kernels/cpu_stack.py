@@ -453,7 +453,9 @@ class StackWorkspace(BufferTable):
 
 class SplitWorkspace:
     """An (n, L) pass cut into P parts of contiguous examples (kernels/batchsplit.py): per part its
-    StackWorkspace, its eps (copied from the caller's, C-contiguous), its gradient row and its loss."""
+    StackWorkspace, its eps (copied from the caller's, C-contiguous), its gradient row (parts 1..P-1:
+    part 0 writes into the caller's gradient, which the reduction then sums the others into, in place)
+    and its loss."""
 
     def __init__(self, spec, n, L, P, dtype):
         self.bounds = part_bounds(n, P)
@@ -461,7 +463,7 @@ class SplitWorkspace:
         self.weights = sizes / n                                    # (P,) float64: n_p / n
         self.parts = [StackWorkspace(spec, int(m), L, dtype) for m in sizes]
         self.eps = [tuple(np.empty((L, int(m), Z), dtype=dtype) for Z in spec.z_dims) for m in sizes]
-        self.grads = np.empty((P, spec.layout.size), dtype=dtype)
+        self.grads = np.empty((P - 1, spec.layout.size), dtype=dtype)
         self.losses = np.zeros(P, dtype=np.float64)
 
 
@@ -532,14 +534,16 @@ class NumbaStackBackend(NumpyBackend):
         sw = self.split_workspace(n, L, P)
         b = sw.bounds
 
+        grads = (grad,) + tuple(sw.grads) if want_grad else None    # part 0's gradient: the caller's buffer
+
         def part(p):                                   # examples b[p]:b[p+1], on one core
             ws, ep = sw.parts[p], sw.eps[p]
             for e, buf in zip(eps, ep):
                 np.copyto(buf, e[:, b[p]:b[p + 1]])
-            sw.losses[p] = stack_step_(params, sw.grads[p] if want_grad else params, x[b[p]:b[p + 1]], ep, ws.ws,
+            sw.losses[p] = stack_step_(params, grads[p] if want_grad else params, x[b[p]:b[p + 1]], ep, ws.ws,
                                        ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm)
 
-        self.split.run(P, part, self.split.reduce_in(P, grad, sw.grads, sw.weights, update) if want_grad else None)
+        self.split.run(P, part, self.split.reduce_in(P, grad, grads, sw.weights, update) if want_grad else None)
         return float(sw.weights @ sw.losses), sw.parts
 
     def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,

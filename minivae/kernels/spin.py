@@ -1,0 +1,158 @@
+"""The hand-offs between the threads of a split step (kernels/batchsplit.py) as spin waits on counters.
+
+A split step hands work between threads three times: the parts start, they meet at a barrier before
+the gradients' sum, and the caller learns that every thread has finished. Through Python's locks (a
+Future, threading.Barrier) each hand-off wakes a sleeping thread, and on this project's 2-core VMs a
+wake-up costs 50-120 us: together 0.3-0.45 ms of a 10 ms step (benchmarks/README.md, "The hand-offs
+of a split step"). Here the threads instead watch int64 counters that only grow, one per 64-byte
+cache line (``Counters``), reading them with atomic loads and adding to them with atomic adds inside
+an @njit(nogil=True) loop (:func:`poll_`); a thread sees a change within a fraction of a microsecond.
+
+    START    +1 when the caller posts a job (a part function, an optional barrier and ``then``)
+    ARRIVED  +1 per thread at the barrier       (a job with a barrier waits for the total so far)
+    DONE     +1 per helper thread that finished  (the caller waits for the total so far)
+    ABORT    set to the job's number when one of its threads failed: the barrier lets nobody through
+
+Spinning costs a core, so waits are bounded: a helper thread spins for IDLE_SPIN_S after a job (the
+next step usually starts sooner) and then sleeps on a condition variable until the next job; a thread
+at the barrier or waiting for the others spins in short rounds and yields its core (sched_yield)
+between them once it has waited SPIN_S, so that an oversubscribed machine still makes progress.
+
+The atomics are LLVM's (``atomicrmw add``, ``load atomic acquire``) through ``numba.extending.
+intrinsic``, as the GEMM's vector code is (kernels/gemm.py); ``pause`` (x86) between polls.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from .numba_cache import configure as _configure_cache
+
+_configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
+
+START, ARRIVED, DONE, ABORT = 0, 8, 16, 24      # int64 slots, 64 bytes apart (one cache line each)
+IDLE_SPIN_S = 1e-3      # a helper's spin for the next job before it sleeps
+SPIN_S = 2e-3           # a wait's spin before it starts yielding the core between rounds
+ROUND_S = 2e-3          # one round of polls, without the GIL: between rounds a waiter takes the GIL to check
+                        # for signals (Ctrl-C) and to yield; shorter rounds made the waiting thread contend
+                        # for the GIL with the one finishing its part
+
+
+def counters() -> np.ndarray:
+    """Zeroed START, ARRIVED, DONE and ABORT, each on a cache line of its own."""
+    return np.zeros(ABORT + 8, dtype=np.int64)
+
+
+def _slot_ptr(context, builder, aryty, ary, i):
+    return builder.gep(context.make_array(aryty)(context, builder, ary).data, [i])
+
+
+@intrinsic
+def atomic_add(typingctx, ctl, i, v):
+    """ctl[i] += v as one atomic instruction (sequentially consistent); returns the old value."""
+    def codegen(context, builder, sig, args):
+        return builder.atomic_rmw("add", _slot_ptr(context, builder, sig.args[0], args[0], args[1]), args[2],
+                                  "seq_cst")
+    return types.int64(ctl, i, v), codegen
+
+
+@intrinsic
+def atomic_max(typingctx, ctl, i, v):
+    """ctl[i] = max(ctl[i], v) as one atomic instruction (sequentially consistent); returns the old value."""
+    def codegen(context, builder, sig, args):
+        return builder.atomic_rmw("max", _slot_ptr(context, builder, sig.args[0], args[0], args[1]), args[2],
+                                  "seq_cst")
+    return types.int64(ctl, i, v), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, ctl, i):
+    """ctl[i], read with an atomic load (acquire: what its writer stored before it is visible after)."""
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(_slot_ptr(context, builder, sig.args[0], args[0], args[1]), "acquire", 8)
+    return types.int64(ctl, i), codegen
+
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+@intrinsic
+def cpu_relax(typingctx):
+    """x86's ``pause`` (a spin-wait hint: the core slows the loop down and frees resources); nothing
+    elsewhere."""
+    def codegen(context, builder, sig, args):
+        if _X86:
+            fn = builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@njit(cache=True)
+def add_(ctl, i, v):
+    """Atomically ctl[i] += v; returns the old value. (It keeps the GIL: releasing and taking it back
+    would cost more than the one instruction.)"""
+    return atomic_add(ctl, i, v)
+
+
+@njit(cache=True)
+def max_(ctl, i, v):
+    """Atomically ctl[i] = max(ctl[i], v); returns the old value."""
+    return atomic_max(ctl, i, v)
+
+
+@njit(cache=True, nogil=True)
+def poll_(ctl, i, target, abort_at, polls):
+    """Watch ctl[i] for up to ``polls`` reads: 1 once ctl[i] >= target, -1 when ctl[ABORT] >= abort_at
+    (abort_at > 0; checked again after the target is seen, because a failing thread sets ABORT before
+    it counts itself), 0 when the polls ran out."""
+    for _ in range(polls):
+        if atomic_load(ctl, i) >= target:
+            return -1 if abort_at > 0 and atomic_load(ctl, ABORT) >= abort_at else 1
+        if abort_at > 0 and atomic_load(ctl, ABORT) >= abort_at:
+            return -1
+        cpu_relax()
+    return 0
+
+
+_POLLS_PER_S = None
+
+
+def polls_per_second() -> float:
+    """How many unsuccessful polls of :func:`poll_` this machine runs a second (measured once)."""
+    global _POLLS_PER_S
+    if _POLLS_PER_S is None:
+        ctl = counters()
+        poll_(ctl, START, 1, 0, 16)                         # compiled (or loaded) before it is timed
+        n, best = 1 << 14, float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            poll_(ctl, START, 1, 0, n)
+            best = min(best, time.perf_counter() - t)
+        _POLLS_PER_S = n / max(best, 1e-9)
+    return _POLLS_PER_S
+
+
+def polls_for(seconds: float) -> int:
+    return max(16, int(seconds * polls_per_second()))
+
+
+def wait(ctl, i, target, abort_at=0) -> bool:
+    """Until ctl[i] >= target (True) or the job ``abort_at`` is aborted (False). Spins in rounds of
+    ROUND_S; past SPIN_S it yields the core between rounds. Signals (Ctrl-C) arrive between rounds."""
+    rnd = polls_for(ROUND_S)
+    start = time.perf_counter()
+    yield_ = getattr(os, "sched_yield", lambda: time.sleep(0))
+    while True:
+        r = poll_(ctl, i, target, abort_at, rnd)
+        if r:
+            return r > 0
+        if time.perf_counter() - start > SPIN_S:
+            yield_()
