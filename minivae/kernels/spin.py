@@ -5,7 +5,7 @@ the gradients' sum, and the caller learns that every thread has finished. Throug
 Future, threading.Barrier) each hand-off wakes a sleeping thread, and on this project's 2-core VMs a
 wake-up costs 50-120 us: together 0.3-0.45 ms of a 10 ms step (benchmarks/README.md, "The hand-offs
 of a split step"). Here the threads instead watch int64 counters that only grow, one per 64-byte
-cache line (``Counters``), reading them with atomic loads and adding to them with atomic adds inside
+cache line (:func:`counters`), reading them with atomic loads and adding to them with atomic adds inside
 an @njit(nogil=True) loop (:func:`poll_`); a thread sees a change within a fraction of a microsecond.
 
     START    +1 when the caller posts a job (a part function, an optional barrier and ``then``)
@@ -13,10 +13,10 @@ an @njit(nogil=True) loop (:func:`poll_`); a thread sees a change within a fract
     DONE     +1 per helper thread that finished  (the caller waits for the total so far)
     ABORT    set to the job's number when one of its threads failed: the barrier lets nobody through
 
-Spinning costs a core, so waits are bounded: a helper thread spins for IDLE_SPIN_S after a job (the
-next step usually starts sooner) and then sleeps on a condition variable until the next job; a thread
-at the barrier or waiting for the others spins in short rounds and yields its core (sched_yield)
-between them once it has waited SPIN_S, so that an oversubscribed machine still makes progress.
+Spinning costs a core, so waits are bounded: a helper thread spins for IDLE_SPIN_S after a job (for
+steps that follow each other at once) and then sleeps on a condition variable until the next job; a thread
+at the barrier or waiting for the others spins in rounds of ROUND_S and, once it has waited SPIN_S,
+yields its core (sched_yield) between rounds, so that an oversubscribed machine still makes progress.
 
 The atomics are LLVM's (``atomicrmw add``, ``load atomic acquire``) through ``numba.extending.
 intrinsic``, as the GEMM's vector code is (kernels/gemm.py); ``pause`` (x86) between polls.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import platform
-import threading
 import time
 
 import numpy as np
@@ -38,7 +37,9 @@ from .numba_cache import configure as _configure_cache
 _configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
 
 START, ARRIVED, DONE, ABORT = 0, 8, 16, 24      # int64 slots, 64 bytes apart (one cache line each)
-IDLE_SPIN_S = 1e-3      # a helper's spin for the next job before it sleeps
+IDLE_SPIN_S = 2e-4      # a helper's spin for the next job before it sleeps (steps back to back come
+                        # sooner; a training loop drawing eps between steps, ~1 ms, finds it asleep,
+                        # and spinning longer gained nothing there: benchmarks/README.md)
 SPIN_S = 2e-3           # a wait's spin before it starts yielding the core between rounds
 ROUND_S = 2e-3          # one round of polls, without the GIL: between rounds a waiter takes the GIL to check
                         # for signals (Ctrl-C) and to yield; shorter rounds made the waiting thread contend
