@@ -15,15 +15,14 @@ an @njit(nogil=True) loop (:func:`poll_`); a thread sees a change within a fract
 
 Spinning costs a core, so waits are bounded: a helper thread spins for IDLE_SPIN_S after a job (for
 steps that follow each other at once) and then sleeps on a condition variable until the next job; a thread
-at the barrier or waiting for the others spins in rounds of ROUND_S and, once it has waited SPIN_S,
-yields its core (sched_yield) between rounds, so that an oversubscribed machine still makes progress.
+at the barrier or waiting for the others spins for SPIN_S and then naps NAP_S between polls, so that
+on an oversubscribed machine the thread it waits for gets the core.
 
 The atomics are LLVM's (``atomicrmw add``, ``load atomic acquire``) through ``numba.extending.
 intrinsic``, as the GEMM's vector code is (kernels/gemm.py); ``pause`` (x86) between polls.
 """
 from __future__ import annotations
 
-import os
 import platform
 import time
 
@@ -40,10 +39,12 @@ START, ARRIVED, DONE, ABORT = 0, 8, 16, 24      # int64 slots, 64 bytes apart (o
 IDLE_SPIN_S = 2e-4      # a helper's spin for the next job before it sleeps (steps back to back come
                         # sooner; a training loop drawing eps between steps, ~1 ms, finds it asleep,
                         # and spinning longer gained nothing there: benchmarks/README.md)
-SPIN_S = 2e-3           # a wait's spin before it starts yielding the core between rounds
-ROUND_S = 2e-3          # one round of polls, without the GIL: between rounds a waiter takes the GIL to check
-                        # for signals (Ctrl-C) and to yield; shorter rounds made the waiting thread contend
-                        # for the GIL with the one finishing its part
+SPIN_S = 3e-4           # a wait's spin before it starts napping: two processes of 2 threads on 2 cores
+                        # took 23.6 ms a step with 2 ms of spin, 17.9-19.4 with 0.3 ms (19.2-19.4 with
+                        # the locks); the parts of a step usually end within 0.3 ms of each other
+NAP_S = 1e-4            # one nap
+ROUND_S = 3e-4          # one round of polls without the GIL; between rounds the waiter takes the GIL to
+                        # check the time and for signals (Ctrl-C)
 
 
 def counters() -> np.ndarray:
@@ -147,13 +148,14 @@ def polls_for(seconds: float) -> int:
 
 def wait(ctl, i, target, abort_at=0) -> bool:
     """Until ctl[i] >= target (True) or the job ``abort_at`` is aborted (False). Spins in rounds of
-    ROUND_S; past SPIN_S it yields the core between rounds. Signals (Ctrl-C) arrive between rounds."""
-    rnd = polls_for(ROUND_S)
+    ROUND_S for SPIN_S, then naps NAP_S between short polls (the core free for whoever is late).
+    Signals (Ctrl-C) arrive between rounds."""
+    polls = polls_for(ROUND_S)
     start = time.perf_counter()
-    yield_ = getattr(os, "sched_yield", lambda: time.sleep(0))
     while True:
-        r = poll_(ctl, i, target, abort_at, rnd)
+        r = poll_(ctl, i, target, abort_at, polls)
         if r:
             return r > 0
         if time.perf_counter() - start > SPIN_S:
-            yield_()
+            polls = 16
+            time.sleep(NAP_S)
