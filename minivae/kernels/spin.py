@@ -56,22 +56,20 @@ def _slot_ptr(context, builder, aryty, ary, i):
     return builder.gep(context.make_array(aryty)(context, builder, ary).data, [i])
 
 
-@intrinsic
-def atomic_add(typingctx, ctl, i, v):
-    """ctl[i] += v as one atomic instruction (sequentially consistent); returns the old value."""
-    def codegen(context, builder, sig, args):
-        return builder.atomic_rmw("add", _slot_ptr(context, builder, sig.args[0], args[0], args[1]), args[2],
-                                  "seq_cst")
-    return types.int64(ctl, i, v), codegen
+def _atomic_rmw(op):
+    """An intrinsic (ctl, i, v) -> the old ctl[i], that applies LLVM's ``atomicrmw <op>`` (sequentially
+    consistent) to ctl[i] with v: one atomic instruction."""
+    @intrinsic
+    def rmw(typingctx, ctl, i, v):
+        def codegen(context, builder, sig, args):
+            return builder.atomic_rmw(op, _slot_ptr(context, builder, sig.args[0], args[0], args[1]), args[2],
+                                      "seq_cst")
+        return types.int64(ctl, i, v), codegen
+    return rmw
 
 
-@intrinsic
-def atomic_max(typingctx, ctl, i, v):
-    """ctl[i] = max(ctl[i], v) as one atomic instruction (sequentially consistent); returns the old value."""
-    def codegen(context, builder, sig, args):
-        return builder.atomic_rmw("max", _slot_ptr(context, builder, sig.args[0], args[0], args[1]), args[2],
-                                  "seq_cst")
-    return types.int64(ctl, i, v), codegen
+atomic_add = _atomic_rmw("add")         # ctl[i] += v
+atomic_max = _atomic_rmw("max")         # ctl[i] = max(ctl[i], v)
 
 
 @intrinsic
