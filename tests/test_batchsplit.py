@@ -61,7 +61,8 @@ def test_split_pass_equals_the_whole_pass_and_the_reference(monkeypatch, objecti
     monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n: P))
     calls = []
     orig = ExampleSplit.run
-    monkeypatch.setattr(ExampleSplit, "run", lambda self, p, f, then=None: (calls.append(p), orig(self, p, f, then)))
+    monkeypatch.setattr(ExampleSplit, "run", lambda self, p, f, then=None, **kw: (calls.append(p),
+                                                                                orig(self, p, f, then, **kw)))
     loss_p, g_p = fast.loss_and_grad(x, **kw)
     b_p = fast.backend.bound(fast.params, x, eps, objective=objective)
     assert calls == [P, P]                                         # the split really ran
@@ -108,6 +109,20 @@ def test_a_failing_part_raises_in_the_caller_and_blas_threads_come_back():
     with pytest.raises(ValueError, match="part 1 failed"):         # the others are released, none reduces
         ExampleSplit().run(3, part, then=after.append)
     assert after == [] and [d["num_threads"] for d in blas_info()] == before
+
+
+def test_blas_is_held_at_one_thread_only_for_parts_that_call_it():
+    """run(..., blas=True) (single-threaded OpenBLAS in the parts) holds every BLAS at one thread while
+    the parts run; parts that never call BLAS (the custom GEMM, config.GEMM "auto") leave it alone."""
+    from minivae.threads import limit_threads
+    with limit_threads(2, blas=2):
+        before = [d["num_threads"] for d in blas_info()]
+        seen = {}
+        for blas in (True, False):
+            ExampleSplit().run(2, lambda p, blas=blas: seen.setdefault((blas, p), [d["num_threads"] for d in blas_info()]),
+                               blas=blas)
+        assert seen[(True, 0)] == [1] * len(before) and seen[(False, 0)] == before
+        assert [d["num_threads"] for d in blas_info()] == before
 
 
 def test_the_reduction_after_the_barrier_covers_every_segment_once():

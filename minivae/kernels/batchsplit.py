@@ -26,6 +26,7 @@ No BLAS call runs inside a prange (docs/math.md §9): the parts are Python threa
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -171,13 +172,14 @@ class ExampleSplit:
             crew = self._crew = _Crew(workers)          # (after a fork the old threads are gone)
         return crew
 
-    def run(self, P: int, part, then=None):
-        """part(p) for p = 0..P-1, concurrently, part 0 in the calling thread; BLAS at one thread. With
+    def run(self, P: int, part, then=None, blas=True):
+        """part(p) for p = 0..P-1, concurrently, part 0 in the calling thread; with ``blas`` (the parts call
+        BLAS), every BLAS held at one thread meanwhile (threadpoolctl: ~35 us a step to set and restore). With
         ``then``, each thread runs then(p) once every part has finished (a barrier): the gradients'
         weighted sum, one segment of the parameter vector per thread, without a second dispatch.
         Returns once every thread has finished; re-raises the exception of the lowest-numbered part
         that failed (a Ctrl-C in the caller too, after the others have stopped)."""
-        with self._lock, threads.blas_single_threaded():
+        with self._lock, (threads.blas_single_threaded() if blas else contextlib.nullcontext()):
             crew = self._crew_for(P - 1)
             job = crew.post(P, part, then)
             _work(crew.ctl, job, 0)

@@ -35,6 +35,7 @@ from numba.extending import overload
 from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, BufferTable, _buf, act_back_colsum_, adagrad_update, adam_update,
                   cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, layer_entries, layer_table,
                   likelihood_, mlp_bwd_, mlp_fwd_, mm_nt, mm_tn, pack_entry, row_sum_f64_, scale_rows_, sgd_update)
+from . import config
 from .batchsplit import ExampleSplit, part_bounds
 from .gemm import pack_size
 from .numpy_ import NumpyBackend
@@ -543,7 +544,8 @@ class NumbaStackBackend(NumpyBackend):
             sw.losses[p] = stack_step_(params, grads[p] if want_grad else params, x[b[p]:b[p + 1]], ep, ws.ws,
                                        ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm)
 
-        self.split.run(P, part, self.split.reduce_in(P, grad, grads, sw.weights, update) if want_grad else None)
+        self.split.run(P, part, self.split.reduce_in(P, grad, grads, sw.weights, update) if want_grad else None,
+                       blas=gemm[0] == config.BLAS)
         return float(sw.weights @ sw.losses), sw.parts
 
     def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
