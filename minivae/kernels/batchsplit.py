@@ -10,9 +10,10 @@ where loss_p, grad_p are the same pass run on part p alone (its own mean). The f
 product scales poorly (a two-layer IWAE step at batch 128 took 20.2 ms on 1 thread and 16.0 ms on 2,
 benchmarks/README.md), whereas P copies of the whole pass, each on one core with single-threaded BLAS,
 share nothing until the reduction. So: P Python threads (the caller runs part 0), each calling the
-@njit(nogil=True) pass on its part with its own workspace and gradient buffer, OpenBLAS held at one
-thread for the duration (threadpoolctl: NumPy's and SciPy's copies), then (after a barrier) the
-weighted sum of the P gradients, one segment of the parameter vector per thread. The helper threads
+@njit(nogil=True) pass on its part with its own workspace and gradient buffer (part 0: the caller's),
+then (after a barrier) the weighted sum of the P gradients, one segment of the parameter vector per
+thread. When the parts' products are OpenBLAS's (config.GEMM "blas"), every OpenBLAS is held at one
+thread meanwhile (threadpoolctl: NumPy's and SciPy's copies). The helper threads
 stay alive between steps and the start, the barrier and the end are spin waits on atomic counters
 (kernels/spin.py): through locks each hand-off cost a thread's wake-up, 0.3-0.45 ms a step.
 
