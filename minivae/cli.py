@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from . import interrupts
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -625,12 +626,26 @@ INTERRUPTED_LINE = "minivae: interrupted"
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (``console``, the program, exits with it)."""
     try:
+        return _run(argv)
+    except Exception:
+        # a Ctrl-C breaks what it lands in on its way out: a C extension whose initialization it
+        # stopped fails to import (ImportError), a library may wrap it in its own error. With a
+        # Ctrl-C pending (minivae.interrupts), whatever failed is the interruption
+        if not interrupts.pending() or os.environ.get("MINIVAE_DEBUG"):
+            raise
+        print(INTERRUPTED_LINE, file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(argv) -> int:
+    try:
         parser = build_parser()                  # imports numpy, numba: Ctrl-C may land here
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:                  # --help (0) or a bad argument (2)
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
         from .train import Interrupted
+        interrupts.raise_if_pending()            # a Ctrl-C that Python dropped (minivae.interrupts)
     except KeyboardInterrupt:
         print(INTERRUPTED_LINE, file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -638,10 +653,13 @@ def main(argv=None) -> int:
     try:
         threads = getattr(args, "threads", None)
         if threads is None:
-            return args.func(args)
-        from .threads import limit_threads
-        with limit_threads(threads):
-            return args.func(args)
+            code = args.func(args)
+        else:
+            from .threads import limit_threads
+            with limit_threads(threads):
+                code = args.func(args)
+        interrupts.raise_if_pending()            # dropped while the command ran: it was asked to stop
+        return code
     except Interrupted as e:
         print(f"minivae: {_one_line(e)}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -649,14 +667,14 @@ def main(argv=None) -> int:
         print(INTERRUPTED_LINE, file=sys.stderr)
         return EXIT_INTERRUPTED
     except MemoryError as e:                          # the last resort: sizes are checked up front
-        if os.environ.get("MINIVAE_DEBUG"):
+        if os.environ.get("MINIVAE_DEBUG") or interrupts.pending():
             raise
         detail = f" ({_one_line(e)})" if str(e) else ""
         print(f"minivae: error: out of memory{detail}; try smaller sizes (--batch-size, --hidden, "
               "--samples, --k, --z-dim)", file=sys.stderr)
         return EXIT_ERROR
     except (ValueError, OSError, RuntimeError) as e:   # DataError, CheckpointError, TrainingError among them
-        if os.environ.get("MINIVAE_DEBUG"):
+        if os.environ.get("MINIVAE_DEBUG") or interrupts.pending():
             raise
         print(f"minivae: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
@@ -683,7 +701,8 @@ def console():  # pragma: no cover - runs in a subprocess (tests/test_hardening_
         try:
             code = main()
         finally:
-            signal.signal(signal.SIGINT, _interrupted_at_exit)
+            if not interrupts.ignored():
+                signal.signal(signal.SIGINT, _interrupted_at_exit)
     except KeyboardInterrupt:                    # between main's return and the handler
         _interrupted_at_exit(signal.SIGINT, None)
     sys.exit(code)

@@ -59,6 +59,7 @@ from . import __version__
 from . import checkpoint
 from . import data as data_mod
 from . import evaluate as ev
+from . import interrupts
 from . import resources
 from .distributed import collective
 from .model import VAE
@@ -103,7 +104,9 @@ def eval_split(x, binarize, split="test"):
 
 class _StopFlag:
     """Within ``with``, the first SIGINT sets ``.set`` (the loop saves and stops after the step it
-    is in); a second one raises KeyboardInterrupt at once. Outside the main thread it does nothing."""
+    is in); a second one raises KeyboardInterrupt at once. Outside the main thread, or where SIGINT
+    is ignored (minivae.interrupts.ignored), it does nothing.
+    A Ctrl-C that Python dropped before (minivae.interrupts) stops the run before its first step."""
 
     def __init__(self):
         self.set = False
@@ -115,7 +118,8 @@ class _StopFlag:
         self.set = True
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        interrupts.raise_if_pending()
+        if threading.current_thread() is threading.main_thread() and not interrupts.ignored():
             self._old = signal.signal(signal.SIGINT, self._handler)
         return self
 

@@ -6,6 +6,7 @@ modest number of examples so the gradient tests stay well under a minute. Select
 with HYPOTHESIS_PROFILE=... (e.g. "thorough" for a longer local search).
 """
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,12 @@ if _WORKER:
     _base = os.environ.get("NUMBA_CACHE_DIR") or \
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minivae" / "numba"
     os.environ["NUMBA_CACHE_DIR"] = str(Path(_base) / f"xdist-{_WORKER}")
+
+# The Ctrl-C tests play a user at a terminal. A test run started with ``&`` by a shell without job
+# control inherits SIGINT ignored, and minivae then leaves it ignored (minivae/interrupts.py), as it
+# should for such a run: give this process, and through exec every process it starts, Python's own.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

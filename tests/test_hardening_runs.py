@@ -365,6 +365,102 @@ def test_ctrl_c_during_start_up(tmp_path, entry):
     assert lines >= 1                        # the last delays land in minivae's start-up or training
 
 
+# A Ctrl-C that lands in a finalizer or a weakref callback (importlib runs one for every module lock
+# it frees): Python cannot raise it there, prints "Exception ignored" and carries on. DROP makes one
+# land at a chosen point: argv[1] names it, "imports" (right after minivae's handler went in, while
+# the command line imports), or a module and function that the command calls; a trailing "!" makes
+# that call then fail as an extension module does whose initialization a Ctrl-C stopped.
+DROP = """
+import importlib, signal, sys
+
+
+class Finalizer:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)       # the handler runs here, inside __del__
+
+
+def dropping(f, broken):
+    def wrapper(*a, **kw):
+        Finalizer()
+        if broken:
+            raise ImportError("initialization failed")
+        return f(*a, **kw)
+    return wrapper
+
+
+where, sys.argv = sys.argv[1], ["minivae"] + sys.argv[2:]
+from minivae import interrupts
+if where == "imports":
+    install = interrupts.install
+
+    def install_then_drop():
+        install()
+        Finalizer()
+    interrupts.install = install_then_drop
+else:
+    module, name = where.rstrip("!").split(":")
+    m = importlib.import_module(module)
+    setattr(m, name, dropping(getattr(m, name), where.endswith("!")))
+from minivae.__main__ import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize("where", ["imports", "loading the data", "an import it breaks", "a command's work"])
+def test_a_ctrl_c_that_python_drops_still_stops_the_program(tmp_path, where):
+    """minivae.interrupts: the dropped Ctrl-C is remembered and stops the program where it can stop
+    cleanly, with the one line and exit 130 (no "Exception ignored", no training that runs on, no
+    traceback of what it broke)."""
+    if where == "a command's work":
+        VAE(64, 2, hidden=(8,)).save(tmp_path / "m.npz")
+        point, args = "minivae.plots:save_samples", ["sample", str(tmp_path / "m.npz"), "--n", "4",
+                                                     "--out", str(tmp_path / "s.png")]
+    else:
+        point = {"imports": "imports", "loading the data": "minivae.data:load_dataset",
+                 "an import it breaks": "minivae.data:load_dataset!"}[where]
+        args = ["train", *TINY, "--epochs", "10000", "--out", str(tmp_path / "run")]
+    proc = subprocess.run([PY, "-c", DROP, point, *args], capture_output=True, text=True, env=env(), cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 130 and proc.stderr == "minivae: interrupted\n", (proc.returncode, proc.stderr)
+    if where == "a command's work":              # the work was done before the program stopped
+        assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    else:                                        # stopped before a training step: no checkpoint
+        assert not (tmp_path / "run" / "model.npz").exists()
+
+
+def test_only_a_dropped_ctrl_c_is_kept_quiet(monkeypatch):
+    """The program's unraisable hook: a KeyboardInterrupt (counted by the handler) says nothing,
+    any other exception that Python cannot raise still reaches the default hook."""
+    from minivae import interrupts
+    seen = []
+    monkeypatch.setattr(sys, "__unraisablehook__", seen.append)
+    for exc in (KeyboardInterrupt(), ValueError("in __del__")):
+        interrupts._unraisable(type("Args", (), {"exc_value": exc})())
+    assert [type(a.exc_value) for a in seen] == [ValueError]
+
+
+def test_a_run_started_with_ctrl_c_ignored_ignores_it(tmp_path):
+    """A shell without job control starts ``minivae train ... &`` with SIGINT ignored, so that
+    Ctrl-C at the terminal is not for it: minivae keeps it so, through start-up, training and exit."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([PY, "-m", "minivae", "train", *TINY, "--backend", "numpy", "--epochs", "200", "--quiet",
+                             "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env(), cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    sent = 0
+    try:
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            sent += 1
+            time.sleep(0.1)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == 0 and err == "" and sent >= 5, (proc.returncode, err, sent)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 200
+
+
 SLOW_EXIT = """
 import atexit, sys, time
 atexit.register(time.sleep, 60)          # a slow shut-down: an atexit handler still running
