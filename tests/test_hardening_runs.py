@@ -342,6 +342,19 @@ if __name__ == "__main__":
 """
 
 
+def communicate_or_dump(proc, timeout):
+    """stderr of ``proc`` once it ends; if it is still running after ``timeout`` seconds, fail with
+    where each of its threads is (SIGABRT: the traceback dump of PYTHONFAULTHANDLER) and how far the
+    run got."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate()
+        runs = sorted(str(p.relative_to(p.parents[1])) for p in Path(proc.args[-1]).parent.rglob("*"))
+        pytest.fail(f"still running {timeout} s after the Ctrl-C; files {runs}; its threads:\n{err[-8000:]}")
+
+
 @pytest.mark.parametrize("entry", ["module", "console script"])
 def test_ctrl_c_during_start_up(tmp_path, entry):
     """SIGINT at fixed, seeded delays from the start: while minivae, numpy, numba import, the data
@@ -351,10 +364,11 @@ def test_ctrl_c_during_start_up(tmp_path, entry):
     lines = 0
     for i, delay in enumerate(delays):
         proc = subprocess.Popen(head + ["train", *TINY, "--epochs", "10000", "--out", str(tmp_path / f"r{i}")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                env=dict(env(), PYTHONFAULTHANDLER="1"))
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
+        err = communicate_or_dump(proc, 120)
         # -SIGINT: CPython ends by SIGINT (as a shell shows it: 130) once a KeyboardInterrupt has
         # passed through code that an extension ran with PyRun_String (a Cython module's init),
         # even when minivae caught it; what matters is the one line and no traceback
