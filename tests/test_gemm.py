@@ -44,20 +44,24 @@ def _custom(form, A, B, P, mb, nb, serial, dtype):
     if form == "nt":
         Bt = np.ascontiguousarray(B.T)
         return _run(lambda C: gemm.gemm_nt(A, Bt, C, P, mb, nb, serial), M, N, dtype)
+    if form == "nt packed":                # B^T packed beforehand (the split step's shared W^T)
+        Bt = np.ascontiguousarray(B.T)
+        gemm.pack_bt_panels_(Bt, P, 0, -(-N // gemm.panel_width(dtype)))
+        return _run(lambda C: gemm.gemm_nt_packed(A, P, C, mb, nb, serial), M, N, dtype)
     At = np.ascontiguousarray(A.T)
     return _run(lambda C: gemm.gemm_tn(At, B, C, P, mb, nb, serial), M, N, dtype)
 
 
 @pytest.mark.parametrize("serial", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("form", ["nn", "nt", "tn"])
+@pytest.mark.parametrize("form", ["nn", "nt", "nt packed", "tn"])
 def test_custom_gemm_matches_numpy(dtype, form, serial):
     """Over prange tiles, or (``serial``) task after task in the calling thread, as inside the parts of
     an example split (kernels/batchsplit.py)."""
     rng = np.random.default_rng(21)
     for M, K, N in SHAPES:
         A, B, want = _operands(rng, M, K, N, dtype)
-        P = np.full(gemm.pack_size(form, N, K, dtype), np.nan, dtype=dtype)
+        P = np.full(gemm.pack_size(form.split()[0], N, K, dtype), np.nan, dtype=dtype)
         for mb, nb in TILES:
             C = _custom(form, A, B, P, mb, nb, serial, dtype)
             assert rel_error(C, want) <= TOL[dtype], (form, M, K, N, mb, nb)
@@ -71,6 +75,16 @@ def test_serial_custom_gemm_is_the_parallel_one_bit_for_bit(form):
     P = np.zeros(gemm.pack_size(form, 83, 70, np.float32), np.float32)
     assert np.array_equal(_custom(form, A, B, P, 16, 64, True, np.float32),
                           _custom(form, A, B, P, 16, 64, False, np.float32))
+
+
+@pytest.mark.parametrize("serial", [False, True])
+def test_gemm_nt_from_packed_panels_is_gemm_nt_bit_for_bit(serial):
+    """gemm_nt_packed reads the panels that gemm_nt would pack itself: the same products, the same sums."""
+    rng = np.random.default_rng(6)
+    A, B, _ = _operands(rng, 45, 70, 83, np.float32)
+    P = np.zeros(gemm.pack_size("nt", 83, 70, np.float32), np.float32)
+    assert np.array_equal(_custom("nt packed", A, B, P, 16, 64, serial, np.float32),
+                          _custom("nt", A, B, P.copy(), 16, 64, serial, np.float32))
 
 
 def test_custom_gemm_on_a_model_shape():

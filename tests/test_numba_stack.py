@@ -173,14 +173,43 @@ def test_mlp_bwd_dx_is_the_blocks_input_gradient(dtype, activation):
     gemm, mb, nb = be._gemm()
     cs.mlp_fwd_(params, be.lay, t0, t1, h, ws.ws, ws.bo, be.act, gemm, ws.view("pack")[0], mb, nb)
     dout = rng.standard_normal((12, 4)).astype(dtype)
-    dx = np.empty((12, 3), dtype)
     nl = len(be.lay)
-    cs.mlp_bwd_dx_(params, be.lay, t0, t1, dout.copy(), dx, ws.ws, ws.bo, nl, be.act, gemm, ws.view("pack")[0],
-                   mb, nb, ws.view("dbs")[0])
     ref = NumpyBackend(m.spec, "float64")
     _, cache = ref._block_forward(m.params, "enc2", h.astype(np.float64))
     dxr, _ = ref._block_backward(dout.astype(np.float64), cache)
-    close(dx, dxr, dtype)
+    wt = np.empty(be.wt_size, dtype)
+    cs.pack_share_(params, be.lay_shared, wt, 0, 1)
+    for lay, w in ((be.lay, be._no_wt), (be.lay_shared, wt)):      # W^T packed by each product, or before
+        dx = np.empty((12, 3), dtype)
+        cs.mlp_bwd_dx_(params, lay, t0, t1, dout.copy(), dx, ws.ws, ws.bo, nl, be.act, gemm,
+                       ws.view("pack")[0], mb, nb, ws.view("dbs")[0], w)
+        close(dx, dxr, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_share_packs_every_panel_once_as_gemm_nt_would(dtype):
+    """The split step's shared W^T (cs.pack_share_): the P threads' shares together write every panel of
+    every listed layer exactly once, as gemm.pack_bt_panels_ packs the whole W (its oracle), and
+    nothing for the skipped layer (enc's first: no product reads its W^T)."""
+    from minivae.kernels.gemm import pack_bt_panels_, panel_width
+    m = VAE(33, z_dim=(5, 3), hidden=((20, 7), (9,)), dtype="float64", seed=1, backend="numpy")
+    be = cs.NumbaStackBackend(m.spec, dtype)
+    params = np.random.default_rng(8).standard_normal(m.params.shape).astype(dtype)
+    lay, nr = be.lay_shared, panel_width(dtype)
+    assert lay[be.blk[0, 0], 4] == -1 and (np.delete(lay[:, 4], be.blk[0, 0]) >= 0).all()
+    ref = np.full(be.wt_size, np.nan, dtype)
+    for t, (wo, _, fan_in, fan_out, off) in enumerate(lay):
+        if off >= 0:
+            pack_bt_panels_(params[wo:wo + fan_in * fan_out].reshape(fan_in, fan_out), ref[off:], 0,
+                            -(-fan_in // nr))
+    assert not np.isnan(ref).any()                          # the offsets tile the buffer
+    for P in (1, 2, 3, 5):
+        shares = np.full((P, be.wt_size), np.nan, dtype)
+        for p in range(P):
+            cs.pack_share_(params, lay, shares[p], p, P)
+        written = ~np.isnan(shares)
+        assert (written.sum(axis=0) == 1).all(), P                 # each element by exactly one thread
+        assert np.array_equal(np.nansum(shares, axis=0), ref), P
 
 
 def test_workspace_names_every_buffer_and_is_reused():
@@ -263,9 +292,9 @@ b = rtsys.get_allocation_stats()
 print(b.alloc - a.alloc, b.free - a.free, b.mi_alloc - a.mi_alloc, b.mi_free - a.mi_free)
 """
 # Array arguments that cross the Python -> jit boundary per step, each wrapped in a MemInfo (no data
-# copied): params, grad, x, ws, bo, ws64, lay, blk and the S = 2 eps arrays for stack_step_ (10), and
-# params, grad, m, v for adam_update (4).
-BOUNDARY_ARRAYS_PER_STEP = 8 + 2 + 4
+# copied): params, grad, x, ws, bo, ws64, lay, blk, wt (empty in a whole pass) and the S = 2 eps arrays
+# for stack_step_ (11), and params, grad, m, v for adam_update (4).
+BOUNDARY_ARRAYS_PER_STEP = 9 + 2 + 4
 
 
 def test_no_native_allocation_per_step(tmp_path):

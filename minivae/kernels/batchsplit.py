@@ -12,7 +12,9 @@ benchmarks/README.md), whereas P copies of the whole pass, each on one core with
 share nothing until the reduction. So: P Python threads (the caller runs part 0), each calling the
 @njit(nogil=True) pass on its part with its own workspace and gradient buffer (part 0: the caller's),
 then (after a barrier) the weighted sum of the P gradients, one segment of the parameter vector per
-thread. When the parts' products are OpenBLAS's (config.GEMM "blas"), every OpenBLAS is held at one
+thread. A part may come in phases with a barrier between them: the custom GEMM's backward reads every
+W^T packed into panels, and each of the P threads first packs a share of them for all parts
+(cpu_stack.pack_share_; each part packed all of them before, 5 % of a step). When the parts' products are OpenBLAS's (config.GEMM "blas"), every OpenBLAS is held at one
 thread meanwhile (threadpoolctl: NumPy's and SciPy's copies). The helper threads
 stay alive between steps and the start, the barrier and the end are spin waits on atomic counters
 (kernels/spin.py): through locks each hand-off cost a thread's wake-up, 0.3-0.45 ms a step.
@@ -69,29 +71,31 @@ def weighted_sum_(out, parts, w, lo, hi):
 
 class _Job:
     """One call of ExampleSplit.run as the helper threads see it: its number (the START count that posts
-    it), P, the functions, the ARRIVED count its barrier waits for (0: no barrier), the DONE count the
-    caller waits for, and each thread's exception."""
-    __slots__ = ("number", "P", "part", "then", "arrive_at", "done_at", "errors")
+    it), P, its stages (the part's phases, then ``then``), the ARRIVED count each barrier between two
+    stages waits for, the DONE count the caller waits for, and each thread's exception."""
+    __slots__ = ("number", "P", "stages", "arrive_at", "done_at", "errors")
 
 
 def _work(ctl, job, p):
-    """Thread p's share of ``job``: its part; then, with a barrier, its arrival, the wait for the others
-    and ``then(p)``. An exception is kept in job.errors[p] and aborts the job: the barrier lets nobody
-    through (those already past it finish their ``then``). Every thread counts itself at the barrier
-    exactly once, failed or not, so that the next job's count starts right."""
-    arrived = False
+    """Thread p's share of ``job``: stage(p) for each stage, with a barrier between two stages (its
+    arrival, then the wait for the others). An exception is kept in job.errors[p] and aborts the job:
+    no barrier lets anybody through after it (those already past one finish their stage). Every thread
+    counts itself at every barrier exactly once, failed or not, so that the next job's count starts
+    right."""
+    passed = 0                                      # barriers this thread has counted itself at
     try:
-        job.part(p)
-        if job.then is not None:
-            arrived = True
-            spin.add_(ctl, spin.ARRIVED, 1)
-            if spin.wait(ctl, spin.ARRIVED, job.arrive_at, job.number):
-                job.then(p)
+        for i, stage in enumerate(job.stages):
+            if i:
+                passed += 1
+                spin.add_(ctl, spin.ARRIVED, 1)
+                if not spin.wait(ctl, spin.ARRIVED, job.arrive_at[i - 1], job.number):
+                    break                           # aborted: the failing thread's exception is raised
+            stage(p)
     except BaseException as e:                      # re-raised by the caller (KeyboardInterrupt too)
         job.errors[p] = e
-        spin.max_(ctl, spin.ABORT, job.number)      # before the arrival below: see spin.poll_
-        if job.then is not None and not arrived:
-            spin.add_(ctl, spin.ARRIVED, 1)
+        spin.max_(ctl, spin.ABORT, job.number)      # before the arrivals below: see spin.poll_
+    if passed < len(job.arrive_at):
+        spin.add_(ctl, spin.ARRIVED, len(job.arrive_at) - passed)
 
 
 def _serve(crew, p):
@@ -130,14 +134,13 @@ class _Crew:
         for t in self.threads:
             t.start()
 
-    def post(self, P, part, then):
+    def post(self, P, stages):
         job = _Job()
         self.posted += 1
         self.finishes += P - 1
-        if then is not None:
-            self.arrivals += P
-        job.number, job.P, job.part, job.then = self.posted, P, part, then
-        job.arrive_at = self.arrivals if then is not None else 0
+        job.number, job.P, job.stages = self.posted, P, stages
+        job.arrive_at = [self.arrivals + P * (i + 1) for i in range(len(stages) - 1)]
+        self.arrivals += P * (len(stages) - 1)
         job.done_at, job.errors = self.finishes, [None] * P
         self.job = job                                  # before START: a helper reads it after the count
         spin.add_(self.ctl, spin.START, 1)
@@ -178,11 +181,14 @@ class ExampleSplit:
         BLAS), every BLAS held at one thread meanwhile (threadpoolctl: ~35 us a step to set and restore). With
         ``then``, each thread runs then(p) once every part has finished (a barrier): the gradients'
         weighted sum, one segment of the parameter vector per thread, without a second dispatch.
+        ``part`` may be a tuple of phases, each part(p) of them run by thread p in turn, with a barrier
+        between two (a share of work that every part then reads: cpu_stack's packed W^T).
         Returns once every thread has finished; re-raises the exception of the lowest-numbered part
         that failed (a Ctrl-C in the caller too, after the others have stopped)."""
+        stages = (tuple(part) if isinstance(part, tuple) else (part,)) + (() if then is None else (then,))
         with self._lock, (threads.blas_single_threaded() if blas else contextlib.nullcontext()):
             crew = self._crew_for(P - 1)
-            job = crew.post(P, part, then)
+            job = crew.post(P, stages)
             _work(crew.ctl, job, 0)
             interrupted = None
             while True:                                  # the helpers write into the caller's buffers:
@@ -191,7 +197,7 @@ class ExampleSplit:
                     break
                 except KeyboardInterrupt as e:
                     interrupted = interrupted or e
-            job.part = job.then = None                  # a late-reading idle helper keeps no buffer alive
+            job.stages = None                           # a late-reading idle helper keeps no buffer alive
         for e in job.errors + [interrupted]:
             if e is not None:
                 raise e

@@ -34,10 +34,11 @@ from numba.extending import overload
 
 from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, BufferTable, _buf, act_back_colsum_, adagrad_update, adam_update,
                   cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, layer_entries, layer_table,
-                  likelihood_, mlp_bwd_, mlp_fwd_, mm_nt, mm_tn, pack_entry, row_sum_f64_, scale_rows_, sgd_update)
+                  likelihood_, mlp_bwd_, mlp_fwd_, mm_nt_layer, mm_tn, pack_entry, row_sum_f64_, scale_rows_,
+                  sgd_update)
 from . import config
 from .batchsplit import ExampleSplit, part_bounds
-from .gemm import pack_size
+from .gemm import NV, VBYTES, pack_bt_panels_, pack_size
 from .numpy_ import NumpyBackend
 from ..distributions import _CB_TAYLOR
 from ..objectives import OBJECTIVES
@@ -237,9 +238,10 @@ def posterior_bwd_(dz, eps, z, std, out, dout, sq, aq, qs, ckl, stopped, shared)
 
 
 @njit(cache=True, error_model="numpy")
-def mlp_bwd_dx_(params, lay, t0, t1, dlast, dfirst, ws, bo, nl, act, gemm, p1, mb, nb, dbs):
+def mlp_bwd_dx_(params, lay, t0, t1, dlast, dfirst, ws, bo, nl, act, gemm, p1, mb, nb, dbs, wt):
     """The input gradient alone of layers t1..t0 (the head t1 has upstream ``dlast``): like
-    cpu.mlp_bwd_ without dW and with db summed into the scratch ``dbs``; dx into ``dfirst``.
+    cpu.mlp_bwd_ without dW and with db summed into the scratch ``dbs``; dx into ``dfirst``
+    (``wt``: as cpu.mlp_bwd_'s).
     Oracle: layers.mlp_backward's dx (through NumpyBackend._block_backward).   §2.3, §12"""
     g = dlast
     for t in range(t1, t0 - 1, -1):
@@ -248,10 +250,10 @@ def mlp_bwd_dx_(params, lay, t0, t1, dlast, dfirst, ws, bo, nl, act, gemm, p1, m
             act_back_colsum_(g, _buf(ws, bo, t), dbs[:lay[t, 3]], act)
         if t > t0:
             dh = _buf(ws, bo, nl + t - 1)
-            mm_nt(g, W, dh, gemm, p1, mb, nb)
+            mm_nt_layer(g, W, dh, gemm, p1, mb, nb, lay, t, wt)
             g = dh
         else:
-            mm_nt(g, W, dfirst, gemm, p1, mb, nb)
+            mm_nt_layer(g, W, dfirst, gemm, p1, mb, nb, lay, t, wt)
 
 
 @njit(cache=True, error_model="numpy")
@@ -287,12 +289,14 @@ def dreg_factor_(dlogw, n, beta, fac, aq):
 # ----------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm_tiles):
+def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm_tiles, wt):
     """Forward (F1-F6, G of §11.3), the objective (B1) and, when want_grad, the backward (B2-B9) into
     ``grad``. Returns the loss; the per-example bound is left in ws64's ``bound``.
 
     eps: a tuple of S >= 1 arrays (L, n, Z_l) (S = 1: the numba one-layer backend's DReG, kernels/cpu.py).  codes = (act, lik, objective 0 ELBO / 1 IWAE, dreg, want_grad);
     reals = (beta, var_floor, cb_switch);  gemm_tiles = (gemm, mb, nb).
+    lay: 4 columns (every W^T packed into p1 by its own product), or 5 with the offset in ``wt`` of
+    each layer's W^T packed beforehand (-1: none; ``pack_share_``, the parts of a split step).
     bo rows (StackWorkspace): t < nl layer outputs, nl + t their gradients, then 6 per layer
     (z, dz, std, tmp, sq, u), then the custom GEMM's panel buffer p1 (pack), the pixel scratch lp and dbs.
     ws64: ll | log w | dlogw | ap | aq | fac (R each) | bound (n).
@@ -367,14 +371,14 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     # B3-B4: block dec, dz_1;  G': each p(z_{l-1}|z_l) and block dec{l}, in increasing l so that
     # every dz_l is written (by its block's input gradient) before it is added to;  the prior
     mlp_bwd_(params, grad, lay, blk[1, 0], blk[1, 1], _buf(ws, bo, G), head, _buf(ws, bo, G + 1), ws, bo,
-             nl, act, gemm, p1, mb, nb, True)
+             nl, act, gemm, p1, mb, nb, True, wt)
     for s in range(1, S):
         t1 = blk[2 * s + 1, 1]
         dpm = _buf(ws, bo, nl + t1)
         gauss_logpdf_bwd_(ap, _buf(ws, bo, G + 6 * (s - 1)), _buf(ws, bo, t1), _buf(ws, bo, G + 6 * (s - 1) + 5),
                           _buf(ws, bo, G + 6 * (s - 1) + 1), dpm)
         mlp_bwd_(params, grad, lay, blk[2 * s + 1, 0], t1, _buf(ws, bo, G + 6 * s), dpm,
-                 _buf(ws, bo, G + 6 * s + 1), ws, bo, nl, act, gemm, p1, mb, nb, True)
+                 _buf(ws, bo, G + 6 * s + 1), ws, bo, nl, act, gemm, p1, mb, nb, True, wt)
     if iwae:
         prior_bwd_(ap, _buf(ws, bo, G + 6 * (S - 1)), _buf(ws, bo, G + 6 * (S - 1) + 1))
     if dreg:                                                                     # §12
@@ -393,15 +397,58 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
                        _buf(ws, bo, t1), dout, sq, aq, 0.0 if top_kl else 1.0, beta * c if top_kl else 0.0,
                        dreg == 1, s == 0)
         if s == 0:
-            mlp_bwd_(params, grad, lay, t0, t1, x, dout, dout, ws, bo, nl, act, gemm, p1, mb, nb, False)
+            mlp_bwd_(params, grad, lay, t0, t1, x, dout, dout, ws, bo, nl, act, gemm, p1, mb, nb, False, wt)
         else:
             tmp = _buf(ws, bo, G + 6 * (s - 1) + 3)
             mlp_bwd_(params, grad, lay, t0, t1, _buf(ws, bo, G + 6 * (s - 1)), dout, tmp, ws, bo, nl, act,
-                     gemm, p1, mb, nb, dreg == 0)
+                     gemm, p1, mb, nb, dreg == 0, wt)
             if dreg:                                                             # the input only
-                mlp_bwd_dx_(params, lay, t0, t1, sq, tmp, ws, bo, nl, act, gemm, p1, mb, nb, dbs)
+                mlp_bwd_dx_(params, lay, t0, t1, sq, tmp, ws, bo, nl, act, gemm, p1, mb, nb, dbs, wt)
             add_(_buf(ws, bo, G + 6 * (s - 1) + 1), tmp)
     return loss
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def pack_share_(params, lay, wt, p, P):
+    """Thread p's share (of P) of packing every W^T that the 5-column table ``lay`` places in ``wt``
+    (column 4 >= 0), each as gemm_nt packs it for dh = g W^T: the panels of all those layers in
+    order, cut into P runs of about equal size. Every part of a split step then reads the same
+    packing (cpu.mm_nt_layer) instead of packing all of it again.
+    Oracle: gemm.pack_bt_panels_ over each whole W (tests/test_numba_stack.py)."""
+    nr = NV * VBYTES // wt.itemsize
+    total = 0
+    for t in range(lay.shape[0]):
+        if lay[t, 4] >= 0:
+            total += ((lay[t, 2] + nr - 1) // nr) * lay[t, 3] * nr
+    lo = p * total // P
+    hi = (p + 1) * total // P
+    at = 0
+    for t in range(lay.shape[0]):
+        if lay[t, 4] < 0:
+            continue
+        N = lay[t, 2]
+        K = lay[t, 3]
+        size = K * nr                                   # one panel
+        nnj = (N + nr - 1) // nr
+        j0 = min(nnj, max(0, -((at - lo) // size)))     # the panels that start in [lo, hi)
+        j1 = min(nnj, max(0, -((at - hi) // size)))
+        if j0 < j1:
+            W = params[lay[t, 0]:lay[t, 0] + N * K].reshape((N, K))
+            pack_bt_panels_(W, wt[lay[t, 4]:], j0, j1)
+        at += nnj * size
+
+
+def shared_pack_table(lay, skip, dtype):
+    """(lay with a 5th column, size): the offset of each layer's W^T, packed for gemm_nt, in one
+    buffer of ``size`` elements; -1 for the layers in ``skip`` (no product reads their W^T)."""
+    offsets, at = [], 0
+    for t, (_, _, fan_in, fan_out) in enumerate(lay):
+        if t in skip:
+            offsets.append(-1)
+        else:
+            offsets.append(at)
+            at += pack_size("nt", int(fan_in), int(fan_out), dtype)
+    return np.ascontiguousarray(np.column_stack([lay, offsets]), dtype=np.int64), at
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,9 +503,9 @@ class SplitWorkspace:
     """An (n, L) pass cut into P parts of contiguous examples (kernels/batchsplit.py): per part its
     StackWorkspace, its eps (copied from the caller's, C-contiguous), its gradient row (parts 1..P-1:
     part 0 writes into the caller's gradient, which the reduction then sums the others into, in place)
-    and its loss."""
+    and its loss; and ``wt``, every W^T packed once for all parts (``pack_share_``)."""
 
-    def __init__(self, spec, n, L, P, dtype):
+    def __init__(self, spec, n, L, P, dtype, wt_size):
         self.bounds = part_bounds(n, P)
         sizes = np.diff(self.bounds)
         self.weights = sizes / n                                    # (P,) float64: n_p / n
@@ -466,6 +513,7 @@ class SplitWorkspace:
         self.eps = [tuple(np.empty((L, int(m), Z), dtype=dtype) for Z in spec.z_dims) for m in sizes]
         self.grads = np.empty((P - 1, spec.layout.size), dtype=dtype)
         self.losses = np.zeros(P, dtype=np.float64)
+        self.wt = np.empty(wt_size, dtype=dtype)
 
 
 class NumbaStackBackend(NumpyBackend):
@@ -494,6 +542,9 @@ class NumbaStackBackend(NumpyBackend):
                 blk.append((ts[0], ts[-1]))
         self.blk = np.array(blk, dtype=np.int64)       # row 2(l-1): enc{l}; row 2(l-1)+1: dec{l}
         self.block_of = {prefixes[t0]: (t0, t1) for t0, t1 in blk}
+        # the split step's W^T, packed once for all parts; not enc1's first layer (no dx of x)
+        self.lay_shared, self.wt_size = shared_pack_table(self.lay, {blk[0][0]}, self.dtype)
+        self._no_wt = np.empty(0, dtype=self.dtype)     # a whole pass: each product packs its own
         self._ws = OrderedDict()
         self.split = ExampleSplit()
 
@@ -505,7 +556,7 @@ class NumbaStackBackend(NumpyBackend):
     def split_workspace(self, n, L, P) -> "SplitWorkspace":
         """The buffers of an (n, L) pass cut into P parts (kernels/batchsplit.py)."""
         return cached_workspace(self._ws, (n, L, P), self.max_workspaces,
-                                lambda: SplitWorkspace(self.spec, n, L, P, self.dtype))
+                                lambda: SplitWorkspace(self.spec, n, L, P, self.dtype, self.wt_size))
 
     _gemm = staticmethod(gemm_settings)
 
@@ -527,7 +578,7 @@ class NumbaStackBackend(NumpyBackend):
         if P == 1:
             ws = self.workspace(n, L)
             loss = stack_step_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.blk, codes, reals,
-                               self._gemm())
+                               self._gemm(), self._no_wt)
             if update is not None:
                 update(0, grad.shape[0])
             return float(loss), (ws,)
@@ -536,15 +587,21 @@ class NumbaStackBackend(NumpyBackend):
         b = sw.bounds
 
         grads = (grad,) + tuple(sw.grads) if want_grad else None    # part 0's gradient: the caller's buffer
+        shared = want_grad and gemm[0] != config.BLAS      # the parts' backward reads every W^T (custom GEMM)
+        lay = self.lay_shared if shared else self.lay
+
+        def pack(p):                                   # a share of every W^T, before any part starts
+            pack_share_(params, lay, sw.wt, p, P)
 
         def part(p):                                   # examples b[p]:b[p+1], on one core
             ws, ep = sw.parts[p], sw.eps[p]
             for e, buf in zip(eps, ep):
                 np.copyto(buf, e[:, b[p]:b[p + 1]])
             sw.losses[p] = stack_step_(params, grads[p] if want_grad else params, x[b[p]:b[p + 1]], ep, ws.ws,
-                                       ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm)
+                                       ws.bo, ws.ws64, lay, self.blk, codes, reals, gemm, sw.wt)
 
-        self.split.run(P, part, self.split.reduce_in(P, grad, grads, sw.weights, update) if want_grad else None,
+        self.split.run(P, (pack, part) if shared else part,
+                       self.split.reduce_in(P, grad, grads, sw.weights, update) if want_grad else None,
                        blas=gemm[0] == config.BLAS)
         return float(sw.weights @ sw.losses), sw.parts
 

@@ -19,7 +19,9 @@ the vector loads need contiguous: the rows of B (k, j..j+NR). They are contiguou
 forms (B is C-contiguous with N columns); the last, partial panel of N % NR columns is read there too,
 through masked loads that never touch the columns beyond N (packing it cost 4% of a split two-layer
 step, benchmarks/README.md). In the nt form B^T is packed panel by panel into P (K x NR each,
-zero-padded) by the parallel task that owns the panel, just before it uses it. A is read by
+zero-padded) by the parallel task that owns the panel, just before it uses it; or, where several
+products read one B^T (every part of a split step reads each W^T), once beforehand
+(``pack_bt_panels_``, shared out among threads) and then read by ``gemm_nt_packed``. A is read by
 broadcasts at any strides: a (M, K) C-contiguous array (nn, nt) or the transpose of a (K, M) one
 (tn). Rows of A beyond M in the last row panel re-read row M - 1; their results are not stored. The
 last column panel runs a tile of 1-3 ymm vectors (8 float32 / 4 float64 columns each), as many as its
@@ -269,6 +271,26 @@ def gemm_nt(A, Bt, C, P, mb, nb, serial=False):
     N = Bt.shape[0]
     nr = NV * VBYTES // A.itemsize
     run_tiles_(serial, M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb, Bt, True)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def pack_bt_panels_(Bt, P, p0, p1):
+    """Column panels p0..p1-1 of B = Bt^T into P, laid out as gemm_nt packs them (K x NR each,
+    zero-padded), for ``gemm_nt_packed``: one packing of a B^T that several products read (the parts
+    of a split step, kernels/cpu_stack.py), shared out among threads by panel ranges.   Bt: (N, K)."""
+    nr = NV * VBYTES // Bt.itemsize
+    for p in range(p0, p1):
+        pack_bt_panel_(Bt, P, nr, p)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def gemm_nt_packed(A, P, C, mb, nb, serial=False):
+    """C = A Bt^T from B^T's panels packed beforehand into P (``pack_bt_panels_`` over every panel of
+    Bt (N, K)): bit for bit ``gemm_nt``, without its packing.   A: (M, K)  C: (M, N)."""
+    M, K = A.shape
+    N = C.shape[1]
+    nr = NV * VBYTES // A.itemsize
+    run_tiles_(serial, M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb, C, False)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
