@@ -122,6 +122,35 @@ def test_runs_after_runs_with_changing_parts_barriers_and_failures():
     _check_runs(sp, [(4, True), (2, True), (3, False), (4, True)])      # the counters are still right
 
 
+def test_a_part_in_phases_passes_a_barrier_between_each_two():
+    """run(P, (phase_1, phase_2, ...), then): every thread finishes phase i before any starts phase
+    i + 1 (the shared W^T packing before the passes); a failing phase stops every thread at the next
+    barrier, and the counts stay right for the runs after."""
+    sp = ExampleSplit()
+    for P, phases, barrier in [(2, 2, True), (3, 3, False), (4, 2, True), (1, 3, True), (2, 1, False)]:
+        log, lock = [], threading.Lock()
+
+        def stage(name):
+            def run(p):
+                time.sleep(0.0005 * ((p + len(name)) % 2))    # uneven threads
+                with lock:
+                    log.append(name)
+            return run
+        sp.run(P, tuple(stage(f"phase{i}") for i in range(phases)), stage("then") if barrier else None)
+        names = [f"phase{i}" for i in range(phases)] + (["then"] if barrier else [])
+        assert log == [name for name in names for _ in range(P)], (P, phases, barrier)
+
+    ran = []
+
+    def bad(p):
+        if p == 1:
+            raise ValueError("phase 1 of part 1 failed")
+    with pytest.raises(ValueError, match="part 1 failed"):
+        sp.run(3, (bad, ran.append), ran.append)
+    assert ran == []                                           # nobody passed the first barrier
+    _check_runs(sp, [(3, True), (2, False), (4, True)])
+
+
 def test_a_sleeping_helper_wakes_for_the_next_run():
     sp = ExampleSplit()
     _check_runs(sp, [(2, True)])
