@@ -77,3 +77,51 @@ def test_cache_writes_are_serialized_and_write_the_code_first(tmp_path, monkeypa
     assert [kind for kind, _ in order] == ["data", "index", "data", "index"]
     assert cache.load("sig-a") == (1, 2) and cache.load("sig-b") == (3, 4)
     assert order[0][1] != order[2][1]                      # two signatures, two files
+
+
+CALLER = """
+from numba import njit
+from minivae.kernels import gemm
+
+
+@njit(cache=True)
+def caller(A, B, C, P):
+    gemm.gemm_nn(A, B, C, P, 16, 64, False)          # the parallel tiles: a prange inside
+"""
+
+RUN_CALLER = """
+import numpy as np
+import caller_mod
+A, B = np.arange(600.0).reshape(20, 30) / 600, np.ones((30, 40))
+C = np.zeros((20, 40))
+caller_mod.caller(A, B, C, np.zeros(1))
+print(abs(C - A @ B).max())
+"""
+
+
+def test_a_cached_kernel_that_calls_a_prange_loads_in_a_new_process(tmp_path, monkeypatch):
+    """A kernel whose cache entry does not say that it needs numba's threading layer (numba saves it so
+    when its parallel callee came from the cache, not from a compile in the same process) still loads
+    first thing in a new process: numba_cache starts the layer before the rebuild. Without that, the
+    process dies (LLVM "Symbol not found: allocate_sched", or a segfault)."""
+    import glob
+    import pickle
+    (tmp_path / "caller_mod.py").write_text(CALLER)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", RUN_CALLER], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+        assert float(r.stdout) <= 1e-12
+    run()                                                    # compiles and caches caller, gemm_nn, tiles_
+    files = glob.glob(str(tmp_path / "cache" / "**" / "caller_mod.caller-*.nbc"), recursive=True)
+    assert len(files) == 1
+    monkeypatch.syspath_prepend(str(tmp_path))               # the entry names caller_mod
+    with open(files[0], "rb") as f:                          # numba's own pickle of the compile result,
+        payload = pickle.load(f)                             # written by the run above
+    assert payload[7] and numba_cache.needs_threading_layer(payload[0])      # reload_init; the symbols
+    with open(files[0], "wb") as f:                          # the entry as numba writes it in that case
+        pickle.dump(payload[:7] + ([],) + payload[8:], f, protocol=-1)
+    run()                                                    # loads the stripped entry first thing

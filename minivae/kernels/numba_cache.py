@@ -23,6 +23,10 @@ file holds the other's machine code, and the next process to load it crashes. :f
 makes that sequence safe: an exclusive ``fcntl.flock`` on ``<index>.lock`` around it, and the code
 written before the index that points at it (each file is still replaced atomically by numba).
 
+Loading is made safe too: a cached kernel that calls numba's threading layer (a prange, or a callee
+with one) is loaded only after the layer has started (:func:`_rebuild_with_threads`); numba itself
+does that only for kernels whose prange it compiled in the same process.
+
 It must run before the first ``@njit(cache=True)`` decorator: every module of the package that
 defines cached kernels calls it first. Idempotent; when no folder can be made it leaves Numba's own
 default (``__pycache__`` beside the sources) in place.
@@ -80,11 +84,47 @@ def _locked_save(self, key, data):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# what numba's threading layer gives the code it compiles (numba/np/ufunc/parallel.py, _launch_threads)
+THREADING_SYMBOLS = (b"numba_parallel_for", b"do_scheduling_signed", b"do_scheduling_unsigned", b"allocate_sched",
+                     b"deallocate_sched", b"get_num_threads", b"set_num_threads", b"get_thread_id",
+                     b"set_parallel_chunksize", b"get_parallel_chunksize", b"get_sched_size")
+
+
+def needs_threading_layer(libdata) -> bool:
+    """Whether a cached library (numba's ``(name, kind, data)``) names a threading-layer symbol."""
+    _, _, data = libdata
+    blobs = data if isinstance(data, tuple) else (data,)
+    return any(sym in blob for blob in blobs if isinstance(blob, (bytes, bytearray)) for sym in THREADING_SYMBOLS)
+
+
+_rebuild = None
+
+
+def _rebuild_with_threads(self, target_context, payload):
+    """numba.core.caching.CompileResultCacheImpl.rebuild, with numba's threading layer started first
+    when the cached code calls into it. Numba records that need (the kernel's ``reload_init``) only
+    where a prange was compiled in the same process: a kernel compiled against a parallel callee that
+    was itself loaded from the cache is saved without it (numba 0.68: an unserialized library has an
+    empty ``_reload_init``). The next process that loads such a kernel before anything started the
+    threads cannot resolve ``allocate_sched``: "LLVM ERROR: Symbol not found" and an abort, or a
+    segfault. Whether a cache holds such kernels depends on the order of compiles across processes;
+    a clean test run left 7 of them."""
+    if needs_threading_layer(payload[0]):
+        import numba
+        numba.get_num_threads()                 # starts the threading layer (idempotent): its symbols
+    return _rebuild(self, target_context, payload)
+
+
 def make_cache_writes_safe():
-    """Replace numba's cache-file ``save`` by :func:`_locked_save` (once; see the module doc)."""
+    """Replace numba's cache-file ``save`` by :func:`_locked_save`, and its rebuild of a cached kernel
+    by :func:`_rebuild_with_threads` (once; see the module doc)."""
+    global _rebuild
     from numba.core import caching
     if caching.IndexDataCacheFile.save is not _locked_save:
         caching.IndexDataCacheFile.save = _locked_save
+    if caching.CompileResultCacheImpl.rebuild is not _rebuild_with_threads:
+        _rebuild = caching.CompileResultCacheImpl.rebuild
+        caching.CompileResultCacheImpl.rebuild = _rebuild_with_threads
 
 
 def configure():
