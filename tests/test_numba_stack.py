@@ -178,10 +178,11 @@ def test_mlp_bwd_dx_is_the_blocks_input_gradient(dtype, activation):
     _, cache = ref._block_forward(m.params, "enc2", h.astype(np.float64))
     dxr, _ = ref._block_backward(dout.astype(np.float64), cache)
     wt = np.empty(be.wt_size, dtype)
-    cs.pack_share_(params, be.lay_shared, wt, 0, 1)
-    for lay, w in ((be.lay, be._no_wt), (be.lay_shared, wt)):      # W^T packed by each product, or before
+    cs.pack_share_(params, be.lay, wt, 0, 1)
+    in_part = be._gemm(in_part=True)[0]                          # the custom GEMM, as in a split's part
+    for code, w in ((gemm, be._no_wt), (in_part, be._no_wt), (in_part, wt)):   # W^T packed by each product, or before
         dx = np.empty((12, 3), dtype)
-        cs.mlp_bwd_dx_(params, lay, t0, t1, dout.copy(), dx, ws.ws, ws.bo, nl, be.act, gemm,
+        cs.mlp_bwd_dx_(params, be.lay, t0, t1, dout.copy(), dx, ws.ws, ws.bo, nl, be.act, code,
                        ws.view("pack")[0], mb, nb, ws.view("dbs")[0], w)
         close(dx, dxr, dtype)
 
@@ -195,7 +196,7 @@ def test_pack_share_packs_every_panel_once_as_gemm_nt_would(dtype):
     m = VAE(33, z_dim=(5, 3), hidden=((20, 7), (9,)), dtype="float64", seed=1, backend="numpy")
     be = cs.NumbaStackBackend(m.spec, dtype)
     params = np.random.default_rng(8).standard_normal(m.params.shape).astype(dtype)
-    lay, nr = be.lay_shared, panel_width(dtype)
+    lay, nr = be.lay, panel_width(dtype)
     assert lay[be.blk[0, 0], 4] == -1 and (np.delete(lay[:, 4], be.blk[0, 0]) >= 0).all()
     ref = np.full(be.wt_size, np.nan, dtype)
     for t, (wo, _, fan_in, fan_out, off) in enumerate(lay):

@@ -14,10 +14,11 @@ share nothing until the reduction. So: P Python threads (the caller runs part 0)
 then (after a barrier) the weighted sum of the P gradients, one segment of the parameter vector per
 thread. A part may come in phases with a barrier between them: the custom GEMM's backward reads every
 W^T packed into panels, and each of the P threads first packs a share of them for all parts
-(cpu_stack.pack_share_; each part packed all of them before, 5 % of a step). When the parts' products are OpenBLAS's (config.GEMM "blas"), every OpenBLAS is held at one
-thread meanwhile (threadpoolctl: NumPy's and SciPy's copies). The helper threads
-stay alive between steps and the start, the barrier and the end are spin waits on atomic counters
-(kernels/spin.py): through locks each hand-off cost a thread's wake-up, 0.3-0.45 ms a step.
+(cpu_stack.pack_share_; each part packed all of them before, 5 % of a step). When the parts' products
+are OpenBLAS's (config.GEMM "blas"), every OpenBLAS is held at one thread meanwhile (threadpoolctl:
+NumPy's and SciPy's copies). The helper threads stay alive between steps, and the start, the barriers
+and the end are spin waits on atomic counters (kernels/spin.py): through locks each hand-off cost a
+thread's wake-up, 0.3-0.45 ms a step.
 
 P is the thread budget the user gave (``numba.get_num_threads()``, which ``threads.limit_threads``
 sets), at most n // MIN_EXAMPLES. Inside a part every product runs on the part's own core: single-

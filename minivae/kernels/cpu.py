@@ -78,10 +78,11 @@ def mm_nt(A, B, C, gemm, p1, mb, nb):
 
 @njit(cache=True, error_model="numpy")
 def mm_nt_layer(A, B, C, gemm, p1, mb, nb, lay, t, wt):
-    """C = A B^T for layer t (B = its W): with the custom GEMM and lay[t, 4] >= 0, from B^T's panels
-    packed beforehand at wt[lay[t, 4]:] (one packing for every part of a split step:
-    cpu_stack.pack_share_); otherwise ``mm_nt`` (which packs B^T into p1 itself). Bit for bit the same."""
-    if gemm != BLAS and lay.shape[1] > 4 and lay[t, 4] >= 0:
+    """C = A B^T for layer t (B = its W): with the custom GEMM, a non-empty ``wt`` and lay[t, 4] >= 0,
+    from B^T's panels packed beforehand at wt[lay[t, 4]:] (one packing for every part of a split step:
+    cpu_stack.pack_share_); otherwise ``mm_nt`` (which packs B^T into p1 itself). Bit for bit the same.
+    An empty ``wt`` never reads column 4 (4-column tables: cpu.layer_table)."""
+    if gemm != BLAS and wt.size > 0 and lay[t, 4] >= 0:
         gemm_nt_packed(A, wt[lay[t, 4]:], C, mb, nb, gemm == CUSTOM_SERIAL)
     else:
         mm_nt(A, B, C, gemm, p1, mb, nb)
@@ -629,7 +630,8 @@ def mlp_bwd_(params, grad, lay, t0, t1, first_in, dlast, dfirst, ws, bo, nl, act
     """Back through layers t1..t0: layer t1 is a head (no activation) whose upstream gradient is
     ``dlast``; hidden layer t has dh in buffer nl + t. dW, db are written into ``grad``'s views;
     dx of layer t0 goes to ``dfirst`` when ``want_dx``. ``wt``: W^T packed beforehand where the
-    table's column 4 says so (``mm_nt_layer``; a 4-column table packs here).   §2.1, §2.3, §6 steps 3-4, 7-8"""
+    table's column 4 says so (``mm_nt_layer``), or empty: every product packs its own.
+    §2.1, §2.3, §6 steps 3-4, 7-8"""
     g = dlast
     for t in range(t1, t0 - 1, -1):
         W = _view(params, lay[t, 0], lay[t, 2], lay[t, 3])
@@ -699,11 +701,11 @@ def loss_and_grad_(params, grad, x, eps, ws, bo, slots, ws64, lay, ne, act, lik,
     p1 = _buf(ws, bo, pack_)[0]
     dz = _buf(ws, bo, dz_)
     mlp_bwd_(params, grad, lay, ne + 1, nl - 1, z, head, dz, ws, bo, nl, act, gemm, p1, mb, nb,
-             True, p1)                                                           # steps 3-4
+             True, p1[:0])                                                       # steps 3-4
     dout = _buf(ws, bo, nl + ne)
     posterior_bwd_(dz, eps, z, _buf(ws, bo, std_), out, dout, dkl, aux, beta, iwae)   # 5-6
     mlp_bwd_(params, grad, lay, 0, ne, x, dout, dz, ws, bo, nl, act, gemm, p1, mb, nb,
-             False, p1)                                                          # steps 7-8
+             False, p1[:0])                                                      # steps 7-8
     return loss
 
 

@@ -114,8 +114,8 @@ class AENumbaBackend:
         if want:
             dz = self._out(ws, nl + ne)
             mlp_bwd_(params, grad, lay, ne + 1, nl - 1, z, head, dz, w, bo, nl, act, gemm, p1,
-                     mb, nb, True, p1)
-            mlp_bwd_(params, grad, lay, 0, ne, x, dz, dz, w, bo, nl, act, gemm, p1, mb, nb, False, p1)
+                     mb, nb, True, p1[:0])
+            mlp_bwd_(params, grad, lay, 0, ne, x, dz, dz, w, bo, nl, act, gemm, p1, mb, nb, False, p1[:0])
         return float(ws.err.sum() / n), ws
 
     def _out(self, ws, t):

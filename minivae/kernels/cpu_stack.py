@@ -295,8 +295,8 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
 
     eps: a tuple of S >= 1 arrays (L, n, Z_l) (S = 1: the numba one-layer backend's DReG, kernels/cpu.py).  codes = (act, lik, objective 0 ELBO / 1 IWAE, dreg, want_grad);
     reals = (beta, var_floor, cb_switch);  gemm_tiles = (gemm, mb, nb).
-    lay: 4 columns (every W^T packed into p1 by its own product), or 5 with the offset in ``wt`` of
-    each layer's W^T packed beforehand (-1: none; ``pack_share_``, the parts of a split step).
+    lay: column 4 is the offset in ``wt`` of each layer's W^T packed beforehand (-1: none;
+    ``pack_share_``, the parts of a split step); with ``wt`` empty every product packs its own into p1.
     bo rows (StackWorkspace): t < nl layer outputs, nl + t their gradients, then 6 per layer
     (z, dz, std, tmp, sq, u), then the custom GEMM's panel buffer p1 (pack), the pixel scratch lp and dbs.
     ws64: ll | log w | dlogw | ap | aq | fac (R each) | bound (n).
@@ -542,9 +542,10 @@ class NumbaStackBackend(NumpyBackend):
                 blk.append((ts[0], ts[-1]))
         self.blk = np.array(blk, dtype=np.int64)       # row 2(l-1): enc{l}; row 2(l-1)+1: dec{l}
         self.block_of = {prefixes[t0]: (t0, t1) for t0, t1 in blk}
-        # the split step's W^T, packed once for all parts; not enc1's first layer (no dx of x)
-        self.lay_shared, self.wt_size = shared_pack_table(self.lay, {blk[0][0]}, self.dtype)
-        self._no_wt = np.empty(0, dtype=self.dtype)     # a whole pass: each product packs its own
+        # column 4: where the split step packs each W^T once for all parts (not enc1's first layer: no
+        # dx of x); a pass given the empty _no_wt instead packs in each product
+        self.lay, self.wt_size = shared_pack_table(self.lay, {blk[0][0]}, self.dtype)
+        self._no_wt = np.empty(0, dtype=self.dtype)
         self._ws = OrderedDict()
         self.split = ExampleSplit()
 
@@ -588,17 +589,17 @@ class NumbaStackBackend(NumpyBackend):
 
         grads = (grad,) + tuple(sw.grads) if want_grad else None    # part 0's gradient: the caller's buffer
         shared = want_grad and gemm[0] != config.BLAS      # the parts' backward reads every W^T (custom GEMM)
-        lay = self.lay_shared if shared else self.lay
+        wt = sw.wt if shared else self._no_wt
 
         def pack(p):                                   # a share of every W^T, before any part starts
-            pack_share_(params, lay, sw.wt, p, P)
+            pack_share_(params, self.lay, wt, p, P)
 
         def part(p):                                   # examples b[p]:b[p+1], on one core
             ws, ep = sw.parts[p], sw.eps[p]
             for e, buf in zip(eps, ep):
                 np.copyto(buf, e[:, b[p]:b[p + 1]])
             sw.losses[p] = stack_step_(params, grads[p] if want_grad else params, x[b[p]:b[p + 1]], ep, ws.ws,
-                                       ws.bo, ws.ws64, lay, self.blk, codes, reals, gemm, sw.wt)
+                                       ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm, wt)
 
         self.split.run(P, (pack, part) if shared else part,
                        self.split.reduce_in(P, grad, grads, sw.weights, update) if want_grad else None,
