@@ -87,6 +87,27 @@ def test_gemm_nt_from_packed_panels_is_gemm_nt_bit_for_bit(serial):
                           _custom("nt", A, B, P.copy(), 16, 64, serial, np.float32))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_panel_of_bt_is_packed_as_numpy_transposes_it(dtype):
+    """pack_bt_panel_ (in-register W x W block transposes inside Bt, element by element at its edges)
+    against NumPy: panel p of B = Bt^T, K x nr, zero-padded beyond N, for every panel of shapes that are
+    and are not whole blocks, for the GEMM's panel width and odd ones (the variant ladder packs other
+    widths); nothing written beyond the last panel."""
+    rng = np.random.default_rng(24)
+    for nr in (gemm.panel_width(dtype), 48, 8, 5):
+        for N, K in [(1, 1), (7, 9), (8, 8), (33, 17), (40, 64), (100, 50), (200, 784)]:
+            Bt = rng.standard_normal((N, K)).astype(dtype)
+            panels = -(-N // nr)
+            P = np.full(K * nr * panels + 7, np.nan, dtype=dtype)
+            for p in range(panels):
+                gemm.pack_bt_panel_(Bt, P, nr, p)
+            want = np.zeros((panels * nr, K), dtype=dtype)
+            want[:N] = Bt
+            want = want.reshape(panels, nr, K).transpose(0, 2, 1).ravel()      # panel p: (K, nr) of B
+            assert np.array_equal(P[:want.size], want), (nr, N, K)
+            assert np.isnan(P[want.size:]).all(), (nr, N, K)
+
+
 def test_custom_gemm_on_a_model_shape():
     """A full-size product of the 784-400-20 model (128 x 784 x 400) in the three forms, float32."""
     rng = np.random.default_rng(22)

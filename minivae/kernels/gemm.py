@@ -21,7 +21,9 @@ through masked loads that never touch the columns beyond N (packing it cost 4% o
 step, benchmarks/README.md). In the nt form B^T is packed panel by panel into P (K x NR each,
 zero-padded) by the parallel task that owns the panel, just before it uses it; or, where several
 products read one B^T (every part of a split step reads each W^T), once beforehand
-(``pack_bt_panels_``, shared out among threads) and then read by ``gemm_nt_packed``. A is read by
+(``pack_bt_panels_``, shared out among threads) and then read by ``gemm_nt_packed``. A panel is
+packed in W x W blocks transposed in registers (``transpose_block``, LLVM shuffles; 0.2-0.3 ns an
+element against 0.7-0.8 element by element, benchmarks/README.md). A is read by
 broadcasts at any strides: a (M, K) C-contiguous array (nn, nt) or the transpose of a (K, M) one
 (tn). Rows of A beyond M in the last row panel re-read row M - 1; their results are not stored. The
 last column panel runs a tile of 1-3 ymm vectors (8 float32 / 4 float64 columns each), as many as its
@@ -159,15 +161,66 @@ ukernel_y3 = make_ukernel(3, 32, masked=True)
 ukernel_m = make_ukernel(NV, VBYTES, masked=True)
 
 
+@intrinsic
+def transpose_block(typingctx, S, so, s_i, D, do, d_i):
+    """D[do + c d_i + i] = S[so + i s_i + c] for i, c < W: a W x W block (W = one ymm vector: 8 float32,
+    4 float64) transposed in registers. W vector loads of S's rows, log2 W stages of shuffles that swap
+    the off-diagonal b x b sub-blocks (b = W/2, ..., 1), W vector stores of D's rows. S, D: flat arrays
+    of one dtype; offsets and row strides in elements."""
+    dt = S.dtype
+    W = 32 // (dt.bitwidth // 8)
+
+    def codegen(context, builder, sig, args):
+        S, so, s_i, D, do, d_i = args
+        T = context.get_value_type(dt)
+        vty = ir.VectorType(T, W)
+        i64 = ir.IntType(64)
+        ps = context.make_array(sig.args[0])(context, builder, S).data
+        pd = context.make_array(sig.args[3])(context, builder, D).data
+        row = lambda p, o, st, i: builder.bitcast(  # noqa: E731
+            builder.gep(p, [builder.add(o, builder.mul(st, ir.Constant(i64, i)))]), vty.as_pointer())
+        r = [builder.load(row(ps, so, s_i, i), align=1) for i in range(W)]
+        b = W // 2
+        while b >= 1:                      # rows i, i + b (i & b == 0): swap block (i, c + b) with (i + b, c)
+            lo = [c if c & b == 0 else W + c - b for c in range(W)]
+            hi = [c + b if c & b == 0 else W + c for c in range(W)]
+            for i in range(W):
+                if i & b == 0:
+                    r[i], r[i + b] = (builder.shuffle_vector(r[i], r[i + b], ir.Constant(ir.VectorType(ir.IntType(32), W), lo)),
+                                      builder.shuffle_vector(r[i], r[i + b], ir.Constant(ir.VectorType(ir.IntType(32), W), hi)))
+            b //= 2
+        for i in range(W):
+            builder.store(r[i], row(pd, do, d_i, i), align=1)
+        return context.get_dummy_value()
+
+    return types.void(S, so, s_i, D, do, d_i), codegen
+
+
 @njit(cache=True, error_model="numpy")
 def pack_bt_panel_(Bt, P, nr, p):
     """P[p K nr + k nr + j] <- Bt[p nr + j, k] (0 beyond N): column panel p of B = Bt^T, K x nr,
-    zero-padded.   Bt: (N, K)."""
+    zero-padded.   Bt: (N, K), C-contiguous.
+
+    In W x W blocks transposed in registers (``transpose_block``, W = 32 bytes of elements) where a
+    block lies inside Bt; element by element at the edges (k beyond the last whole block, the columns
+    of a last, partial panel)."""
     N, K = Bt.shape
     base = p * K * nr
-    for j in range(nr):                            # read Bt's rows in order, write P's columns
-        n = p * nr + j
-        if n < N:
+    n0 = p * nr
+    e = max(0, min(nr, N - n0))                    # columns of B in this panel
+    w = 32 // Bt.itemsize
+    ew = e - e % w                                 # in whole blocks: columns < ew, k < kw
+    kw = K - K % w
+    flat = Bt.reshape(N * K)
+    for kb in range(0, kw, w):                     # rows kb..kb+w-1 of the panel: whole cache lines
+        for jb in range(0, ew, w):
+            transpose_block(flat, (n0 + jb) * K + kb, K, P, base + kb * nr + jb, nr)
+    for j in range(nr):                            # the edges, reading Bt's rows in order
+        n = n0 + j
+        if j < ew:
+            for k in range(kw, K):
+                P[base + k * nr + j] = Bt[n, k]
+        elif j < e:
             for k in range(K):
                 P[base + k * nr + j] = Bt[n, k]
         else:
