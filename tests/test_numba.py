@@ -100,6 +100,11 @@ def test_arithmetic_tanh_and_one_minus_exp_float32():
     _apply(cpu.tanh_f32, a, out)
     ref = np.tanh(a.astype(np.float64))
     assert np.all(np.abs(out - ref) <= 8 * np.finfo(np.float32).eps * np.abs(ref))
+    assert np.all(np.abs(out) <= 1) and np.array_equal(out[a.size // 2:], -out[:a.size // 2])   # bounded, odd
+    special = np.array([np.inf, -np.inf, 1e30, -1e30, 0.0, np.nan], dtype=np.float32)
+    out = np.empty_like(special)
+    _apply(cpu.tanh_f32, special, out)
+    assert np.array_equal(out[:5], [1, -1, 1, -1, 0]) and np.isnan(out[5])
     h = np.concatenate([np.linspace(0, 100, 200001), np.geomspace(1e-30, 1, 1000)]).astype(np.float32)
     out = np.empty_like(h)
     _apply(cpu.one_minus_exp_neg_f32, h, out)
