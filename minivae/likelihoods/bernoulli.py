@@ -60,7 +60,8 @@ def scalar(ops):
         e = exp_nonpos(-abs(l))                                   # e^-|l|
         pos = l if l > zero else zero                             # max(l, 0)
         lp = -(pos - l * x + log1p01(e))
-        sig = one / (one + e) if l >= zero else e / (one + e)     # sigmoid(l) from e
+        inv = one / (one + e)
+        sig = inv if l >= zero else e * inv                       # sigmoid(l) from e, one division
         return lp, x - sig, zero
 
     return logp_score
