@@ -222,7 +222,7 @@ def test_workspace_names_every_buffer_and_is_reused():
     assert ws.view("dec2.head").shape == (14, 8) and ws.view("d:dec2.head").shape == (14, 8)
     assert ws.view("z2").shape == (14, 3) and ws.view("std1").shape == (7, 4) and ws.view("sq2").shape == (14, 6)
     assert ws.view("u1").shape == (14, 4) and ws.view("u2").shape == (0, 3)
-    assert ws.view("lp").shape == (14, 10) and ws.view("bound").shape == (7,)
+    assert ws.view("lp").shape == (1, 10) and ws.view("bound").shape == (7,)
     assert [ws.index[f"{p}"] for p, _, _ in m.layout.layers] == list(range(len(m.layout.layers)))
 
 

@@ -411,7 +411,8 @@ def row_sum_f64_(a, r):
 
 def _row_loop(logp_score, heads):
     """The pixel loop of one decoder row for one likelihood, written once for all of them:
-    lp[r, d] = log p(x_id | head_r), and, when ``want_score``, head_r <- sc * score in place.
+    lp[d] = log p(x_id | head_r) (lp: one row of scratch), and, when ``want_score``, head_r <- sc * score
+    in place.
     ``logp_score`` is the likelihood's scalar function (minivae/likelihoods), compiled here with
     inline="always" so that LLVM sees one loop body; ``heads`` (1 or 2 head values per pixel) is a
     compile-time constant. No reduction in the loop (the sum over d is row_sum_f64_'s): in float32,
@@ -425,7 +426,7 @@ def _row_loop(logp_score, heads):
             for d in range(D):
                 h1 = head[r, D + d] if heads == 2 else head[r, d]
                 v, g0, g1 = pixel(dt, x[i, d], head[r, d], h1, lf, sw)
-                lp[r, d] = v
+                lp[d] = v
                 head[r, d] = sc * g0
                 if heads == 2:
                     head[r, D + d] = sc * g1
@@ -433,7 +434,7 @@ def _row_loop(logp_score, heads):
             for d in range(D):
                 h1 = head[r, D + d] if heads == 2 else head[r, d]
                 v, g0, g1 = pixel(dt, x[i, d], head[r, d], h1, lf, sw)
-                lp[r, d] = v
+                lp[d] = v
     return row
 
 
@@ -444,7 +445,7 @@ def _dispatch(rows):
     @njit(error_model="numpy")
     def unknown(lik, x, head, lp, r, i, dt, lf, sw, sc, want_score):
         for d in range(x.shape[1]):
-            lp[r, d] = np.nan
+            lp[d] = np.nan
 
     def link(code, row, rest):
         @njit(error_model="numpy")
@@ -468,8 +469,10 @@ _lik_row = _dispatch([_row_loop(m.scalar(SCALAR_OPS), m.HEADS) for m in likeliho
 def likelihood_(x, head, ll, lp, lik, var_floor, cb_switch, scale, want_score):
     """ll[r] = sum_d log p(x_i | head_r) (float64), and, when ``want_score``, head_r <- scale * score
     in place (the head's gradient for a row weight ``scale``).   x: (n, D)  head: (R, K)  ll: (R,)
-    lp: (R, D) scratch; row r is example r % n.   lik: the likelihood's code, LIK_CODES (the position
-    in minivae.likelihoods' registry).   §4.1-§4.3
+    lp: (m, D) scratch, m >= 1: row r's pixel terms go to row r % m (the workspaces keep one row, which
+    stays in L1; an (R, D) one would add 1 MB a part to a two-layer step's memory traffic).
+    Row r is example r % n.   lik: the likelihood's code, LIK_CODES (the position in minivae.likelihoods'
+    registry).   §4.1-§4.3
 
     One generic loop: per row, the registered likelihood's pixel loop (_row_loop over its scalar
     function), chosen by the generated _lik_row; then the row's sum in float64.
@@ -480,9 +483,10 @@ def likelihood_(x, head, ll, lp, lik, var_floor, cb_switch, scale, want_score):
     lf = dt(math.log(var_floor))       # the Gaussian's log var_floor (§4.3)
     sw = dt(cb_switch)                 # the continuous Bernoulli's Taylor switch (§4.2)
     sc = dt(scale)
+    m = lp.shape[0]
     for r in range(R):
-        _lik_row(lik, x, head, lp, r, r % n, dt, lf, sw, sc, want_score)
-        ll[r] = row_sum_f64_(lp, r)
+        _lik_row(lik, x, head, lp[r % m], r, r % n, dt, lf, sw, sc, want_score)
+        ll[r] = row_sum_f64_(lp, r % m)
 
 
 @njit(cache=True, error_model="numpy")
@@ -675,7 +679,7 @@ def forward_(params, x, eps, ws, bo, slots, ws64, lay, ne, act, lik, var_floor, 
     reparam_fwd_(out, eps, std, z)                                                # F3
     mlp_fwd_(params, lay, ne + 1, nl - 1, z, ws, bo, act, gemm, p1, mb, nb)      # F4-F5
     head = _buf(ws, bo, nl - 1)                                                   # (R, K)
-    lp = _buf(ws, bo, lp_)                                                   # (R, D)
+    lp = _buf(ws, bo, lp_)                                                   # (1, D)
     likelihood_(x, head, ws64[:L * n], lp, lik, var_floor, cb_switch, scale, want_score)  # F6
 
 
@@ -894,7 +898,7 @@ class Workspace(BufferTable):
         <layer> / d:<layer>   the layers' outputs and gradients (layer_entries): enc rows n, dec rows R = L n
         z, dz                 the sample and its gradient (R, Z);   std: exp(logvar/2) (n, Z)
         pack                  the custom GEMM's panel buffer (1, size)
-        lp                    per-pixel log-probabilities (R, D), summed into ll
+        lp                    one row's per-pixel log-probabilities (1, D), summed into ll
     ws64: ll (R) | log w / dlogw (R) | bound (n) | kl per dim (Z) | dkl (Z).
     """
 
@@ -903,7 +907,7 @@ class Workspace(BufferTable):
         rows = [n if t <= ne else R for t in range(len(layout.layers))]
         super().__init__(layer_entries(layout, rows) + [
             ("z", (R, z_dim)), ("dz", (R, z_dim)), ("std", (n, z_dim)), pack_entry(layout, rows, dtype),
-            ("lp", (R, layout.layers[0][1]))], dtype)
+            ("lp", (1, layout.layers[0][1]))], dtype)
         self.slots = tuple(self.slots_of(PassSlots))    # a plain tuple: numba's dispatcher leaks on namedtuples
         self.ws64 = np.zeros(2 * R + n + 2 * z_dim, dtype=np.float64)
 

@@ -467,7 +467,7 @@ class StackWorkspace(BufferTable):
                             scratch for log p(z_l|z_{l+1})), DReG's stopped upstream of enc{l} (R, 2Z_l),
                             and u = (z_l - m) e^-s of p(z_l|z_{l+1}) (l < S)
         pack                the custom GEMM's panel buffer (kernels/gemm.pack_size)
-        lp                  per-pixel log-probabilities (R, D)
+        lp                  one row's per-pixel log-probabilities (1, D), summed into ll
         dbs                 a scratch bias gradient (DReG's input-only pass)
     ws64 (float64, named in ``index64``): ll, logw, dlogw, ap, aq, fac (R each), bound (n).
     """
@@ -482,7 +482,7 @@ class StackWorkspace(BufferTable):
             entries += [(f"z{l}", (R, Z)), (f"dz{l}", (R, Z)), (f"std{l}", (n if l == 1 else R, Z)),
                         (f"tmp{l}", (R, Z)), (f"sq{l}", (R, 2 * Z) if l > 1 else (0, 2 * Z)),
                         (f"u{l}", (R, Z) if l < S else (0, Z))]
-        entries += [pack_entry(layout, rows, dtype), ("lp", (R, spec.x_dim)),
+        entries += [pack_entry(layout, rows, dtype), ("lp", (1, spec.x_dim)),
                     ("dbs", (1, max(o for _, _, o in layout.layers)))]
         super().__init__(entries, dtype)
         nl = len(rows)
