@@ -178,7 +178,7 @@ def test_mlp_bwd_dx_is_the_blocks_input_gradient(dtype, activation):
     _, cache = ref._block_forward(m.params, "enc2", h.astype(np.float64))
     dxr, _ = ref._block_backward(dout.astype(np.float64), cache)
     wt = np.empty(be.wt_size, dtype)
-    cs.pack_share_(params, be.lay, wt, 0, 1)
+    cs.pack_claimed_(params, be.lay, wt, np.zeros(8, dtype=np.int64))
     in_part = be._gemm(in_part=True)[0]                          # the custom GEMM, as in a split's part
     for code, w in ((gemm, be._no_wt), (in_part, be._no_wt), (in_part, wt)):   # W^T packed by each product, or before
         dx = np.empty((12, 3), dtype)
@@ -188,10 +188,12 @@ def test_mlp_bwd_dx_is_the_blocks_input_gradient(dtype, activation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_pack_share_packs_every_panel_once_as_gemm_nt_would(dtype):
-    """The split step's shared W^T (cs.pack_share_): the P threads' shares together write every panel of
-    every listed layer exactly once, as gemm.pack_bt_panels_ packs the whole W (its oracle), and
-    nothing for the skipped layer (enc's first: no product reads its W^T)."""
+def test_threads_claiming_panels_pack_each_once_as_gemm_nt_would(dtype):
+    """The split step's shared W^T (cs.pack_claimed_): P threads (nogil) claiming panels at once, each into
+    a buffer of its own, together write every panel of every listed layer exactly once, as
+    gemm.pack_bt_panels_ packs the whole W (its oracle), and nothing for the skipped layer (enc's
+    first: no product reads its W^T); the counter ends at panels + P (one claim past the end each)."""
+    import threading
     from minivae.kernels.gemm import pack_bt_panels_, panel_width
     m = VAE(33, z_dim=(5, 3), hidden=((20, 7), (9,)), dtype="float64", seed=1, backend="numpy")
     be = cs.NumbaStackBackend(m.spec, dtype)
@@ -199,18 +201,32 @@ def test_pack_share_packs_every_panel_once_as_gemm_nt_would(dtype):
     lay, nr = be.lay, panel_width(dtype)
     assert lay[be.blk[0, 0], 4] == -1 and (np.delete(lay[:, 4], be.blk[0, 0]) >= 0).all()
     ref = np.full(be.wt_size, np.nan, dtype)
+    panels = 0
     for t, (wo, _, fan_in, fan_out, off) in enumerate(lay):
         if off >= 0:
             pack_bt_panels_(params[wo:wo + fan_in * fan_out].reshape(fan_in, fan_out), ref[off:], 0,
                             -(-fan_in // nr))
+            panels += -(-fan_in // nr)
     assert not np.isnan(ref).any()                          # the offsets tile the buffer
     for P in (1, 2, 3, 5):
-        shares = np.full((P, be.wt_size), np.nan, dtype)
-        for p in range(P):
-            cs.pack_share_(params, lay, shares[p], p, P)
-        written = ~np.isnan(shares)
-        assert (written.sum(axis=0) == 1).all(), P                 # each element by exactly one thread
-        assert np.array_equal(np.nansum(shares, axis=0), ref), P
+        for _ in range(5):
+            shares = np.full((P, be.wt_size), np.nan, dtype)
+            claim = np.zeros(8, dtype=np.int64)
+            go = threading.Barrier(P)
+
+            def run(p):
+                go.wait()
+                cs.pack_claimed_(params, lay, shares[p], claim)
+
+            threads = [threading.Thread(target=run, args=(p,)) for p in range(P)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            written = ~np.isnan(shares)
+            assert (written.sum(axis=0) == 1).all(), P             # each element by exactly one thread
+            assert np.array_equal(np.nansum(shares, axis=0), ref), P
+            assert claim[0] == panels + P, P
 
 
 def test_workspace_names_every_buffer_and_is_reused():

@@ -13,8 +13,9 @@ share nothing until the reduction. So: P Python threads (the caller runs part 0)
 @njit(nogil=True) pass on its part with its own workspace and gradient buffer (part 0: the caller's),
 then (after a barrier) the weighted sum of the P gradients, one segment of the parameter vector per
 thread. A part may come in phases with a barrier between them: the custom GEMM's backward reads every
-W^T packed into panels, and each of the P threads first packs a share of them for all parts
-(cpu_stack.pack_share_; each part packed all of them before, 5 % of a step). When the parts' products
+W^T packed into panels, and the P threads first pack them once for all parts, each claiming panels
+until none is left (cpu_stack.pack_claimed_: a helper that starts late packs less; each part packed
+all of them before, 5 % of a step). When the parts' products
 are OpenBLAS's (config.GEMM "blas"), every OpenBLAS is held at one thread meanwhile (threadpoolctl:
 NumPy's and SciPy's copies). The helper threads stay alive between steps, and the start, the barriers
 and the end are spin waits on atomic counters (kernels/spin.py): through locks each hand-off cost a

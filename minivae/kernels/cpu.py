@@ -80,7 +80,7 @@ def mm_nt(A, B, C, gemm, p1, mb, nb):
 def mm_nt_layer(A, B, C, gemm, p1, mb, nb, lay, t, wt):
     """C = A B^T for layer t (B = its W): with the custom GEMM, a non-empty ``wt`` and lay[t, 4] >= 0,
     from B^T's panels packed beforehand at wt[lay[t, 4]:] (one packing for every part of a split step:
-    cpu_stack.pack_share_); otherwise ``mm_nt`` (which packs B^T into p1 itself). Bit for bit the same.
+    cpu_stack.pack_claimed_); otherwise ``mm_nt`` (which packs B^T into p1 itself). Bit for bit the same.
     An empty ``wt`` never reads column 4 (4-column tables: cpu.layer_table)."""
     if gemm != BLAS and wt.size > 0 and lay[t, 4] >= 0:
         gemm_nt_packed(A, wt[lay[t, 4]:], C, mb, nb, gemm == CUSTOM_SERIAL)

@@ -36,7 +36,7 @@ from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, BufferTable, _buf, act_back_col
                   cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, layer_entries, layer_table,
                   likelihood_, mlp_bwd_, mlp_fwd_, mm_nt_layer, mm_tn, pack_entry, row_sum_f64_, scale_rows_,
                   sgd_update)
-from . import config
+from . import config, spin
 from .batchsplit import ExampleSplit, part_bounds
 from .gemm import NV, VBYTES, pack_bt_panels_, pack_size
 from .numpy_ import NumpyBackend
@@ -296,7 +296,7 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     eps: a tuple of S >= 1 arrays (L, n, Z_l) (S = 1: the numba one-layer backend's DReG, kernels/cpu.py).  codes = (act, lik, objective 0 ELBO / 1 IWAE, dreg, want_grad);
     reals = (beta, var_floor, cb_switch);  gemm_tiles = (gemm, mb, nb).
     lay: column 4 is the offset in ``wt`` of each layer's W^T packed beforehand (-1: none;
-    ``pack_share_``, the parts of a split step); with ``wt`` empty every product packs its own into p1.
+    ``pack_claimed_``, the parts of a split step); with ``wt`` empty every product packs its own into p1.
     bo rows (StackWorkspace): t < nl layer outputs, nl + t their gradients, then 6 per layer
     (z, dz, std, tmp, sq, u), then the custom GEMM's panel buffer p1 (pack), the pixel scratch lp and dbs.
     ws64: ll | log w | dlogw | ap | aq | fac (R each) | bound (n).
@@ -409,33 +409,31 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def pack_share_(params, lay, wt, p, P):
-    """Thread p's share (of P) of packing every W^T that the 5-column table ``lay`` places in ``wt``
-    (column 4 >= 0), each as gemm_nt packs it for dh = g W^T: the panels of all those layers in
-    order, cut into P runs of about equal size. Every part of a split step then reads the same
-    packing (cpu.mm_nt_layer) instead of packing all of it again.
+def pack_claimed_(params, lay, wt, claim):
+    """Pack every W^T that the 5-column table ``lay`` places in ``wt`` (column 4 >= 0), each as gemm_nt
+    packs it for dh = g W^T, one panel at a time, claiming panels with an atomic add on claim[0] (0 at
+    the start; the panels of all those layers numbered in order). Every thread of a split step calls it
+    at once and packs what it claims until none is left, so the work goes to whoever is running: a
+    helper thread that starts late (it is woken from its sleep, 50-120 us) packs less, and the parts
+    then start together. Every part then reads the same packing (cpu.mm_nt_layer) instead of packing
+    all of it again. Each caller ends with one claim beyond the last panel (claim[0] = panels + callers).
     Oracle: gemm.pack_bt_panels_ over each whole W (tests/test_numba_stack.py)."""
     nr = NV * VBYTES // wt.itemsize
-    total = 0
-    for t in range(lay.shape[0]):
-        if lay[t, 4] >= 0:
-            total += ((lay[t, 2] + nr - 1) // nr) * lay[t, 3] * nr
-    lo = p * total // P
-    hi = (p + 1) * total // P
-    at = 0
-    for t in range(lay.shape[0]):
-        if lay[t, 4] < 0:
-            continue
-        N = lay[t, 2]
-        K = lay[t, 3]
-        size = K * nr                                   # one panel
-        nnj = (N + nr - 1) // nr
-        j0 = min(nnj, max(0, -((at - lo) // size)))     # the panels that start in [lo, hi)
-        j1 = min(nnj, max(0, -((at - hi) // size)))
-        if j0 < j1:
-            W = params[lay[t, 0]:lay[t, 0] + N * K].reshape((N, K))
-            pack_bt_panels_(W, wt[lay[t, 4]:], j0, j1)
-        at += nnj * size
+    while True:
+        c = spin.atomic_add(claim, 0, 1)                # this thread's next panel, counted over all layers
+        for t in range(lay.shape[0]):
+            if lay[t, 4] < 0:
+                continue
+            N = lay[t, 2]
+            nnj = (N + nr - 1) // nr
+            if c < nnj:
+                K = lay[t, 3]
+                W = params[lay[t, 0]:lay[t, 0] + N * K].reshape((N, K))
+                pack_bt_panels_(W, wt[lay[t, 4]:], c, c + 1)
+                break
+            c -= nnj
+        else:
+            return                                      # past the last panel
 
 
 def shared_pack_table(lay, skip, dtype):
@@ -503,7 +501,8 @@ class SplitWorkspace:
     """An (n, L) pass cut into P parts of contiguous examples (kernels/batchsplit.py): per part its
     StackWorkspace, its eps (copied from the caller's, C-contiguous), its gradient row (parts 1..P-1:
     part 0 writes into the caller's gradient, which the reduction then sums the others into, in place)
-    and its loss; and ``wt``, every W^T packed once for all parts (``pack_share_``)."""
+    and its loss; and ``wt``, every W^T packed once for all parts (``pack_claimed_``, which counts the
+    panels claimed in ``claim``)."""
 
     def __init__(self, spec, n, L, P, dtype, wt_size):
         self.bounds = part_bounds(n, P)
@@ -514,6 +513,7 @@ class SplitWorkspace:
         self.grads = np.empty((P - 1, spec.layout.size), dtype=dtype)
         self.losses = np.zeros(P, dtype=np.float64)
         self.wt = np.empty(wt_size, dtype=dtype)
+        self.claim = np.zeros(8, dtype=np.int64)           # pack_claimed_'s panel counter (a cache line)
 
 
 class NumbaStackBackend(NumpyBackend):
@@ -591,8 +591,8 @@ class NumbaStackBackend(NumpyBackend):
         shared = want_grad and gemm[0] != config.BLAS      # the parts' backward reads every W^T (custom GEMM)
         wt = sw.wt if shared else self._no_wt
 
-        def pack(p):                                   # a share of every W^T, before any part starts
-            pack_share_(params, self.lay, wt, p, P)
+        def pack(p):                                   # every W^T, shared out as claimed, before any part starts
+            pack_claimed_(params, self.lay, wt, sw.claim)
 
         def part(p):                                   # examples b[p]:b[p+1], on one core
             ws, ep = sw.parts[p], sw.eps[p]
@@ -601,6 +601,7 @@ class NumbaStackBackend(NumpyBackend):
             sw.losses[p] = stack_step_(params, grads[p] if want_grad else params, x[b[p]:b[p + 1]], ep, ws.ws,
                                        ws.bo, ws.ws64, self.lay, self.blk, codes, reals, gemm, wt)
 
+        sw.claim[0] = 0                                # no thread of the last run is left (it returned)
         self.split.run(P, (pack, part) if shared else part,
                        self.split.reduce_in(P, grad, grads, sw.weights, update) if want_grad else None,
                        blas=gemm[0] == config.BLAS)
