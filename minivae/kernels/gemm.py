@@ -180,14 +180,15 @@ def transpose_block(typingctx, S, so, s_i, D, do, d_i):
         row = lambda p, o, st, i: builder.bitcast(  # noqa: E731
             builder.gep(p, [builder.add(o, builder.mul(st, ir.Constant(i64, i)))]), vty.as_pointer())
         r = [builder.load(row(ps, so, s_i, i), align=1) for i in range(W)]
+        mask = lambda m: ir.Constant(ir.VectorType(ir.IntType(32), W), m)  # noqa: E731
         b = W // 2
         while b >= 1:                      # rows i, i + b (i & b == 0): swap block (i, c + b) with (i + b, c)
-            lo = [c if c & b == 0 else W + c - b for c in range(W)]
-            hi = [c + b if c & b == 0 else W + c for c in range(W)]
+            lo = mask([c if c & b == 0 else W + c - b for c in range(W)])
+            hi = mask([c + b if c & b == 0 else W + c for c in range(W)])
             for i in range(W):
                 if i & b == 0:
-                    r[i], r[i + b] = (builder.shuffle_vector(r[i], r[i + b], ir.Constant(ir.VectorType(ir.IntType(32), W), lo)),
-                                      builder.shuffle_vector(r[i], r[i + b], ir.Constant(ir.VectorType(ir.IntType(32), W), hi)))
+                    r[i], r[i + b] = (builder.shuffle_vector(r[i], r[i + b], lo),
+                                      builder.shuffle_vector(r[i], r[i + b], hi))
             b //= 2
         for i in range(W):
             builder.store(r[i], row(pd, do, d_i, i), align=1)
