@@ -22,6 +22,16 @@ from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limi
 # OpenMP pool (the first prange call), so setting it at import of the CPU backend is early enough.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# OpenBLAS's own (pthreads) workers spin the same way after a threaded call: 2^28 cycles, about 0.1 s,
+# by default. The numba stack backend runs a small batch (an epoch's last one) through BLAS threaded over
+# every core, and the split steps after it (its own threads on every core, kernels/batchsplit.py) then
+# shared the cores with a spinning OpenBLAS worker: in `minivae train` the next ~70 ms of steps took 11
+# ms instead of 5.5 (benchmarks/README.md). 2^22 cycles (1-2 ms) keeps a worker awake between the
+# products of one pass, and lets it sleep before the next step. OpenBLAS reads this when it is loaded:
+# SciPy's copy (the one np.dot inside @njit calls, loaded by _load_scipy_blas below) comes after this
+# module; NumPy's copy, loaded with NumPy, keeps whatever the environment said. A user's value wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "22")
+
 
 def blas_info() -> list[dict]:
     """One dict per BLAS library loaded (prefix, version, architecture, num_threads, filepath)."""

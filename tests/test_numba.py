@@ -543,6 +543,20 @@ def test_importance_sampled_log_likelihood_matches_numpy():
     assert rel_error(out[1], out[0]) <= 1e-12
 
 
+@pytest.mark.parametrize("given", [None, "9"])
+def test_openblas_workers_are_told_to_sleep_soon_unless_the_user_said_otherwise(given):
+    """minivae.threads sets OPENBLAS_THREAD_TIMEOUT (2^22 cycles; OpenBLAS's default 2^28 let a worker
+    spin ~0.1 s into the split steps after a threaded BLAS pass) before SciPy's OpenBLAS, the one np.dot
+    inside @njit calls, is loaded: importing the numba backends must not load it; a user's value stays."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    code = ("import os, sys, minivae, minivae.kernels.cpu, minivae.kernels.cpu_stack; "
+            "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), 'scipy.linalg.cython_blas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [given or "22", "False"]
+
+
 def test_limit_threads_sets_and_restores_both_pools():
     import numba
     from minivae.threads import blas_info, limit_threads
