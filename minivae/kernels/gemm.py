@@ -331,7 +331,8 @@ def gemm_nt(A, Bt, C, P, mb, nb, serial=False):
 def pack_bt_panels_(Bt, P, p0, p1):
     """Column panels p0..p1-1 of B = Bt^T into P, laid out as gemm_nt packs them (K x NR each,
     zero-padded), for ``gemm_nt_packed``: one packing of a B^T that several products read (the parts
-    of a split step, kernels/cpu_stack.py), shared out among threads by panel ranges.   Bt: (N, K)."""
+    of a split step pack every W^T once, each thread the panels it claims: cpu_stack.pack_claimed_).
+    Bt: (N, K)."""
     nr = NV * VBYTES // Bt.itemsize
     for p in range(p0, p1):
         pack_bt_panel_(Bt, P, nr, p)
@@ -343,7 +344,7 @@ def gemm_nt_packed(A, P, C, mb, nb, serial=False):
     Bt (N, K)): bit for bit ``gemm_nt``, without its packing.   A: (M, K)  C: (M, N)."""
     M, K = A.shape
     N = C.shape[1]
-    nr = NV * VBYTES // A.itemsize
+    nr = NV * VBYTES // A.itemsize                 # (C stands in for Bt, which pack=False never reads)
     run_tiles_(serial, M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb, C, False)
 
 
