@@ -75,6 +75,28 @@ def _apply(f, a, out):
         out[q] = f(a[q])
 
 
+@njit
+def _fma(a, b, c):
+    out = np.empty_like(a)
+    for q in range(a.size):
+        out[q] = cpu.fma_(a[q], b[q], c[q])
+    return out
+
+
+def test_fma_rounds_once():
+    """fma_(a, b, c) is a b + c rounded once: (1 + u)^2 - (1 + 2u) = u^2 exactly, where the product rounded
+    first gives 0; and on random float32 operands it equals the exact value (a b is exact in float64)
+    rounded to float32."""
+    for dt, u in ((np.float32, 2.0 ** -12), (np.float64, 2.0 ** -27)):
+        a = np.array([1 + u], dtype=dt)
+        c = np.array([-(1 + 2 * u)], dtype=dt)
+        assert (a * a + c)[0] == 0 and _fma(a, a, c)[0] == dt(u * u)
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal(10000).astype(np.float32) for _ in range(3))
+    exact = a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)
+    assert np.array_equal(_fma(a, b, c), exact.astype(np.float32))
+
+
 def test_arithmetic_exp_and_log1p_float32():
     """exp_nonpos_f32 on [-100, 0] and log1p01_f32 on [0, 1] against float64 numpy: a few ulps
     (exp_nonpos_f32 clamps at -87, below which e^x < 2e-38: an absolute error under 2e-38)."""
