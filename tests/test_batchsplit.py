@@ -82,6 +82,21 @@ def test_the_split_is_chosen_from_the_thread_budget_and_the_batch(monkeypatch):
         assert ExampleSplit.parts(2 * batchsplit.MIN_EXAMPLES - 1) == 1
 
 
+def test_the_thread_budget_is_numbas_in_every_thread():
+    """batchsplit._num_threads (the fast reader ExampleSplit.parts asks every step) says what
+    numba.get_num_threads says: in this thread under each budget, and in a thread started afresh."""
+    import threading
+    import numba
+    for k in (1, 2):
+        with limit_threads(k):
+            assert batchsplit._num_threads() == numba.get_num_threads() == min(k, numba.config.NUMBA_NUM_THREADS)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append((batchsplit._num_threads(), numba.get_num_threads())))
+    t.start()
+    t.join()
+    assert seen and seen[0][0] == seen[0][1] >= 1
+
+
 @pytest.mark.parametrize("gemm,whole,part", [("auto", config.BLAS, config.CUSTOM_SERIAL),
                                              ("blas", config.BLAS, config.BLAS),
                                              ("custom", config.CUSTOM, config.CUSTOM_SERIAL)])

@@ -32,11 +32,14 @@ No BLAS call runs inside a prange (docs/math.md §9): the parts are Python threa
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
+import numba
 import numpy as np
 from numba import njit
+from numba.np.ufunc import parallel as _parallel
 
 from .. import threads
 from . import spin
@@ -50,6 +53,26 @@ MIN_EXAMPLES = 48       # examples per part at least: smaller parts lose to Open
 def part_bounds(n: int, P: int) -> np.ndarray:
     """The P + 1 row boundaries of P contiguous parts of n examples, as equal as possible."""
     return (np.arange(P + 1, dtype=np.int64) * n) // P
+
+
+@functools.lru_cache(maxsize=64)
+def _segments(size: int, P: int) -> tuple:
+    """part_bounds(size, P) as a tuple of Python ints, made once per (size, P): the reduction's segments,
+    asked for every step (a step's Python runs with its data out of cache, where each NumPy call on a
+    few elements costs 10-30 us: benchmarks/README.md)."""
+    return tuple(int(b) for b in part_bounds(size, P))
+
+
+def _num_threads() -> int:
+    """numba.get_num_threads() of the calling thread. That function takes the threading layer's start-up
+    lock (a multiprocessing RLock) on every call: 26 us a step with the step's caches cold, 1.4 us hot.
+    Once the layer has started, the reader behind it (a ctypes function of numba.np.ufunc.parallel,
+    private to numba, which setup.cfg pins below 0.69) gives the same number in 0.1 us; before that, or
+    where a numba lacks it, the public function. (An @njit reader cannot be cached: it holds the layer's
+    function pointer.)"""
+    if getattr(_parallel, "_is_initialized", False) and hasattr(_parallel, "_get_num_threads"):
+        return _parallel._get_num_threads()
+    return numba.get_num_threads()
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -107,8 +130,10 @@ def _serve(crew, p):
     while True:
         if spin.poll_(ctl, spin.START, seen + 1, 0, crew.idle_polls) != 1:
             with crew.cond:
+                crew.sleeping += 1                  # before the check of START: see _Crew.post
                 while ctl[spin.START] <= seen and not crew.closed:
                     crew.cond.wait()
+                crew.sleeping -= 1
         if crew.closed:
             return
         job = crew.job
@@ -130,6 +155,7 @@ class _Crew:
         self.closed = False
         self.job = None
         self.posted = self.arrivals = self.finishes = 0     # START, ARRIVED, DONE once every job is done
+        self.sleeping = 0                                   # helpers asleep on the condition (or about to be)
         self.idle_polls = spin.polls_for(spin.IDLE_SPIN_S)
         self.threads = [threading.Thread(target=_serve, args=(self, p), name=f"minivae-part-{p}", daemon=True)
                         for p in range(1, workers + 1)]
@@ -146,8 +172,12 @@ class _Crew:
         job.done_at, job.errors = self.finishes, [None] * P
         self.job = job                                  # before START: a helper reads it after the count
         spin.add_(self.ctl, spin.START, 1)
-        with self.cond:                                 # wake helpers that went to sleep
-            self.cond.notify_all()
+        # wake helpers that went to sleep. A helper counts itself in ``sleeping`` under the lock before it
+        # checks START: one not counted yet will see the new START and not wait. (Taking the lock when
+        # nobody sleeps cost 10-15 us a step.)
+        if self.sleeping:
+            with self.cond:
+                self.cond.notify_all()
         return job
 
     def close(self):
@@ -167,8 +197,7 @@ class ExampleSplit:
     @staticmethod
     def parts(n: int) -> int:
         """How many parts a pass over n examples gets now (1: run it whole)."""
-        import numba
-        return max(1, min(numba.get_num_threads(), n // MIN_EXAMPLES))
+        return max(1, min(_num_threads(), n // MIN_EXAMPLES))
 
     def _crew_for(self, workers):
         crew = self._crew
@@ -209,7 +238,7 @@ class ExampleSplit:
         (parts: as weighted_sum_ takes them; parts[0] may be ``out``, summed in place); with
         ``update`` (an optimizer's ``begin_step``), thread p then applies the step to its segment, on
         the gradient it has just summed: every core updates a share of the parameters."""
-        seg = part_bounds(out.shape[0], P)
+        seg = _segments(out.shape[0], P)
 
         def then(p):
             weighted_sum_(out, parts, w, seg[p], seg[p + 1])

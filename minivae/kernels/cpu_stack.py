@@ -508,10 +508,11 @@ class SplitWorkspace:
         self.bounds = part_bounds(n, P)
         sizes = np.diff(self.bounds)
         self.weights = sizes / n                                    # (P,) float64: n_p / n
+        self.weight_list = [float(w) for w in self.weights]         # the same as Python floats
         self.parts = [StackWorkspace(spec, int(m), L, dtype) for m in sizes]
         self.eps = [tuple(np.empty((L, int(m), Z), dtype=dtype) for Z in spec.z_dims) for m in sizes]
         self.grads = np.empty((P - 1, spec.layout.size), dtype=dtype)
-        self.losses = np.zeros(P, dtype=np.float64)
+        self.losses = [0.0] * P                    # Python floats: no NumPy call on two numbers in a step
         self.wt = np.empty(wt_size, dtype=dtype)
         self.claim = np.zeros(8, dtype=np.int64)           # pack_claimed_'s panel counter (a cache line)
 
@@ -605,7 +606,7 @@ class NumbaStackBackend(NumpyBackend):
         self.split.run(P, (pack, part) if shared else part,
                        self.split.reduce_in(P, grad, grads, sw.weights, update) if want_grad else None,
                        blas=gemm[0] == config.BLAS)
-        return float(sw.weights @ sw.losses), sw.parts
+        return sum(w * l for w, l in zip(sw.weight_list, sw.losses)), sw.parts
 
     def loss_and_grad(self, params, x, eps, beta=1.0, objective="elbo", free_bits=0.0, grad=None,
                       kl_active=None, estimator="reparam", update=None):
