@@ -107,6 +107,18 @@ def test_a_part_never_runs_the_parallel_custom_gemm(monkeypatch, gemm, whole, pa
     assert config.gemm_code() == whole and config.gemm_code(in_part=True) == part
 
 
+def test_a_part_has_tile_settings_of_its_own(monkeypatch):
+    """The products of a part run task after task on one core, with PART_MB x PART_NB tasks (by default
+    one column panel over every row); the whole pass keeps MB x NB. A bad value is a clear error."""
+    from minivae.kernels.cpu import gemm_settings
+    monkeypatch.setattr(config, "GEMM", "custom")
+    assert gemm_settings(in_part=True) == (config.CUSTOM_SERIAL, config.PART_MB, config.PART_NB)
+    assert gemm_settings() == (config.CUSTOM, config.MB, config.NB)
+    monkeypatch.setattr(config, "PART_NB", 0)
+    with pytest.raises(ValueError, match="PART_NB must be a positive integer"):
+        gemm_settings(in_part=True)
+
+
 def test_a_failing_part_raises_in_the_caller_and_blas_threads_come_back():
     before = [d["num_threads"] for d in blas_info()]
     done = []

@@ -12,12 +12,18 @@ GEMM   "blas": np.dot(a, b, out) inside @njit on contiguous (or transposed, F-co
 MB, NB Output tile of one parallel task of the custom GEMM (rows, columns; rounded up to whole 8 x 32
        (float32) or 8 x 16 (float64) micro-tiles). Runtime arguments of the kernels, so tests can set
        odd values (e.g. 3, 5) to hit every boundary guard.
+PART_MB, PART_NB  The same for the products inside a part of an example split, which run their tasks
+       one after another on the part's core: by default a task is one column panel over all the rows,
+       so that the panel of B stays in L1 while every row tile reads it (a two-layer IWAE step at batch
+       128 took 0.981 and 0.989 of the time with 16 x 64, 100 rounds each way; benchmarks/README.md).
 """
 import os
 
 GEMM = os.environ.get("MINIVAE_GEMM", "auto")
 MB = 16
 NB = 64
+PART_MB = 1 << 30       # every row
+PART_NB = 1             # one panel
 GEMMS = ("auto", "blas", "custom")
 
 # The kernels' GEMM codes (kernels/cpu.py mm_nn, mm_nt, mm_tn)
@@ -37,8 +43,10 @@ def gemm_code(in_part=False) -> int:
     return CUSTOM if GEMM == "custom" else BLAS
 
 
-def tiles():
-    for name, v in (("MB", MB), ("NB", NB)):
+def tiles(in_part=False):
+    """(MB, NB), or (PART_MB, PART_NB) for a part of an example split; a clear error for a bad value."""
+    named = (("PART_MB", PART_MB), ("PART_NB", PART_NB)) if in_part else (("MB", MB), ("NB", NB))
+    for name, v in named:
         if not (isinstance(v, int) and v >= 1):
             raise ValueError(f"minivae.kernels.config.{name} must be a positive integer, got {v!r}")
-    return MB, NB
+    return named[0][1], named[1][1]

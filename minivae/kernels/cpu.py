@@ -844,7 +844,7 @@ def layer_table(layout) -> np.ndarray:
 def gemm_settings(in_part=False):
     """(GEMM code, MB, NB) as kernels/config says at call time (never baked into a kernel), for a whole
     pass or (``in_part``) for one part of an example split (kernels/batchsplit.py)."""
-    mb, nb = config.tiles()
+    mb, nb = config.tiles(in_part)
     return config.gemm_code(in_part), mb, nb
 
 
