@@ -95,13 +95,12 @@ def gauss_logpdf_add_(z, pm, acc, w, u, tt):
     u = (z - m) e^-s for the backward pass.   z, u, tt (scratch): (R, Z);  pm: (R, 2Z) = [m | s];
     acc: (R,) float64 (each row summed in float64).   Oracle: distributions.gauss_logpdf.  §11.1"""
     R, Z = z.shape
-    for r in range(R):
+    for r in range(R):           # row views and one output per loop: few enough pointers that LLVM's alias
+        zr, mr, sr, ur, tr = z[r], pm[r, :Z], pm[r, Z:], u[r], tt[r]     # checks let both loops vectorize
+        for j in range(Z):       # (1.40 -> 0.62 ns an element alone, float32, benchmarks/README.md)
+            ur[j] = (zr[j] - mr[j]) * exp_(-sr[j])
         for j in range(Z):
-            d = z[r, j] - pm[r, j]
-            s = pm[r, Z + j]
-            uu = d * exp_(-s)
-            u[r, j] = uu
-            tt[r, j] = d * uu + s
+            tr[j] = (zr[j] - mr[j]) * ur[j] + sr[j]
         acc[r] += w * (-0.5 * (row_sum_f64_(tt, r) + Z * LOG_2PI))
 
 
@@ -114,14 +113,15 @@ def gauss_logpdf_bwd_(a, z, pm, u, dz, dpm):
     dt = z.dtype.type
     half = dt(0.5)
     one = dt(1)
-    for r in range(R):
+    for r in range(R):           # two loops over row views, as in gauss_logpdf_add_ (0.87-2.8 -> 0.38 ns)
         g = dt(a[r])
+        ur, dzr, dm, ds = u[r], dz[r], dpm[r, :Z], dpm[r, Z:]
         for j in range(Z):
-            d = z[r, j] - pm[r, j]
-            uu = u[r, j]
-            dz[r, j] += -g * uu
-            dpm[r, j] = g * uu
-            dpm[r, Z + j] = half * g * (d * uu - one)
+            dzr[j] += -g * ur[j]
+            dm[j] = g * ur[j]
+        zr, mr = z[r], pm[r, :Z]
+        for j in range(Z):
+            ds[j] = half * g * ((zr[j] - mr[j]) * ur[j] - one)
 
 
 @njit(cache=True, error_model="numpy")
