@@ -85,8 +85,9 @@ def _fma(a, b, c):
 
 def test_fma_rounds_once():
     """fma_(a, b, c) is a b + c rounded once: (1 + u)^2 - (1 + 2u) = u^2 exactly, where the product rounded
-    first gives 0; and on random float32 operands it equals the exact value (a b is exact in float64)
-    rounded to float32."""
+    first gives 0; and on random float32 operands it equals a b + c computed in float64 (where a b is
+    exact) and rounded to float32. That double rounding differs from one rounding only when the float64
+    sum lands on a float32 midpoint, about 2^-29 of cases; none of these 10,000 does."""
     for dt, u in ((np.float32, 2.0 ** -12), (np.float64, 2.0 ** -27)):
         a = np.array([1 + u], dtype=dt)
         c = np.array([-(1 + 2 * u)], dtype=dt)
