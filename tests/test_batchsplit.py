@@ -56,9 +56,9 @@ def test_split_pass_equals_the_whole_pass_and_the_reference(monkeypatch, objecti
     kw = dict(eps=eps, objective=objective, samples=L, estimator=estimator)
     loss_ref, g_ref = ref.loss_and_grad(x, **kw)
     b_ref = ref.backend.bound(ref.params, x, eps, objective=objective)
-    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n: 1))
+    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n, L=1: 1))
     loss_1, g_1 = fast.loss_and_grad(x, **kw)
-    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n: P))
+    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n, L=1: P))
     calls = []
     orig = ExampleSplit.run
     monkeypatch.setattr(ExampleSplit, "run", lambda self, p, f, then=None, **kw: (calls.append(p),
@@ -78,8 +78,33 @@ def test_the_split_is_chosen_from_the_thread_budget_and_the_batch(monkeypatch):
     with limit_threads(2):
         import numba
         two = min(2, numba.config.NUMBA_NUM_THREADS)
-        assert ExampleSplit.parts(2 * batchsplit.MIN_EXAMPLES) == two
-        assert ExampleSplit.parts(2 * batchsplit.MIN_EXAMPLES - 1) == 1
+        R = batchsplit.MIN_ROWS
+        assert ExampleSplit.parts(2 * R) == two                  # one sample an example: rows = examples
+        assert ExampleSplit.parts(2 * R - 1) == 1
+        assert ExampleSplit.parts(2 * R // 8, 8) == two          # L samples an example: n L rows
+        assert ExampleSplit.parts(2 * R // 8 - 1, 8) == 1
+        assert ExampleSplit.parts(2, 10 * R) == two              # one example a part, with many samples
+        assert ExampleSplit.parts(1, 10 * R) == 1                # never a part without an example
+
+
+@pytest.mark.parametrize("objective,estimator", [("elbo", "reparam"), ("iwae", "dreg")])
+def test_parts_of_one_example_each(objective, estimator):
+    """The rule splits 2 examples of many samples into parts of one example: the same loss, gradient
+    and bound as the NumPy reference."""
+    rng = np.random.default_rng(3)
+    n, L = 2, batchsplit.MIN_ROWS
+    x = (rng.random((n, 12)) < 0.4).astype(np.float64)
+    eps = (rng.standard_normal((L, n, 5)), rng.standard_normal((L, n, 3)))
+    fast, ref = stack("numba"), stack("numpy")
+    kw = dict(eps=eps, objective=objective, samples=L, estimator=estimator)
+    with limit_threads(2):
+        import numba
+        assert ExampleSplit.parts(n, L) == min(2, numba.config.NUMBA_NUM_THREADS)
+        loss, g = fast.loss_and_grad(x, **kw)
+        b = fast.backend.bound(fast.params, x, eps, objective=objective)
+    loss_ref, g_ref = ref.loss_and_grad(x, **kw)
+    assert abs(loss - loss_ref) <= 1e-12 * abs(loss_ref) and rel_error(g, g_ref) <= 1e-12
+    assert rel_error(b, ref.backend.bound(ref.params, x, eps, objective=objective)) <= 1e-12
 
 
 def test_the_thread_budget_is_numbas_in_every_thread():
@@ -172,7 +197,7 @@ def test_the_update_inside_the_split_is_the_host_trainers_step_bit_for_bit(monke
     optimizer state, step count and losses, bit for bit, over several steps."""
     from minivae.optim import make_optimizer
     from minivae.trainers import HostTrainer, SegmentUpdateTrainer, SerialComm, make_trainer
-    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n: P))
+    monkeypatch.setattr(ExampleSplit, "parts", staticmethod(lambda n, L=1: P))
     n, L = 13, 3
     runs = []
     for fused in (True, False):

@@ -22,7 +22,8 @@ and the end are spin waits on atomic counters (kernels/spin.py): through locks e
 thread's wake-up, 0.3-0.45 ms a step.
 
 P is the thread budget the user gave (``numba.get_num_threads()``, which ``threads.limit_threads``
-sets), at most n // MIN_EXAMPLES. Inside a part every product runs on the part's own core: single-
+sets), at most n, and at most n L // MIN_ROWS for L samples an example (each part gets MIN_ROWS rows of the
+sample layers at least). Inside a part every product runs on the part's own core: single-
 threaded OpenBLAS, or the custom kernel task after task (``config.gemm_code(in_part=True)``; never its
 prange tiles, whose threads would fight the parts'). The parts are fixed by (n, P), so a run is
 reproducible at a given thread count; different P change the result only by rounding (the sum's order).
@@ -47,7 +48,11 @@ from .numba_cache import configure as _configure_cache
 
 _configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
 
-MIN_EXAMPLES = 48       # examples per part at least: smaller parts lose to OpenBLAS threading each product (README)
+# rows (examples x samples) per part at least: with fewer, one pass threading each product in OpenBLAS is
+# faster than the parts' fixed costs (the gradients' sum, the hand-offs); benchmarks/README.md, "Where a
+# batch splits". The encoder's first block runs on a part's examples only, but it is a small share once
+# the L-sample layers have 32 rows.
+MIN_ROWS = 32
 
 
 def part_bounds(n: int, P: int) -> np.ndarray:
@@ -195,9 +200,9 @@ class ExampleSplit:
         self._lock = threading.Lock()           # one run at a time (the parts share the caller's buffers)
 
     @staticmethod
-    def parts(n: int) -> int:
-        """How many parts a pass over n examples gets now (1: run it whole)."""
-        return max(1, min(_num_threads(), n // MIN_EXAMPLES))
+    def parts(n: int, L: int = 1) -> int:
+        """How many parts a pass over n examples of L samples each gets now (1: run it whole)."""
+        return max(1, min(_num_threads(), n, (n * L) // MIN_ROWS))
 
     def _crew_for(self, workers):
         crew = self._crew

@@ -576,7 +576,7 @@ class NumbaStackBackend(NumpyBackend):
         L, n, _ = eps[0].shape
         codes = (self.act, self.lik, OBJECTIVES.index(objective), int(estimator == "dreg"), int(want_grad))
         reals = (float(beta), float(self.spec.var_floor), self.cb_switch)
-        P = self.split.parts(n)
+        P = self.split.parts(n, L)
         if P == 1:
             ws = self.workspace(n, L)
             loss = stack_step_(params, grad, x, eps, ws.ws, ws.bo, ws.ws64, self.lay, self.blk, codes, reals,
