@@ -115,7 +115,7 @@ def asm_report(variants):
                 fn, args = gemm_variants.gemm_nt_, (x.reshape(8, 8), x.reshape(8, 8), x.reshape(8, 8), i, i)
             else:
                 fn = gemm_variants.tiles_v2_ if v == 2 else gemm.tiles_
-                args = (i, i, i, x, i, i, x, i, i, x, x, i, i) + ((x.reshape(8, 8), True) if v == 3 else ())
+                args = (i, i, i, x, i, i, x, i, i, x, x, i, i) + ((x.reshape(8, 8), True, i) if v == 3 else ())
             opts = {k: o for k, o in fn.targetoptions.items() if k not in ("cache", "nopython")}
             fresh = numba.njit(**opts)(fn.py_func)
             sig = tuple(numba.typeof(y) for y in args)

@@ -1,7 +1,7 @@
 """The custom GEMM (minivae/kernels/gemm.py) and the earlier variants of its ladder
 (minivae/kernels/gemm_variants.py) against NumPy, in float64 (rel_error <= 1e-12) and float32 (1e-5).
 
-Shapes straddle the micro-tile (8 rows x 32 float32 / 16 float64 columns) and the ymm edge kernels
+Shapes straddle the micro-tile (8 rows x 48 float32 / 24 float64 columns) and the ymm edge kernels
 (8 / 4 columns); tiles of one element and of the whole matrix; a NaN-filled panel buffer of exactly
 ``pack_size`` elements (a read beyond what was packed poisons the result) and a sentinel after C (a
 store beyond C is seen).
@@ -15,9 +15,11 @@ from minivae.kernels import gemm, gemm_variants
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
 DTYPES = (np.float64, np.float32)
 # (M, K, N): 1 x 1, K = 0, columns 1..3 vectors of ymm, a full panel +- 1, several row and column
-# panels, and a thin model-like product
+# panels, a thin model-like product, and k in several blocks (the tn form's KC_TN: whole blocks, and
+# one more k after them)
 SHAPES = [(1, 1, 1), (3, 0, 4), (7, 5, 8), (9, 3, 17), (8, 6, 16), (16, 2, 24), (5, 4, 31), (8, 9, 32),
-          (17, 11, 33), (33, 70, 65), (20, 40, 100)]
+          (17, 11, 33), (6, 5, 47), (8, 4, 48), (9, 6, 49), (33, 70, 65), (10, 3, 97), (20, 40, 100),
+          (9, 2 * gemm.KC_TN, 40), (12, gemm.KC_TN + 1, 37)]
 TILES = [(1, 1), (3, 5), (16, 64), (10 ** 6, 10 ** 6)]
 
 
@@ -120,8 +122,8 @@ def test_custom_gemm_on_a_model_shape():
 
 
 def test_panel_width_and_pack_size():
-    assert gemm.panel_width(np.float32) == 32 and gemm.panel_width(np.float64) == 16
-    assert gemm.pack_size("nt", 33, 5, np.float32) == 5 * 32 * 2
+    assert gemm.panel_width(np.float32) == 48 and gemm.panel_width(np.float64) == 24
+    assert gemm.pack_size("nt", 49, 5, np.float32) == 5 * 48 * 2
     assert gemm.pack_size("nn", 33, 5, np.float64) == gemm.pack_size("tn", 33, 5, np.float64) == 0   # in place
 
 
@@ -183,12 +185,11 @@ def guarded(shape, dtype):
 
 rng = np.random.default_rng(3)
 worst = 0.0
-for dtype, edges in ((np.float32, (5, 13, 20, 28)), (np.float64, (3, 7, 10, 14))):
+for dtype, edges in ((np.float32, (5, 13, 20, 28, 40)), (np.float64, (3, 7, 10, 14, 20))):
     nr = gemm.panel_width(dtype)
     for e in edges:
         for K, N in ((9, nr + e), (4, e)):
-            for serial in (False, True):
-                M = 11
+            for serial, M in ((False, 11), (True, 11), (True, 2 * gemm.KC_TN + 3)):     # tn: k in blocks
                 A = rng.standard_normal((M, K)).astype(dtype)
                 B = guarded((K, N), dtype)
                 B[...] = rng.standard_normal((K, N))

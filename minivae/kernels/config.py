@@ -2,15 +2,15 @@
 
 GEMM   "blas": np.dot(a, b, out) inside @njit on contiguous (or transposed, F-contiguous) views:
                SciPy's OpenBLAS through numba's cython_blas binding, no copies.
-       "custom": the register-blocked kernels of kernels/gemm.py (an 8 x 2-zmm micro-kernel written
+       "custom": the register-blocked kernels of kernels/gemm.py (an 8 x 3-zmm micro-kernel written
                as LLVM IR, operands read in place, parallel over MB x NB tiles of C; in the parts of
                an example split, kernels/batchsplit.py, one core each, task after task).
        "auto" (default): BLAS for a whole pass (OpenBLAS threads each product), the custom kernel
                inside the parts of an example split, where each part has one core and the custom
                kernel was the faster one (benchmarks/README.md, "Training speed, a process each").
        The environment variable MINIVAE_GEMM overrides the default.
-MB, NB Output tile of one parallel task of the custom GEMM (rows, columns; rounded up to whole 8 x 32
-       (float32) or 8 x 16 (float64) micro-tiles). Runtime arguments of the kernels, so tests can set
+MB, NB Output tile of one parallel task of the custom GEMM (rows, columns; rounded up to whole 8 x 48
+       (float32) or 8 x 24 (float64) micro-tiles). Runtime arguments of the kernels, so tests can set
        odd values (e.g. 3, 5) to hit every boundary guard.
 PART_MB, PART_NB  The same for the products inside a part of an example split, which run their tasks
        one after another on the part's core: by default a task is one column panel over all the rows,

@@ -6,10 +6,12 @@
         nt   dh = da W^T     A = da (rows, fan_out)      B^T = W (fan_in, fan_out), read as B (N, K)
         tn   dW = h^T da     A^T = h (rows, fan_in)      B = da (rows, fan_out)
 
-The micro-kernel (``ukernel``) keeps an MR x NR tile of C in 2 MR vector registers (MR = 8 rows,
-NR = 2 vectors of 64 bytes: 32 float32 or 16 float64 columns; 16 of the 32 zmm registers of
-AVX-512) and runs the k loop as rank-1 updates: per k, two vector loads of a row of B, MR broadcasts
-of a column of A and 2 MR fused multiply-adds. Numba's own loops do not get there (LLVM vectorizes
+The micro-kernel (``ukernel``) keeps an MR x NR tile of C in 3 MR vector registers (MR = 8 rows,
+NR = 3 vectors of 64 bytes: 48 float32 or 24 float64 columns; 24 of the 32 zmm registers of
+AVX-512) and runs the k loop as rank-1 updates: per k, three vector loads of a row of B, MR
+broadcasts of a column of A and 3 MR fused multiply-adds. (A tile of 2 vectors a row, 16 registers,
+spent 10 loads on 16 FMAs, against 11 on 24 here; on the Intel Xeon VM one part's products took 0.91-0.94
+of the time, benchmarks/README.md, "A wider register tile".) Numba's own loops do not get there (LLVM vectorizes
 the k loop with gathers instead of keeping the tile in registers, benchmarks/README.md variant 2), so
 the micro-kernel is written as LLVM IR through ``numba.extending.intrinsic``: explicit <W x T>
 vectors and ``llvm.fma``; the assembly is ``vbroadcastss``/``vfmadd231ps`` on zmm registers.
@@ -27,7 +29,14 @@ element against 0.7-0.8 element by element, benchmarks/README.md). A is read by
 broadcasts at any strides: a (M, K) C-contiguous array (nn, nt) or the transpose of a (K, M) one
 (tn). Rows of A beyond M in the last row panel re-read row M - 1; their results are not stored. The
 last column panel runs a tile of 1-3 ymm vectors (8 float32 / 4 float64 columns each), as many as its
-columns need, or the 2-zmm tile with masked loads beyond 3 ymm.
+columns need, or the 3-zmm tile with masked loads beyond 3 ymm.
+
+k in blocks (tn form only): a column panel of B holds K rows of NR elements, and in the tn form K is
+the batch's rows (320 in a part of the two-layer IWAE at batch 128: 60 KB of float32, more than L1).
+There k runs in blocks of KC_TN (12 KB of the panel), each block passing over every row panel of A
+and adding to C from the second block on (the micro-kernel's ``acc_c``). In the nn and nt forms K is a
+layer's width and the panel is read once per row panel straight from L2 or its packed copy: blocks made
+them slower (benchmarks/README.md).
 
 Parallelism: one prange over (tm x tn) tiles of C (each a block of whole micro-tiles, ``tile_``), then
 a sequential sweep of its micro-tiles. With ``serial`` the same tasks run one after another in the
@@ -51,12 +60,14 @@ from .numba_cache import configure as _configure_cache
 _configure_cache()      # before the first @njit(cache=True): one cache per source version (numba_cache.py)
 
 MR = 8            # rows of the register tile
-NV = 2            # vectors of 64 bytes per row of the register tile
+NV = 3            # vectors of 64 bytes per row of the register tile
 VBYTES = 64       # one zmm register
+KC_TN = 64        # k per block of a column panel in the tn form (benchmarks/README.md, "k in blocks")
+WHOLE_K = 1 << 62 # no blocks: nn and nt
 
 
 def panel_width(dtype) -> int:
-    """NR: columns of the register tile for this dtype (32 float32, 16 float64)."""
+    """NR: columns of the register tile for this dtype (48 float32, 24 float64)."""
     return NV * VBYTES // np.dtype(dtype).itemsize
 
 
@@ -73,9 +84,10 @@ def make_ukernel(nv, vbytes, masked=False):
     masked off are never touched), so that the last, partial column panel is read in place."""
 
     @intrinsic
-    def ukernel(typingctx, K, A, ao, a_i, a_k, mr, B, bo, b_k, C, co, c_i, nr):
+    def ukernel(typingctx, K, A, ao, a_i, a_k, mr, B, bo, b_k, C, co, c_i, nr, acc_c):
         """C[co + i c_i + j] = sum_k A[ao + min(i, mr-1) a_i + k a_k] B[bo + k b_k + j]
-        for i < mr, j < nr (MR x NR register tile; A, B, C any arrays, flat element offsets).
+        for i < mr, j < nr (MR x NR register tile; A, B, C any arrays, flat element offsets); with
+        ``acc_c`` nonzero, C[...] += that sum (the tile starts from C: a block of k after the first).
 
         Shapes: the tile is (MR, NR) = (8, 2 W), W = 64 bytes / itemsize. Unmasked: nr = NR (a full
         panel; B's rows and C's hold NR elements). Masked: any nr <= NR, B's rows and C's hold nr."""
@@ -83,7 +95,7 @@ def make_ukernel(nv, vbytes, masked=False):
         W = vbytes // (dt.bitwidth // 8)
 
         def codegen(context, builder, sig, args):
-            K, A, ao, a_i, a_k, mr, B, bo, b_k, C, co, c_i, nr = args
+            K, A, ao, a_i, a_k, mr, B, bo, b_k, C, co, c_i, nr, acc_c = args
             T = context.get_value_type(dt)
             vty = ir.VectorType(T, W)
             i64 = ir.IntType(64)
@@ -116,6 +128,17 @@ def make_ukernel(nv, vbytes, masked=False):
                     lim = builder.insert_element(undef64, builder.sub(nr, c64(v * W)), ir.Constant(i32, 0))
                     lim = builder.shuffle_vector(lim, undef64, splat0)
                     masks.append(builder.icmp_signed("<", lanes, lim))
+            with builder.if_then(builder.icmp_signed("!=", acc_c, c64(0))):    # start from C's rows < mr
+                for i in range(MR):
+                    with builder.if_then(builder.icmp_signed("<", c64(i), mr)):
+                        base = builder.add(co, builder.mul(c64(i), c_i))
+                        for v in range(nv):
+                            ptr = vptr(pc, builder.add(base, c64(v * W)))
+                            if masked:
+                                val = builder.call(mload, [ptr, ir.Constant(i32, 1), masks[v], zero])
+                            else:
+                                val = builder.load(ptr, align=1)
+                            builder.store(val, acc[i][v])
             with cgutils.for_range(builder, K) as loop:                      # rank-1 update per k
                 k = loop.index
                 ka = builder.mul(k, a_k)
@@ -146,14 +169,14 @@ def make_ukernel(nv, vbytes, masked=False):
                             builder.store(val, ptr, align=1)
             return context.get_dummy_value()
 
-        return types.void(K, A, ao, a_i, a_k, mr, B, bo, b_k, C, co, c_i, nr), codegen
+        return types.void(K, A, ao, a_i, a_k, mr, B, bo, b_k, C, co, c_i, nr, acc_c), codegen
 
     return ukernel
 
 
-ukernel = make_ukernel(NV, VBYTES)                 # full panels: 8 x 2 zmm
+ukernel = make_ukernel(NV, VBYTES)                 # full panels: 8 x 3 zmm
 # the last, partial panel: 8 x 1-3 ymm vectors, so that it costs what its columns need (Zen 4 runs a zmm
-# FMA as two ymm halves: the narrow tiles lose nothing per flop), or 2 zmm beyond 3 ymm; its B rows read
+# FMA as two ymm halves: the narrow tiles lose nothing per flop), or 3 zmm beyond 3 ymm; its B rows read
 # in place through masked loads (nothing packed), or from the zero-padded packed panel (nt)
 ukernel_y1 = make_ukernel(1, 32, masked=True)
 ukernel_y2 = make_ukernel(2, 32, masked=True)
@@ -230,9 +253,10 @@ def pack_bt_panel_(Bt, P, nr, p):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def tile_(t, ntj, tm, tn, nmi, nnj, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, Bt, pack):
+def tile_(t, ntj, tm, tn, nmi, nnj, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, Bt, pack, kc):
     """Task t of ``tiles_``: its block of (tm x tn) micro-tiles of C, after packing its own column
-    panels of Bt when ``pack``."""
+    panels of Bt when ``pack``. Per column panel, k runs in blocks of kc: the block's rows of the panel
+    stay in L1 while every row panel of A passes over them; a block after the first adds to C."""
     nr = NV * VBYTES // A.itemsize
     wy = 32 // A.itemsize                          # one ymm vector
     ti = t // ntj
@@ -247,19 +271,23 @@ def tile_(t, ntj, tm, tn, nmi, nnj, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, B
             Bv, bo, bk = B, j0, b_k
         else:
             Bv, bo, bk = P, (pj - nfull) * K * nr, nr
-        for pi in range(ti * tm, min(ti * tm + tm, nmi)):
-            i0 = pi * MR
-            mr = min(MR, M - i0)
-            if e == nr:
-                ukernel(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
-            elif e <= wy:
-                ukernel_y1(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
-            elif e <= 2 * wy:
-                ukernel_y2(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
-            elif e <= 3 * wy:
-                ukernel_y3(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
-            else:
-                ukernel_m(K, A, i0 * a_i, a_i, a_k, mr, Bv, bo, bk, C, i0 * N + j0, N, e)
+        for k0 in range(0, max(K, 1), kc):         # (K = 0: one empty block, which stores zeros)
+            kk = min(kc, K - k0)
+            ak = k0 * a_k
+            bb = bo + k0 * bk
+            for pi in range(ti * tm, min(ti * tm + tm, nmi)):
+                i0 = pi * MR
+                mr = min(MR, M - i0)
+                if e == nr:
+                    ukernel(kk, A, i0 * a_i + ak, a_i, a_k, mr, Bv, bb, bk, C, i0 * N + j0, N, e, k0)
+                elif e <= wy:
+                    ukernel_y1(kk, A, i0 * a_i + ak, a_i, a_k, mr, Bv, bb, bk, C, i0 * N + j0, N, e, k0)
+                elif e <= 2 * wy:
+                    ukernel_y2(kk, A, i0 * a_i + ak, a_i, a_k, mr, Bv, bb, bk, C, i0 * N + j0, N, e, k0)
+                elif e <= 3 * wy:
+                    ukernel_y3(kk, A, i0 * a_i + ak, a_i, a_k, mr, Bv, bb, bk, C, i0 * N + j0, N, e, k0)
+                else:
+                    ukernel_m(kk, A, i0 * a_i + ak, a_i, a_k, mr, Bv, bb, bk, C, i0 * N + j0, N, e, k0)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -276,7 +304,7 @@ def task_grid_(M, N, A, mb, nb, pack):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack):
+def tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack, kc):
     """C (M, N) = A B over prange tiles of about mb x nb elements (rounded up to whole micro-tiles
     of MR x NR).
 
@@ -286,25 +314,25 @@ def tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack):
     (a second region costs a wake-up of the pool); its tile then spans all rows."""
     ntasks, ntj, tm, tn, nmi, nnj = task_grid_(M, N, A, mb, nb, pack)
     for t in prange(ntasks):
-        tile_(t, ntj, tm, tn, nmi, nnj, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, Bt, pack)
+        tile_(t, ntj, tm, tn, nmi, nnj, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, Bt, pack, kc)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def tiles_serial_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack):
+def tiles_serial_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack, kc):
     """``tiles_`` in the calling thread, task after task (no parallel region): for passes that already
     run one per core (kernels/batchsplit.py)."""
     ntasks, ntj, tm, tn, nmi, nnj = task_grid_(M, N, A, mb, nb, pack)
     for t in range(ntasks):
-        tile_(t, ntj, tm, tn, nmi, nnj, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, Bt, pack)
+        tile_(t, ntj, tm, tn, nmi, nnj, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, Bt, pack, kc)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def run_tiles_(serial, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack):
+def run_tiles_(serial, M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack, kc):
     """``tiles_serial_`` when ``serial``, else the parallel ``tiles_``."""
     if serial:
-        tiles_serial_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack)
+        tiles_serial_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack, kc)
     else:
-        tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack)
+        tiles_(M, N, K, A, a_i, a_k, B, b_k, nfull, P, C, mb, nb, Bt, pack, kc)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -315,7 +343,8 @@ def gemm_nn(A, B, C, P, mb, nb, serial=False):
     N = B.shape[1]
     nr = NV * VBYTES // A.itemsize
     nfull = (N + nr - 1) // nr                     # every panel in place, the last one masked
-    run_tiles_(serial, M, N, K, A.reshape(M * K), K, 1, B.reshape(K * N), N, nfull, P, C.reshape(M * N), mb, nb, B, False)
+    run_tiles_(serial, M, N, K, A.reshape(M * K), K, 1, B.reshape(K * N), N, nfull, P, C.reshape(M * N), mb, nb, B, False,
+               WHOLE_K)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -324,7 +353,7 @@ def gemm_nt(A, Bt, C, P, mb, nb, serial=False):
     M, K = A.shape
     N = Bt.shape[0]
     nr = NV * VBYTES // A.itemsize
-    run_tiles_(serial, M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb, Bt, True)
+    run_tiles_(serial, M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb, Bt, True, WHOLE_K)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -345,7 +374,7 @@ def gemm_nt_packed(A, P, C, mb, nb, serial=False):
     M, K = A.shape
     N = C.shape[1]
     nr = NV * VBYTES // A.itemsize                 # (C stands in for Bt, which pack=False never reads)
-    run_tiles_(serial, M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb, C, False)
+    run_tiles_(serial, M, N, K, A.reshape(M * K), K, 1, P, nr, 0, P, C.reshape(M * N), mb, nb, C, False, WHOLE_K)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -356,4 +385,4 @@ def gemm_tn(At, B, C, P, mb, nb, serial=False):
     nr = NV * VBYTES // At.itemsize
     nfull = (N + nr - 1) // nr                     # every panel in place, the last one masked
     run_tiles_(serial, M, N, R, At.reshape(R * M), 1, M, B.reshape(R * N), N, nfull, P, C.reshape(M * N), mb, nb, B,
-           False)
+               False, KC_TN)

@@ -156,7 +156,7 @@ def _v1_tn(At, B, C, P, P2, mb, nb):
 # 2: the register tile as a stack array, updated by Numba loops
 # ----------------------------------------------------------------------------------------------
 
-NR2 = 32                    # columns of variant 2's tile (the float32 width of variant 3)
+NR2 = 32                    # columns of variant 2's tile (variant 3's float32 width until its 3-vector tile)
 
 
 @intrinsic
@@ -258,7 +258,7 @@ VARIANTS = {
 }
 NAMES = {1: "dot-product 4x4 tiles, packed k-contiguous (the old custom GEMM)",
          2: "rank-1 8xNR tile in Numba loops (stack array)",
-         3: "rank-1 8x2-vector tile as LLVM IR (zmm FMA), in place (minivae.kernels.gemm)"}
+         3: "rank-1 8x3-vector tile as LLVM IR (zmm FMA), in place (minivae.kernels.gemm)"}
 
 
 def buffer_size(v, M, N, K, dtype) -> int:
