@@ -187,7 +187,13 @@ def speed(args, torch):
     environment as it was before minivae was imported: minivae sets OMP_WAIT_POLICY=PASSIVE for its own
     threads, which slows PyTorch's OpenMP threads down, and neither's idle thread pool spins while the other
     is timed (each block starts --pause seconds after the other's ended: OpenBLAS's idle workers spin
-    for about 0.1 s after a call, and would take a core from the other). ``--same-process`` times both in this process instead (the setting of earlier tables)."""
+    for about 0.1 s after a call, and would take a core from the other). ``--same-process`` times both in this process instead (the setting of earlier tables).
+
+    Both train on one fixed batch (x, eps), step after step. From about step 80 to 200 that makes the
+    importance weights of some samples negligible (tens of nats behind the best), and their gradient rows
+    subnormal numbers, which Intel cores multiply tens of times slower. minivae's CPU kernels give such
+    samples no gradient (docs/math.md §5.2); PyTorch computes them, unless ``--torch-flush-denormal``
+    (torch.set_flush_denormal(True): subnormals read and written as zero, FTZ/DAZ)."""
     import torch_iwae
     if not args.same_process:
         env = dict(os.environ)
@@ -221,7 +227,8 @@ def speed(args, torch):
             common = ["--batch", str(B), "--k", str(args.k), "--threads", str(args.threads)]
             procs = {"minivae": _spawn([sys.executable, __file__, "--speed-worker"] + common +
                                        ["--estimator", args.estimator, "--backend", args.backend], os.environ),
-                     "torch": _spawn([sys.executable, str(HERE / "torch_iwae.py"), "--speed-worker"] + common, env)}
+                     "torch": _spawn([sys.executable, str(HERE / "torch_iwae.py"), "--speed-worker"] + common +
+                                     (["--flush-denormal"] if args.torch_flush_denormal else []), env)}
 
             def block(name):
                 time.sleep(args.pause)              # the other's idle threads (OpenBLAS spins ~0.1 s) asleep
@@ -290,6 +297,8 @@ def main(argv=None):
     ap.add_argument("--pause", type=float, default=0.3, help="--speed: seconds of rest before each timed block")
     ap.add_argument("--same-process", action="store_true",
                     help="--speed: time minivae and torch in this one process (default: a process each)")
+    ap.add_argument("--torch-flush-denormal", action="store_true",
+                    help="--speed: PyTorch with torch.set_flush_denormal(True), subnormals as zero (a process each only)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -297,6 +306,8 @@ def main(argv=None):
     for name in ("epochs", "batch_size", "k", "eval_k", "eval_n", "threads", "steps", "repeats"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.torch_flush_denormal and args.same_process:
+        ap.error("--torch-flush-denormal needs a process each (it would set minivae's thread too)")
     torch = None
     if not args.no_torch or args.speed:
         try:

@@ -145,9 +145,13 @@ def _worker(argv=None):
     ap.add_argument("--batch", type=int, required=True)
     ap.add_argument("--k", type=int, required=True)
     ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--flush-denormal", action="store_true",
+                    help="torch.set_flush_denormal(True): subnormal numbers read and written as zero (FTZ/DAZ)")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        raise SystemExit("torch_iwae: torch.set_flush_denormal is not supported on this CPU")
     z_dims, hidden = SPEED_MODEL
     x, eps = speed_batch(args.batch, args.k, z_dims)
     net = build(torch, 784, z_dims, hidden, "tanh", seed=0)

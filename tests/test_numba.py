@@ -280,11 +280,31 @@ def test_iwae_objective():
     assert rel_error(logw, ref.reshape(-1)) <= 1e-12
     bound = np.empty(n)
     dlogw = np.empty(k * n)
-    loss = cpu.iwae_objective_(logw, k, n, bound, dlogw)
+    loss = cpu.iwae_objective_(logw, k, n, bound, dlogw, -np.inf)
     loss_ref, dlogw_ref = obj.iwae_loss(ref)
     assert abs(loss - loss_ref) <= 1e-12 * abs(loss_ref)
     assert rel_error(bound, obj.iwae_per_example(ref)) <= 1e-12
     assert rel_error(dlogw, dlogw_ref.reshape(-1)) <= 1e-12
+
+
+def test_iwae_objective_drops_only_weights_below_its_floor():
+    """iwae_objective_ with lfloor (cpu.weight_floor: 2 log eps): a sample more than -lfloor nats behind
+    its example's best gets dlogw = 0; the bound and every other weight are the reference's."""
+    logw = np.array([[0.0, 3.0], [-10.0, 3.0], [-40.0, -200.0], [-80.0, 2.5]]).reshape(-1)   # (k, n) = (4, 2),
+    # flat at l n + i: example 0 has samples 40 and 80 nats behind (rows 4, 6), example 1 one 203 behind (row 5)
+    k, n = 4, 2
+    ref_loss, ref_dlogw = obj.iwae_loss(logw.reshape(k, n))
+    assert cpu.weight_floor(np.zeros(1, np.float32)) == pytest.approx(2 * np.log(2.0 ** -23))
+    assert cpu.weight_floor(np.zeros(1, np.float64)) == pytest.approx(2 * np.log(2.0 ** -52))
+    for dtype, dropped in ((np.float32, [4, 5, 6]), (np.float64, [5, 6])):    # floors 31.9 and 72.1 nats
+        bound, dlogw = np.empty(n), np.empty(k * n)
+        loss = cpu.iwae_objective_(logw, k, n, bound, dlogw, cpu.weight_floor(np.zeros(1, dtype)))
+        assert loss == pytest.approx(ref_loss, rel=1e-15)
+        np.testing.assert_allclose(bound, obj.iwae_per_example(logw.reshape(k, n)), rtol=1e-15)
+        want = ref_dlogw.reshape(-1).copy()
+        want[dropped] = 0.0
+        assert np.all(dlogw[dropped] == 0.0) and np.all(dlogw[np.setdiff1d(np.arange(k * n), dropped)] != 0.0)
+        np.testing.assert_allclose(dlogw, want, rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

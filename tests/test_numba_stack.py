@@ -274,6 +274,49 @@ def test_fused_stack_step_matches_the_reference_in_both_dtypes(z, hidden, likeli
         np.testing.assert_allclose(getattr(f32, bound)(x32, eps32), getattr(ref, bound)(x, eps), rtol=1e-4)
 
 
+def test_negligible_importance_weights_get_no_gradient_and_leave_no_subnormal_rows():
+    """docs/math.md §5.2, "Negligible weights": one sample of each example drawn far out (eps scaled by s,
+    sigma small, so -log q sets it tens to hundreds of nats ahead of the others). A sample more than
+    2 log eps behind its example's best gets dlogw = 0 exactly, the others their softmax weight; no buffer
+    of the float32 pass holds a subnormal number; the gradient matches the float64 reference (which keeps
+    every weight) as ever. The sweep must put samples where the weights alone would make the rows
+    subnormal in float32 (87-104 nats behind), or it tests nothing."""
+    kw = dict(hidden=((7, 6), (4, 4)), activation="tanh", likelihood="bernoulli", seed=3)
+    models = {d: VAE(11, (5, 3), backend=b, dtype=d, **kw) for b, d in (("numpy", "float64"), ("numba", "float32"))}
+    f64 = VAE(11, (5, 3), backend="numba", dtype="float64", **kw)
+    for m in (*models.values(), f64):
+        m.layout.views(m.params)["enc.head.b"][5:] = -4.0            # sigma_1 = e^-2
+    ref, f32 = models["float64"], models["float32"]
+    rng = np.random.default_rng(1)
+    x = (rng.random((5, 11)) < 0.5).astype(np.float64)
+    tiny = np.finfo(np.float32).tiny
+    in_window = flushed = 0
+    for s in np.linspace(3, 9, 13):
+        e1 = rng.standard_normal((4, 5, 5))
+        e1[0] *= s
+        eps = (e1, rng.standard_normal((4, 5, 3)))
+        lr, gr = ref.loss_and_grad(x, eps=eps, objective="iwae")
+        gr = gr.copy()
+        l64, g64 = f64.loss_and_grad(x, eps=eps, objective="iwae")
+        assert l64 == pytest.approx(lr, rel=1e-12) and rel_error(g64, gr) <= 1e-12, s
+        l32, g32 = f32.loss_and_grad(x.astype(np.float32), eps=tuple(e.astype(np.float32) for e in eps),
+                                     objective="iwae")
+        assert l32 == pytest.approx(lr, rel=1e-4) and rel_error(g32, gr) <= 1e-4, s
+        ws = f32.backend.workspace(5, 4)
+        logw, dlogw = ws.view("logw").reshape(4, 5), ws.view("dlogw").reshape(4, 5)
+        behind = logw - logw.max(axis=0)
+        lse = logw.max(axis=0) + np.log(np.exp(behind).sum(axis=0))
+        keep = behind >= 2 * np.log(np.finfo(np.float32).eps)
+        assert np.all(dlogw[~keep] == 0.0), s
+        np.testing.assert_allclose(dlogw[keep], (-np.exp(logw - lse) / 5)[keep], rtol=1e-12)
+        flushed += int((~keep).sum())
+        in_window += int(((behind < -87) & (behind > -104)).sum())
+        for name in ws.index:
+            a = ws.view(name)
+            assert not np.any((a != 0) & (np.abs(a) < tiny)), (s, name)
+    assert flushed > 10 and in_window > 0
+
+
 def test_the_stack_trains_with_the_fused_optimizer_updates():
     from minivae.optim import make_optimizer
     m = VAE(8, (3, 2), hidden=(5,), backend="numba", dtype="float32", seed=0)

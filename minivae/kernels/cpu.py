@@ -572,8 +572,13 @@ def iwae_logw_(ll, out, eps, z, beta, logw):
 
 
 @njit(cache=True, error_model="numpy")
-def iwae_objective_(logw, k, n, bound, dlogw):
-    """bound_i = logsumexp_l log w_li - log k; loss = -mean bound; dlogw = -softmax_l / n.   §5.2"""
+def iwae_objective_(logw, k, n, bound, dlogw, lfloor):
+    """bound_i = logsumexp_l log w_li - log k; loss = -mean bound; dlogw = -softmax_l / n.   §5.2
+    A sample whose log-weight is more than -lfloor below its example's best gets dlogw = 0 (lfloor =
+    ``weight_floor``: 2 log eps of the pass's dtype): its share of the gradient is below eps^2 of the best
+    sample's, under the sum's rounding, and its gradient rows would otherwise be subnormal numbers, which
+    Intel cores multiply at a fraction of their speed (§5.2; benchmarks/README.md, "Subnormal weights").
+    lfloor = -inf keeps every weight."""
     loss = 0.0
     for i in range(n):
         m = -np.inf
@@ -588,8 +593,15 @@ def iwae_objective_(logw, k, n, bound, dlogw):
         bound[i] = lse - np.log(k)
         loss -= bound[i]
         for l in range(k):
-            dlogw[l * n + i] = -np.exp(logw[l * n + i] - lse) / n
+            r = l * n + i
+            dlogw[r] = 0.0 if logw[r] - m < lfloor else -np.exp(logw[r] - lse) / n
     return loss / n
+
+
+@njit(cache=True, error_model="numpy")
+def weight_floor(a):
+    """iwae_objective_'s lfloor for a pass in a's dtype: 2 log eps (float32 -31.9, float64 -72.1)."""
+    return 2.0 * np.log(np.finfo(a.dtype).eps)
 
 
 @njit(cache=True, error_model="numpy")
@@ -725,7 +737,7 @@ def loss_and_grad_(params, grad, x, eps, ws, bo, slots, ws64, lay, ne, act, lik,
     head = _buf(ws, bo, nl - 1)
     if iwae:                                                                     # step 1
         iwae_logw_(ll, out, eps, z, beta, aux)
-        loss = iwae_objective_(aux, L, n, bound, aux)
+        loss = iwae_objective_(aux, L, n, bound, aux, weight_floor(head))
         scale_rows_(head, aux)                                                   # step 2, 2nd pass
     else:
         kl_dim_(out, Z, kld)
@@ -756,7 +768,7 @@ def bound_(params, x, eps, ws, bo, slots, ws64, lay, ne, act, lik, var_floor, cb
     if objective == 1:
         aux = ws64[R:2 * R]
         iwae_logw_(ll, out, eps, _buf(ws, bo, z_), beta, aux)
-        iwae_objective_(aux, L, n, res, aux)
+        iwae_objective_(aux, L, n, res, aux, -np.inf)
     else:
         half = out.dtype.type(0.5)
         for i in range(n):

@@ -35,7 +35,7 @@ from numba.extending import overload
 from .cpu import (ACT_CODES, LIK_CODES, LOG_2PI, BufferTable, _buf, act_back_colsum_, adagrad_update, adam_update,
                   cached_workspace, exp_nonpos_f32, gemm_settings, iwae_objective_, layer_entries, layer_table,
                   likelihood_, mlp_bwd_, mlp_fwd_, mm_nt_layer, mm_tn, pack_entry, row_sum_f64_, scale_rows_,
-                  sgd_update)
+                  sgd_update, weight_floor)
 from . import config, spin
 from .batchsplit import ExampleSplit, part_bounds
 from .gemm import NV, VBYTES, pack_bt_panels_, pack_size
@@ -349,7 +349,7 @@ def stack_step_(params, grad, x, eps, ws, bo, ws64, lay, blk, codes, reals, gemm
     if iwae:
         prior_add_(_buf(ws, bo, G + 6 * (S - 1)), logw, beta)
         logq_eps_add_(eps[S - 1], top, S == 1, logw, -beta)          # S = 1: the top is layer 1
-        loss = iwae_objective_(logw, L, n, bound, dlogw)
+        loss = iwae_objective_(logw, L, n, bound, dlogw, weight_floor(head))
     else:
         kl_add_(top, logw, -beta)
         loss = 0.0
