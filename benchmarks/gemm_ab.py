@@ -5,9 +5,9 @@ two-layer IWAE step, in one process, in alternating rounds.
 
 Each version is a git revision of this repository (or a path to a gemm.py file). Its gemm.py is loaded
 as a module of its own and compiled afresh (a minute or so each), so the versions run in the same
-process on the same operands: a busy machine
-slows all of them within a round, and the ratio to the first version, round by round, cancels that out
-(these machines' hosts change speed by 2-3x from one minute to the next).
+process on the same operands: a busy machine slows all of them within a round, and the ratio to the
+first version, round by round, cancels that out (these machines' hosts change speed by up to 2x from
+one minute to the next).
 
 The products are those of one part of the paper's two-layer model (784-200-200-100 / 100-100-100-50,
 k = 5) with ``--examples`` examples, as the part runs them: one core, task after task (serial), a task

@@ -10,11 +10,12 @@ The micro-kernel (``ukernel``) keeps an MR x NR tile of C in 3 MR vector registe
 NR = 3 vectors of 64 bytes: 48 float32 or 24 float64 columns; 24 of the 32 zmm registers of
 AVX-512) and runs the k loop as rank-1 updates: per k, three vector loads of a row of B, MR
 broadcasts of a column of A and 3 MR fused multiply-adds. (A tile of 2 vectors a row, 16 registers,
-spent 10 loads on 16 FMAs, against 11 on 24 here; on the Intel Xeon VM one part's products took 0.91-0.94
-of the time, benchmarks/README.md, "A wider register tile".) Numba's own loops do not get there (LLVM vectorizes
-the k loop with gathers instead of keeping the tile in registers, benchmarks/README.md variant 2), so
-the micro-kernel is written as LLVM IR through ``numba.extending.intrinsic``: explicit <W x T>
-vectors and ``llvm.fma``; the assembly is ``vbroadcastss``/``vfmadd231ps`` on zmm registers.
+spent 10 loads on 16 FMAs, against 11 on 24 here; on the Intel Xeon VM one part's products took
+0.88-0.96 of the time: benchmarks/README.md, "A wider register tile".) Numba's own loops do not get
+there (LLVM vectorizes the k loop with gathers instead of keeping the tile in registers,
+benchmarks/README.md variant 2), so the micro-kernel is written as LLVM IR through
+``numba.extending.intrinsic``: explicit <W x T> vectors and ``llvm.fma``; the assembly is
+``vbroadcastss``/``vfmadd231ps`` on zmm registers.
 
 Operands are read where they are, through (row, column) strides, so nothing is packed except what
 the vector loads need contiguous: the rows of B (k, j..j+NR). They are contiguous in the nn and tn
@@ -62,8 +63,8 @@ _configure_cache()      # before the first @njit(cache=True): one cache per sour
 MR = 8            # rows of the register tile
 NV = 3            # vectors of 64 bytes per row of the register tile
 VBYTES = 64       # one zmm register
-KC_TN = 64        # k per block of a column panel in the tn form (benchmarks/README.md, "k in blocks")
-WHOLE_K = 1 << 62 # no blocks: nn and nt
+KC_TN = 64        # k per block of a column panel in the tn form (benchmarks/README.md, "... k in blocks")
+WHOLE_K = 1 << 62  # no blocks: nn and nt
 
 
 def panel_width(dtype) -> int:
