@@ -210,8 +210,9 @@ def test_the_last_panel_is_read_in_place_and_never_past_b():
     """The nn and tn forms read B's last, partial column panel in place through masked loads, and every
     kernel of a partial panel stores through masked stores: with B and C ending where an unreadable page
     begins (so that any access past them kills the process), every edge kernel (1-3 ymm vectors, 2 masked
-    zmm) gives the right product. In a child process, so that a read
-    past the end is a failed test, not a crashed worker."""
+    zmm) gives the right product, also where the tn form runs k in blocks and reads C back (masked loads
+    of the partial panel). In a child process, so that a read past the end is a failed test, not a crashed
+    worker."""
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "-c", _GUARDED], capture_output=True, text=True, timeout=600)
