@@ -32,6 +32,7 @@ from numba.core.dispatcher import Dispatcher
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, table  # noqa: E402
+from iwae_paper import minivae_model  # noqa: E402
 
 from threadpoolctl import threadpool_limits  # noqa: E402
 
@@ -42,13 +43,11 @@ PATH = "minivae/kernels/gemm.py"
 
 
 def layers(n, L):
-    """(name, rows, fan_in, fan_out) of every block layer of the two-layer model, for n examples."""
-    R = n * L
-    enc = [("enc.0", n, 784, 200), ("enc.1", n, 200, 200), ("enc.head", n, 200, 200)]
-    enc2 = [("enc2.0", R, 100, 100), ("enc2.1", R, 100, 100), ("enc2.head", R, 100, 100)]
-    dec2 = [("dec2.0", R, 50, 100), ("dec2.1", R, 100, 100), ("dec2.head", R, 100, 200)]
-    dec = [("dec.0", R, 100, 200), ("dec.1", R, 200, 200), ("dec.head", R, 200, 784)]
-    return enc + enc2 + dec2 + dec
+    """(name, rows, fan_in, fan_out) of every layer of the paper's two-layer model (iwae_paper.MODELS
+    "iwae2"), for n examples: rows n in block enc, which runs once per example, n L elsewhere (as
+    cpu_stack.StackWorkspace lays them out)."""
+    layout = minivae_model("iwae2", 0, "numpy").layout
+    return [(p, n if p.split(".")[0] == "enc" else n * L, fi, fo) for p, fi, fo in layout.layers]
 
 
 def load(version, i, folder):
@@ -79,7 +78,7 @@ def jobs(m, n, L, dtype, rng):
     out = []
     E = np.empty(1, dtype)
     big = 1 << 30
-    for name, M, K, N in layers(n, L):
+    for t, (name, M, K, N) in enumerate(layers(n, L)):
         h = rng.standard_normal((M, K)).astype(dtype)
         W = rng.standard_normal((K, N)).astype(dtype)
         g = rng.standard_normal((M, N)).astype(dtype)
@@ -88,7 +87,7 @@ def jobs(m, n, L, dtype, rng):
         m.pack_bt_panels_(W, P, 0, -(-K // m.panel_width(dtype)))
         forms = [("nn", lambda h=h, W=W, a=a: m.gemm_nn(h, W, a, E, big, 1, True), a, h @ W),
                  ("tn", lambda h=h, g=g, dW=dW: m.gemm_tn(h, g, dW, E, big, 1, True), dW, h.T @ g)]
-        if name != "enc.0":
+        if t > 0:                           # the first layer's dx is never computed
             forms.append(("nt", lambda g=g, P=P, dh=dh: m.gemm_nt_packed(g, P, dh, big, 1, True), dh, g @ W.T))
         for form, fn, res, want in forms:
             fn()
